@@ -1,0 +1,24 @@
+# Every target that needs the environment depends on `setup`, which is
+# idempotent: a fresh Debian bookworm machine needs nothing else.
+PY := .venv/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test bench lint clean
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	$(PY) -m dataplane.demo
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) -m benches
+
+lint: setup
+	$(PY) -m ruff check dataplane qmp_driver tests benches setup.py
+
+clean:
+	rm -rf build .pytest_cache .benchmarks dataplane/native/*.so dataplane/native/*.c ext/*.c

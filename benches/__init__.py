@@ -1,0 +1,1 @@
+"""Benchmarks. Run with ``make bench`` (``python -m benches``)."""

@@ -1,0 +1,115 @@
+"""Build script for the native kernels.
+
+Every ``ext/<name>.pyx`` is compiled into the extension module
+``dataplane.native.<name>``. The kernels link against the system's liblz4
+(``liblz4-dev``) through its C API.
+
+Compiler baseline: ``-O3 -march=x86-64-v2`` on x86-64 (SSE4.2/POPCNT, every
+x86 server CPU since 2009). Wider kernels (AVX2) are chosen at run time by
+GCC function multi-versioning, so one build runs everywhere.
+Set ``DATAPLANE_MARCH`` to override the baseline (for example ``native``).
+
+There is no pure-Python fallback: if a kernel does not build, installation
+fails with a message that says what is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+EXT_DIR = ROOT / "ext"
+
+
+def fail(msg: str) -> None:
+    sys.stderr.write(f"\n*** dataplane: cannot build the native kernels: {msg}\n\n")
+    raise SystemExit(1)
+
+
+def lz4_flags() -> tuple[list[str], list[str], list[str]]:
+    """Return (include_dirs, library_dirs, libraries) for the system liblz4."""
+    if shutil.which("pkg-config") is None:
+        fail("pkg-config is not installed (apt-get install pkg-config liblz4-dev)")
+    try:
+        cflags = subprocess.check_output(["pkg-config", "--cflags", "liblz4"], text=True).split()
+        libs = subprocess.check_output(["pkg-config", "--libs", "liblz4"], text=True).split()
+    except subprocess.CalledProcessError:
+        fail("the system liblz4 was not found by pkg-config (apt-get install liblz4-dev)")
+    inc = [f[2:] for f in cflags if f.startswith("-I")]
+    libdirs = [f[2:] for f in libs if f.startswith("-L")]
+    names = [f[2:] for f in libs if f.startswith("-l")]
+    return inc, libdirs, names
+
+
+def compile_args() -> list[str]:
+    args = ["-O3", "-fno-strict-aliasing", "-Wno-unused-function", "-Wno-unreachable-code"]
+    march = os.environ.get("DATAPLANE_MARCH")
+    if march:
+        args.append(f"-march={march}")
+    elif platform.machine() in ("x86_64", "AMD64"):
+        args.append("-march=x86-64-v2")
+    return args
+
+
+class StrictBuildExt(build_ext):
+    """build_ext that turns any failure into one clear, fatal message."""
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except SystemExit:
+            raise
+        except Exception as exc:  # noqa: BLE001 - re-raised as a fatal, explained error
+            fail(f"{type(exc).__name__}: {exc}")
+
+    def build_extension(self, ext: Extension) -> None:
+        try:
+            super().build_extension(ext)
+        except Exception as exc:  # noqa: BLE001
+            fail(f"extension {ext.name} failed to compile: {exc}")
+
+
+def extensions() -> list[Extension]:
+    try:
+        from Cython.Build import cythonize
+    except ImportError:
+        fail("Cython is not installed (pip install 'Cython>=3.0')")
+    inc, libdirs, libs = lz4_flags()
+    sources = sorted(EXT_DIR.glob("*.pyx"))
+    if not sources:
+        fail(f"no Cython sources in {EXT_DIR}")
+    exts = [
+        Extension(
+            f"dataplane.native.{src.stem}",
+            [str(src.relative_to(ROOT))],
+            include_dirs=[str(EXT_DIR), *inc],
+            library_dirs=libdirs,
+            libraries=libs,
+            extra_compile_args=compile_args(),
+        )
+        for src in sources
+    ]
+    return cythonize(
+        exts,
+        include_path=[str(EXT_DIR)],
+        language_level=3,
+        compiler_directives={
+            "boundscheck": False,
+            "wraparound": False,
+            "cdivision": True,
+            "initializedcheck": False,
+            "embedsignature": True,
+        },
+        quiet=True,
+    )
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": StrictBuildExt})
