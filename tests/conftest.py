@@ -21,3 +21,6 @@ def pytest_runtest_makereport(item, call):
         report.outcome = "failed"
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
         report.longrepr = f"skipped test is an error under DATAPLANE_REQUIRE_E2E=1: {reason}"
+
+# Fixtures for tests that run the real test guest under QEMU (guest, vm_factory, qemu_leak_guard).
+from dataplane.testing.fixtures import *  # noqa: E402, F401, F403
