@@ -424,7 +424,11 @@ class QemuDriver:
         """``nbd-server-start``. ``addr`` is a unix socket path or a QMP SocketAddress dict."""
         if isinstance(addr, str):
             addr = {"type": "unix", "path": addr}
-        args = _opt({"addr": dict(addr)}, tls_creds=tls_creds, max_connections=max_connections)
+        addr = dict(addr)
+        if "data" not in addr:  # nbd-server-start takes the legacy {"type", "data": {...}} form
+            kind = addr.pop("type")
+            addr = {"type": kind, "data": addr}
+        args = _opt({"addr": addr}, tls_creds=tls_creds, max_connections=max_connections)
         await self.execute("nbd-server-start", args)
 
     async def nbd_server_stop(self) -> None:

@@ -54,7 +54,9 @@ class SocketTransport(Transport):
             raise DriverTimeout(f"{path}: no QMP greeting within {timeout:g}s") from None
         except QMPError as exc:
             await self._abort()
-            cause = exc.__cause__ or getattr(exc, "exc", None) or exc
+            cause = getattr(exc, "exc", None) or exc.__cause__ or exc
+            if isinstance(cause, OSError):
+                raise ConnectFailed(f"{path}: cannot connect: {cause}") from exc
             raise ConnectFailed(f"{path}: not a usable QMP server: {cause!r}") from exc
         except OSError as exc:
             await self._abort()
