@@ -24,3 +24,6 @@ def pytest_runtest_makereport(item, call):
 
 # Fixtures for tests that run the real test guest under QEMU (guest, vm_factory, qemu_leak_guard).
 from dataplane.testing.fixtures import *  # noqa: E402, F401, F403
+
+# Fixtures for tests that need real namespaces joined by veth (link, link_factory, netns_leak_guard).
+from dataplane.testing.net_fixtures import *  # noqa: E402, F401, F403
