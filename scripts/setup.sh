@@ -35,7 +35,7 @@ want=$(cat pyproject.toml setup.py | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     log "installing Python dependencies"
     "$VPY" -m pip install -q --upgrade pip
-    "$VPY" -m pip install -q "setuptools>=68" wheel "Cython>=3.0"
+    "$VPY" -m pip install -q "setuptools>=77" wheel "Cython>=3.0"
     "$VPY" -m pip install -q --no-build-isolation -e ".[test]"
     echo "$want" > "$stamp"
 fi
