@@ -20,4 +20,5 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(r.line())
     for r in rs:
         if not r.met:
-            terminalreporter.write_line(f"MISSED {r.name}: {r.measured:.3f} vs goal {r.op}{r.goal:g} {r.note}")
+            terminalreporter.write_line(
+                f"MISSED {r.name}: {r.measured:.3f} vs goal {r.op}{r.goal:g} {r.note}".rstrip())
