@@ -11,6 +11,7 @@ def ratio():
     return ratios.record
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter):
     rs = ratios.collected()
     if not rs:
