@@ -1,0 +1,26 @@
+"""Live migration of a running VM together with its non-shared disks.
+
+The orchestration drives two QEMUs through :class:`qmp_driver.QemuDriver`:
+
+- :mod:`.plan` — :class:`MigrationPlan` (disks, memory size, options) with JSON
+  (de)serialisation, :func:`discover_plan` on the source, :func:`validate_target`;
+- :mod:`.target` — :func:`prepare_target`, :func:`finish_target`, :func:`abort_target`;
+- :mod:`.source` — :func:`migrate_source`: NBD mirrors, RAM precopy,
+  pause-before-switchover, switchover, and rollback on any failure before it;
+- :mod:`.errors` — :class:`MigrationError`, :class:`PlanRefused`, :class:`RolledBack`.
+
+Where the sockets between the QEMUs lead (same host, or relays into the
+cross-cluster channel) is the caller's business. See ``docs/migration.md``.
+"""
+
+from .errors import MigrationError, PlanRefused, RolledBack
+from .plan import DiskPlan, MigrationOptions, MigrationPlan, discover_plan, validate_target
+from .source import PHASES, MigrationProgress, MigrationReport, migrate_source
+from .target import abort_target, finish_target, prepare_target
+
+__all__ = [
+    "MigrationError", "PlanRefused", "RolledBack",
+    "DiskPlan", "MigrationOptions", "MigrationPlan", "discover_plan", "validate_target",
+    "PHASES", "MigrationProgress", "MigrationReport", "migrate_source",
+    "abort_target", "finish_target", "prepare_target",
+]

@@ -1,0 +1,216 @@
+"""What to migrate: the disks (node, size, format, NBD export name), the guest
+memory size and the tuning options, as plain data that serialises to JSON (the
+plan travels to the destination over a control stream).
+
+::
+
+    plan = await discover_plan(src)                    # every writable guest disk
+    wire = plan.to_json()
+    plan = MigrationPlan.from_json(wire)               # on the destination
+    validate_target(plan, await dst.query_named_block_nodes())   # raises PlanRefused
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from qmp_driver import BlockNode, QemuDriver
+
+from .errors import PlanRefused
+
+PLAN_VERSION = 1
+
+COPY_MODES = frozenset({"background", "write-blocking"})
+
+
+@dataclass(frozen=True)
+class DiskPlan:
+    """One disk to migrate.
+
+    ``node_name`` is the format node on the source, and the node of the same
+    name on the destination receives it. ``size`` is the guest-visible size
+    in bytes, ``format`` the source's format driver (informational: the
+    destination may use another format), ``export_name`` the NBD export the
+    destination offers for it.
+    """
+
+    node_name: str
+    size: int
+    format: str
+    export_name: str
+
+
+@dataclass(frozen=True)
+class MigrationOptions:
+    """Tuning of one migration. Sizes in bytes, rates in bytes/s, times in seconds
+    unless the name says otherwise."""
+
+    max_bandwidth: int = 1 << 30  # RAM precopy limit (QEMU 7.2's default is 128 MiB/s)
+    downtime_limit_ms: int = 300
+    auto_converge: bool = False
+    mirror_speed: int = 0  # per disk; 0 = unlimited
+    mirror_granularity: int | None = None
+    mirror_buf_size: int | None = None
+    mirror_copy_mode: str = "background"  # or "write-blocking" (guest writes wait for the target)
+    mirror_timeout: float = 600.0  # until every mirror is READY
+    precopy_timeout: float = 600.0  # from `migrate` until pre-switchover
+    switchover_timeout: float = 120.0  # from pre-switchover until completed
+    progress_interval: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.mirror_copy_mode not in COPY_MODES:
+            raise ValueError(f"mirror_copy_mode must be one of {sorted(COPY_MODES)}")
+        if self.max_bandwidth <= 0 or self.downtime_limit_ms <= 0 or self.mirror_speed < 0:
+            raise ValueError("max_bandwidth and downtime_limit_ms must be > 0, mirror_speed >= 0")
+        if self.progress_interval <= 0:
+            raise ValueError("progress_interval must be > 0")
+
+
+@dataclass(frozen=True)
+class MigrationPlan:
+    """The disks, the guest memory size (bytes) and the options of one migration."""
+
+    disks: tuple[DiskPlan, ...]
+    memory_size: int
+    options: MigrationOptions = field(default_factory=MigrationOptions)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "disks", tuple(self.disks))
+        names = [d.node_name for d in self.disks]
+        exports = [d.export_name for d in self.disks]
+        if len(set(names)) != len(names) or len(set(exports)) != len(exports):
+            raise PlanRefused(f"duplicate disk node or export names in the plan: {names} / {exports}")
+
+    def disk(self, node_name: str) -> DiskPlan:
+        """The disk of that node. :raises KeyError: not in the plan."""
+        for d in self.disks:
+            if d.node_name == node_name:
+                return d
+        raise KeyError(node_name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-compatible data (with a ``version`` member)."""
+        return {"version": PLAN_VERSION, "memory_size": self.memory_size,
+                "disks": [asdict(d) for d in self.disks], "options": asdict(self.options)}
+
+    def to_json(self) -> str:
+        """The plan as a JSON document."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MigrationPlan:
+        """Inverse of :meth:`to_dict`. Unknown option names are ignored (newer peers).
+
+        :raises PlanRefused: wrong version, missing or mistyped members.
+        """
+        try:
+            if data.get("version") != PLAN_VERSION:
+                raise PlanRefused(f"unsupported plan version {data.get('version')!r} "
+                                  f"(this side speaks {PLAN_VERSION})")
+            disks = []
+            for d in data["disks"]:
+                disk = DiskPlan(str(d["node_name"]), int(d["size"]), str(d["format"]), str(d["export_name"]))
+                if disk.size <= 0 or not disk.node_name or not disk.export_name:
+                    raise PlanRefused(f"malformed disk in plan: {d!r}")
+                disks.append(disk)
+            known = {f.name for f in fields(MigrationOptions)}
+            raw_opts = dict(data.get("options") or {})
+            opts = MigrationOptions(**{k: v for k, v in raw_opts.items() if k in known})
+            return cls(tuple(disks), int(data["memory_size"]), opts)
+        except PlanRefused:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise PlanRefused(f"malformed plan: {type(exc).__name__}: {exc}") from exc
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> MigrationPlan:
+        """Parse :meth:`to_json` output.
+
+        :raises PlanRefused: not JSON, or not a valid plan.
+        """
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise PlanRefused(f"malformed plan: not JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise PlanRefused("malformed plan: not a JSON object")
+        return cls.from_dict(data)
+
+
+def validate_target(plan: MigrationPlan, target_nodes: Iterable[BlockNode]) -> None:
+    """Check that the destination's block nodes can receive every disk of ``plan``.
+
+    Each disk needs a node of the same name that is writable and exactly as
+    large as the source disk (QEMU's mirror refuses targets of another size).
+
+    :raises PlanRefused: with every problem found, e.g. a missing node, a
+        target smaller (or larger) than its source, a read-only target.
+    """
+    by_name = {n.node_name: n for n in target_nodes}
+    problems = []
+    for d in plan.disks:
+        node = by_name.get(d.node_name)
+        if node is None:
+            problems.append(f"disk {d.node_name!r}: no block node of that name on the destination")
+            continue
+        if node.read_only:
+            problems.append(f"disk {d.node_name!r}: the destination node is read-only")
+        if node.virtual_size < d.size:
+            problems.append(f"disk {d.node_name!r}: destination is smaller than the source "
+                            f"({node.virtual_size} < {d.size} bytes)")
+        elif node.virtual_size > d.size:
+            problems.append(f"disk {d.node_name!r}: destination is larger than the source "
+                            f"({node.virtual_size} > {d.size} bytes; QEMU's mirror needs equal sizes)")
+    if not plan.disks:
+        problems.append("the plan has no disks (use a plain migration for diskless VMs)")
+    if problems:
+        raise PlanRefused("; ".join(problems))
+
+
+async def memory_size(drv: QemuDriver) -> int:
+    """The guest's base memory in bytes (``query-memory-size-summary``).
+
+    :raises qmp_driver.DriverError: the query failed.
+    """
+    return int((await drv.execute("query-memory-size-summary"))["base-memory"])
+
+
+async def discover_plan(src: QemuDriver, disks: Iterable[str] | None = None,
+                        options: MigrationOptions | None = None) -> MigrationPlan:
+    """Build a plan from the source's ``query-block`` / ``query-named-block-nodes``.
+
+    ``disks`` names the disks to move by format node name or device (qdev) id;
+    by default every writable guest disk with a medium. The export name of a
+    disk is its node name.
+
+    :raises PlanRefused: a named disk does not exist, is read-only or has no
+        medium; no disk found.
+    :raises qmp_driver.DriverError: a query failed.
+    """
+    devices = await src.query_block()
+    nodes = {n.node_name: n for n in await src.query_named_block_nodes()}
+    chosen: list[DiskPlan] = []
+
+    def plan_for(node_name: str) -> DiskPlan:
+        node = nodes[node_name]
+        return DiskPlan(node_name, node.virtual_size, node.driver, node_name)
+
+    if disks is None:
+        for dev in devices:
+            if dev.node_name and not dev.read_only and dev.node_name in nodes:
+                chosen.append(plan_for(dev.node_name))
+    else:
+        for name in disks:
+            dev = next((d for d in devices if d.node_name and (
+                name in (d.node_name, d.qdev, d.device) or f"/machine/peripheral/{name}/" in d.qdev)), None)
+            if dev is None or dev.node_name is None:
+                raise PlanRefused(f"disk {name!r}: no guest block device with that node name or id")
+            if dev.read_only:
+                raise PlanRefused(f"disk {name!r} is read-only; it is not migrated as a writable disk")
+            chosen.append(plan_for(dev.node_name))
+    if not chosen:
+        raise PlanRefused("the source has no writable guest disk to migrate")
+    return MigrationPlan(tuple(chosen), await memory_size(src), options or MigrationOptions())

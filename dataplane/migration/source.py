@@ -1,0 +1,482 @@
+"""The source side: mirror the disks into the destination's NBD exports, migrate
+RAM and device state, switch over, and roll back on any failure before the
+switchover completed.
+
+::
+
+    report = await migrate_source(src, plan, lambda disk: "/run/dst/nbd.sock", "unix:/run/dst/mig.sock",
+                                  progress=print)
+
+Where the NBD connections and the migration stream go is the caller's business:
+``nbd_uri_for(disk)`` names the socket that reaches ``disk.export_name`` and
+``migrate_uri`` the migration stream (today the destination's own sockets on
+one host, later local relays into the cross-cluster channel).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from qmp_driver import CommandError, DriverError, DriverTimeout, Event, QemuDriver, match
+
+from .errors import MigrationError, PlanRefused, RolledBack
+from .plan import DiskPlan, MigrationOptions, MigrationPlan
+
+log = logging.getLogger(__name__)
+
+#: Phases, in order. A rolled-back report names the phase that was reached.
+PHASES = ("preparing", "mirror", "mirror-ready", "precopy", "switchover", "completed")
+
+NBD_NODE_PREFIX = "dpmig-nbd"
+MIRROR_JOB_PREFIX = "dpmig-mirror"
+
+_MIGRATION_ACTIVE = frozenset({"setup", "active", "pre-switchover", "device", "postcopy-active",
+                               "postcopy-paused", "postcopy-recover", "wait-unplug", "cancelling"})
+_MIGRATION_END = frozenset({"completed", "failed", "cancelled"})
+
+NbdAddress = str | Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class MigrationProgress:
+    """One progress sample. Bytes and bytes/s; ``elapsed`` in seconds since the start."""
+
+    phase: str
+    elapsed: float
+    disk_done: int = 0  # mirror offsets, summed over the disks
+    disk_total: int = 0  # mirror lengths (grows while the guest dirties mirrored areas)
+    disk_rate: float = 0.0
+    ram_done: int = 0  # RAM bytes transferred
+    ram_total: int = 0
+    ram_remaining: int = 0
+    ram_rate: float = 0.0
+
+
+@dataclass(frozen=True)
+class MigrationReport:
+    """How a migration ended.
+
+    ``outcome`` is ``completed`` (the destination is authoritative) or
+    ``rolled-back`` (the source runs on its original disks); ``phase`` is the
+    last phase reached (see :data:`PHASES`); ``total_time`` in seconds;
+    ``downtime_ms`` as QEMU reports it (None unless completed);
+    ``ram_transferred`` and ``disk_bytes`` in bytes; ``error`` the reason of a
+    rollback, plus any clean-up step that failed.
+    """
+
+    outcome: str
+    phase: str
+    total_time: float
+    downtime_ms: int | None
+    ram_transferred: int
+    disk_bytes: int
+    error: str | None = None
+
+
+ProgressCallback = Callable[[MigrationProgress], object]
+
+
+def _nbd_server(addr: NbdAddress) -> dict[str, Any]:
+    if isinstance(addr, Mapping):
+        return dict(addr)
+    path = str(addr)
+    if path.startswith("unix:"):
+        path = path[len("unix:"):]
+    return {"type": "unix", "path": path}
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class _SourceMigration:
+    def __init__(self, src: QemuDriver, plan: MigrationPlan, nbd_uri_for: Callable[[DiskPlan], NbdAddress],
+                 migrate_uri: str, options: MigrationOptions, progress: ProgressCallback | None) -> None:
+        self.src = src
+        self.plan = plan
+        self.nbd_uri_for = nbd_uri_for
+        self.migrate_uri = migrate_uri
+        self.opts = options
+        self.progress = progress
+        self.t0 = time.monotonic()
+        self.phase = "preparing"
+        self.jobs = {f"{MIRROR_JOB_PREFIX}{i}": d for i, d in enumerate(plan.disks)}
+        self.targets = {job: f"{NBD_NODE_PREFIX}{i}" for i, job in enumerate(self.jobs)}
+        self.added_nodes: list[str] = []
+        self.started_jobs: list[str] = []
+        self.ready: set[str] = set()
+        self.ended: dict[str, Event] = {}
+        self.cancelling = False
+        self.saved_caps: dict[str, bool] | None = None
+        self.set_caps: dict[str, bool] = {}
+        self.saved_params: dict[str, Any] | None = None
+        self.set_params: dict[str, Any] = {}
+        self.migrate_started = False
+        self.was_running = True
+        self.disk_offsets: dict[str, tuple[int, int]] = {}
+        self.disk_sample: tuple[float, int] | None = None
+        self.disk_rate = 0.0
+        self.ram = MigrationProgress("", 0.0)
+        self.downtime_ms: int | None = None
+        self.final: MigrationReport | None = None
+
+    # ------------------------------------------------------------- reporting
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def disk_done(self) -> int:
+        return sum(off for off, _ in self.disk_offsets.values())
+
+    def emit(self) -> None:
+        if self.progress is None:
+            return
+        done = self.disk_done()
+        sample = MigrationProgress(
+            self.phase, self.elapsed(), done, sum(n for _, n in self.disk_offsets.values()), self.disk_rate,
+            self.ram.ram_done, self.ram.ram_total, self.ram.ram_remaining, self.ram.ram_rate)
+        try:
+            self.progress(sample)
+        except Exception:  # a broken observer must not break the migration
+            log.exception("progress callback failed")
+
+    async def sample_disks(self) -> None:
+        for job in await self.src.query_block_jobs():
+            if job.device in self.jobs:
+                self.disk_offsets[job.device] = (job.offset, job.length)
+        now, done = time.monotonic(), self.disk_done()
+        if self.disk_sample is not None and now > self.disk_sample[0]:
+            self.disk_rate = max(0.0, (done - self.disk_sample[1]) / (now - self.disk_sample[0]))
+        self.disk_sample = (now, done)
+
+    async def sample_ram(self) -> None:
+        info = await self.src.query_migrate()
+        r = info.ram
+        self.ram = MigrationProgress("", 0.0, ram_done=r.transferred, ram_total=r.total,
+                                     ram_remaining=r.remaining, ram_rate=r.mbps * 1e6 / 8)
+        if info.downtime_ms is not None:
+            self.downtime_ms = info.downtime_ms
+
+    def report(self, outcome: str, phase: str, error: str | None = None) -> MigrationReport:
+        return MigrationReport(outcome, phase, self.elapsed(), self.downtime_ms, self.ram.ram_done,
+                               self.disk_done(), error)
+
+    # -------------------------------------------------------------- job events
+
+    def handle_job_event(self, ev: Event) -> None:
+        job = str(ev.data.get("device", ""))
+        if ev.name == "BLOCK_JOB_READY":
+            self.ready.add(job)
+            return
+        self.ended[job] = ev
+        if not self.cancelling:
+            why = ev.data.get("error") or ("cancelled" if ev.name == "BLOCK_JOB_CANCELLED" else "ended")
+            raise MigrationError(f"mirror of disk {self.jobs[job].node_name!r} stopped early: {why}")
+
+    async def drain_job_events(self, sub: Any) -> None:
+        while sub.pending():
+            self.handle_job_event(await sub.wait(0))
+
+    async def wait_jobs_gone(self, jobs: list[str], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with self.src.expect(match("JOB_STATUS_CHANGE", id=frozenset(jobs), status="null")) as gone:
+            while True:
+                left = [j.id for j in await self.src.query_jobs() if j.id in jobs]
+                if not left:
+                    return
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise MigrationError(f"block jobs {left} still present after {timeout:g} s")
+                with contextlib.suppress(DriverTimeout):
+                    await gone.wait(min(remaining, 1.0))
+
+    # ------------------------------------------------------------------ steps
+
+    async def preflight(self) -> None:
+        status = await self.src.query_status()
+        if status.status not in ("running", "paused"):
+            raise PlanRefused(f"the source VM is {status.status!r}, not running or paused")
+        self.was_running = status.running
+        info = await self.src.query_migrate()
+        if info.status in _MIGRATION_ACTIVE:
+            raise PlanRefused(f"a migration is already in progress ({info.status})")
+        nodes = {n.node_name: n for n in await self.src.query_named_block_nodes()}
+        for disk in self.plan.disks:
+            node = nodes.get(disk.node_name)
+            if node is None:
+                raise PlanRefused(f"disk {disk.node_name!r}: no such block node on the source")
+            if node.virtual_size != disk.size:
+                raise PlanRefused(f"disk {disk.node_name!r}: the source is {node.virtual_size} bytes, "
+                                  f"the plan says {disk.size}")
+        clash = set(self.targets.values()) & set(nodes)
+        clash |= {j.id for j in await self.src.query_jobs()} & set(self.jobs)
+        if clash:
+            raise PlanRefused(f"nodes or jobs {sorted(clash)} exist already: another migration is running")
+
+    async def start_mirrors(self) -> None:
+        self.phase = "mirror"
+        for job, disk in self.jobs.items():
+            node = self.targets[job]
+            self.added_nodes.append(node)  # before the command: a half-done add is still cleaned up
+            try:
+                await self.src.blockdev_add({"driver": "nbd", "node-name": node,
+                                             "server": _nbd_server(self.nbd_uri_for(disk)),
+                                             "export": disk.export_name})
+            except CommandError:
+                self.added_nodes.remove(node)
+                raise
+            self.started_jobs.append(job)
+            o = self.opts
+            await self.src.blockdev_mirror(job, disk.node_name, node, sync="full", speed=o.mirror_speed,
+                                           granularity=o.mirror_granularity, buf_size=o.mirror_buf_size,
+                                           copy_mode=o.mirror_copy_mode, auto_finalize=True,
+                                           auto_dismiss=True)
+            log.info("mirroring %s to export %r", disk.node_name, disk.export_name)
+
+    async def wait_mirrors_ready(self, sub: Any) -> None:
+        deadline = time.monotonic() + self.opts.mirror_timeout
+        while True:
+            await self.drain_job_events(sub)
+            await self.sample_disks()
+            self.emit()
+            if self.ready >= set(self.jobs):
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise MigrationError(f"mirrors not READY within {self.opts.mirror_timeout:g} s")
+            with contextlib.suppress(DriverTimeout):
+                self.handle_job_event(await sub.wait(min(remaining, self.opts.progress_interval)))
+        self.phase = "mirror-ready"
+        self.emit()
+
+    async def set_migration_parameters(self) -> None:
+        self.saved_caps = await self.src.query_migrate_capabilities()
+        self.saved_params = await self.src.query_migrate_parameters()
+        caps = {"events": True, "pause-before-switchover": True}
+        if self.opts.auto_converge:
+            caps["auto-converge"] = True
+        self.set_caps = caps
+        await self.src.migrate_set_capabilities(caps)
+        params = {"max-bandwidth": self.opts.max_bandwidth, "downtime-limit": self.opts.downtime_limit_ms}
+        self.set_params = params
+        await self.src.migrate_set_parameters(params)
+
+    async def precopy(self, jobs_sub: Any) -> None:
+        self.phase = "precopy"
+        deadline = time.monotonic() + self.opts.precopy_timeout
+        stops = frozenset({"pre-switchover", *_MIGRATION_END})
+        with self.src.expect(match("MIGRATION", status=stops)) as mig:
+            self.migrate_started = True  # before the command: an interrupted `migrate` is still cancelled
+            await self.src.migrate(self.migrate_uri)
+            while True:
+                await self.drain_job_events(jobs_sub)
+                await self.sample_ram()
+                await self.sample_disks()
+                self.emit()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise MigrationError(f"RAM precopy did not reach switchover within "
+                                         f"{self.opts.precopy_timeout:g} s")
+                try:
+                    ev = await mig.wait(min(remaining, self.opts.progress_interval))
+                except DriverTimeout:
+                    continue
+                status = str(ev.data.get("status"))
+                if status == "pre-switchover":
+                    return
+                info = await self.src.query_migrate()
+                raise MigrationError(f"migration {status} during precopy: {info.error_desc or 'no reason'}")
+
+    async def switchover(self, jobs_sub: Any) -> None:
+        self.phase = "switchover"
+        await self.drain_job_events(jobs_sub)
+        await self.sample_ram()
+        await self.sample_disks()
+        self.emit()
+        deadline = time.monotonic() + self.opts.switchover_timeout
+        # The guest is stopped now: a non-forced cancel leaves each target a complete copy.
+        self.cancelling = True
+        for job in self.jobs:
+            await self.src.block_job_cancel(job, force=False)
+        while not set(self.jobs) <= set(self.ended):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise MigrationError("mirrors did not end after block-job-cancel")
+            self.handle_job_event(await jobs_sub.wait(remaining))
+        for job, ev in self.ended.items():
+            if ev.name != "BLOCK_JOB_COMPLETED" or ev.data.get("error"):
+                raise MigrationError(f"mirror of disk {self.jobs[job].node_name!r} did not complete cleanly: "
+                                     f"{ev.name} {ev.data.get('error') or ''}".strip())
+        await self.wait_jobs_gone(list(self.jobs), max(1.0, deadline - time.monotonic()))
+        self.started_jobs.clear()
+        for node in list(self.added_nodes):
+            await self.src.blockdev_del(node)
+            self.added_nodes.remove(node)
+        with self.src.expect(match("MIGRATION", status=_MIGRATION_END)) as mig:
+            await self.src.migrate_continue("pre-switchover")
+            ev = await mig.wait(max(1.0, deadline - time.monotonic()))
+        status = str(ev.data.get("status"))
+        if status != "completed":
+            info = await self.src.query_migrate()
+            raise MigrationError(f"migration {status} at switchover: {info.error_desc or 'no reason'}")
+        await self.sample_ram()
+        self.phase = "completed"
+        self.emit()
+
+    async def restore_settings(self, errors: list[str]) -> None:
+        if self.saved_caps is not None and self.set_caps:
+            caps = {k: self.saved_caps.get(k, False) for k in self.set_caps}
+            await self._step(errors, "restore capabilities", self.src.migrate_set_capabilities(caps))
+        if self.saved_params is not None and self.set_params:
+            params = {k: self.saved_params[k] for k in self.set_params if k in self.saved_params}
+            await self._step(errors, "restore parameters", self.src.migrate_set_parameters(params))
+
+    @staticmethod
+    async def _step(errors: list[str], what: str, aw: Awaitable[Any]) -> None:
+        try:
+            await aw
+        except (DriverError, MigrationError) as exc:
+            log.warning("rollback: %s failed: %s", what, exc)
+            errors.append(f"{what}: {exc}")
+
+    async def rollback(self, exc: BaseException) -> MigrationReport:
+        reached = self.phase
+        log.warning("migration failed in phase %s (%s); rolling back", reached, _describe(exc))
+        errors: list[str] = []
+        src = self.src
+        if self.migrate_started:
+            try:
+                status = (await src.query_migrate()).status
+                if status == "completed":  # the switchover happened: nothing to roll back
+                    self.phase = "completed"
+                    await self.sample_ram()
+                    return self.report("completed", "completed", f"completed despite: {_describe(exc)}")
+                if status in _MIGRATION_ACTIVE:
+                    await src.migrate_cancel()
+                    await src.wait_migration(_MIGRATION_END, timeout=30)
+            except (DriverError, MigrationError) as e:
+                errors.append(f"migrate_cancel: {e}")
+        self.phase = "rolling-back"
+        self.emit()
+        self.cancelling = True
+        if self.started_jobs:
+            try:
+                present = [j.id for j in await src.query_jobs() if j.id in self.started_jobs]
+                for job in present:
+                    await self._step(errors, f"cancel {job}", src.block_job_cancel(job, force=True))
+                await self.wait_jobs_gone(self.started_jobs, 30)
+            except (DriverError, MigrationError) as e:
+                errors.append(f"cancel mirrors: {e}")
+        for node in list(self.added_nodes):
+            await self._step(errors, f"blockdev-del {node}", src.blockdev_del(node))
+        await self.restore_settings(errors)
+        if self.was_running:
+            await self._step(errors, "resume the source", self._ensure_running())
+        error = _describe(exc) + "".join(f"; rollback: {e}" for e in errors)
+        return self.report("rolled-back", reached, error)
+
+    async def _ensure_running(self) -> None:
+        # QEMU resumes a source it stopped for the switchover by itself once the
+        # migration is cancelled; give that a moment, then resume explicitly.
+        deadline = time.monotonic() + 5
+        while True:
+            status = await self.src.query_status()
+            if status.running:
+                return
+            if time.monotonic() > deadline:
+                if status.status == "paused":
+                    await self.src.cont()
+                    return
+                raise MigrationError(f"the source is {status.status!r} after rollback")
+            await asyncio.sleep(0.1)
+
+    async def run(self) -> MigrationReport:
+        await self.preflight()
+        pred = match(("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"),
+                     device=frozenset(self.jobs))
+        with self.src.expect(pred) as jobs_sub:
+            try:
+                await self.start_mirrors()
+                await self.wait_mirrors_ready(jobs_sub)
+                await self.set_migration_parameters()
+                await self.precopy(jobs_sub)
+                await self.switchover(jobs_sub)
+            except BaseException as exc:
+                report = await self._shielded_rollback(exc)
+                self.final = report
+                if report.outcome == "completed" and not isinstance(exc, asyncio.CancelledError):
+                    return report
+                if isinstance(exc, Exception):
+                    raise RolledBack(report) from exc
+                raise
+        errors: list[str] = []
+        await self.restore_settings(errors)  # this QEMU may be a migration target later
+        report = self.report("completed", "completed", "; ".join(errors) or None)
+        self.final = report
+        return report
+
+    async def _shielded_rollback(self, exc: BaseException) -> MigrationReport:
+        task = asyncio.ensure_future(self.rollback(exc))
+        while not task.done():
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if not task.done():
+                    log.warning("rollback in progress; the cancellation is delivered once it is done")
+        return task.result()
+
+
+async def migrate_source(src: QemuDriver, plan: MigrationPlan, nbd_uri_for: Callable[[DiskPlan], NbdAddress],
+                         migrate_uri: str, options: MigrationOptions | None = None, *,
+                         progress: ProgressCallback | None = None,
+                         on_report: Callable[[MigrationReport], object] | None = None) -> MigrationReport:
+    """Live-migrate the VM behind ``src`` with the disks of ``plan``.
+
+    Sequence: an NBD client node per disk (``nbd_uri_for(disk)``: a unix
+    socket path, ``unix:PATH`` or a QMP SocketAddress that reaches export
+    ``disk.export_name``), ``blockdev-mirror sync=full`` into it, READY on all;
+    the ``events`` / ``pause-before-switchover`` (/ ``auto-converge``)
+    capabilities and ``max-bandwidth`` / ``downtime-limit`` (previous values
+    saved); ``migrate`` to ``migrate_uri``; at ``pre-switchover`` a non-forced
+    cancel of every mirror, ``blockdev-del`` of the NBD nodes,
+    ``migrate-continue``, and ``completed``. The destination must have been
+    prepared with :func:`~dataplane.migration.target.prepare_target`.
+
+    ``options`` defaults to ``plan.options``. ``progress`` is called with a
+    :class:`MigrationProgress` about every ``options.progress_interval``
+    seconds and at each phase change; ``on_report`` with the final
+    :class:`MigrationReport` (also when the task is cancelled).
+
+    On any failure or cancellation before the switchover completed the
+    migration is rolled back: ``migrate_cancel``, forced cancel of the
+    mirrors, ``blockdev-del`` of the NBD nodes, capabilities and parameters
+    restored; the source keeps running on its own disks. A rollback is not
+    itself interrupted by a second cancellation.
+
+    :returns: the report, outcome ``completed``.
+    :raises PlanRefused: before anything changed (source not running or
+        paused, a disk missing or resized, a migration already in progress).
+    :raises RolledBack: the migration failed and was rolled back
+        (``exc.report``, outcome ``rolled-back``; ``__cause__`` the failure).
+    :raises asyncio.CancelledError: re-raised after the rollback.
+    """
+    mig = _SourceMigration(src, plan, nbd_uri_for, migrate_uri, options or plan.options, progress)
+    try:
+        return await mig.run()
+    finally:
+        final = mig.final
+        if final is not None:
+            log.info("migration %s: %s", final.outcome, final)
+            if on_report is not None:
+                try:
+                    on_report(final)
+                except Exception:
+                    log.exception("report callback failed")

@@ -1,0 +1,92 @@
+"""The destination side: receive the disks over NBD and the VM state over the
+migration stream.
+
+::
+
+    await prepare_target(dst, plan, "/run/dst/nbd.sock", "unix:/run/dst/mig.sock")
+    ...                     # the source runs migrate_source()
+    await finish_target(dst)            # nbd-server-stop, then cont
+    # on failure of the source: await abort_target(dst)
+
+The destination QEMU must run with ``-incoming defer`` (and normally ``-S``)
+and hold a block node of the same name as each planned disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from qmp_driver import DriverError, QemuDriver
+
+from .errors import MigrationError, PlanRefused
+from .plan import MigrationPlan, memory_size, validate_target
+
+log = logging.getLogger(__name__)
+
+
+async def prepare_target(dst: QemuDriver, plan: MigrationPlan, nbd_socket: str | Mapping[str, Any],
+                         migrate_uri: str) -> None:
+    """Make ``dst`` ready to receive ``plan``.
+
+    Validates first (nothing is changed if that fails), then sets the
+    ``late-block-activate`` and ``events`` capabilities, starts the NBD server
+    on ``nbd_socket`` (a unix socket path or a QMP SocketAddress), exports each
+    disk writable under its ``export_name`` and starts ``migrate-incoming`` on
+    ``migrate_uri``. If a step fails, what was done is undone
+    (:func:`abort_target`) before the error propagates.
+
+    :raises PlanRefused: the destination is not waiting for an incoming
+        migration, its guest memory size differs, or :func:`validate_target`
+        refuses its block nodes.
+    :raises qmp_driver.DriverError: a QMP command failed.
+    """
+    status = await dst.query_status()
+    if status.status != "inmigrate":
+        raise PlanRefused(f"the destination is not waiting for an incoming migration (status "
+                          f"{status.status!r}; start it with -incoming defer)")
+    mem = await memory_size(dst)
+    if mem != plan.memory_size:
+        raise PlanRefused(f"guest memory differs: destination {mem} bytes, source {plan.memory_size} bytes")
+    validate_target(plan, await dst.query_named_block_nodes())
+    await dst.migrate_set_capabilities({"late-block-activate": True, "events": True})
+    try:
+        await dst.nbd_server_start(nbd_socket)
+        for disk in plan.disks:
+            await dst.block_export_add(disk.export_name, disk.node_name, name=disk.export_name,
+                                       writable=True)
+        await dst.migrate_incoming(migrate_uri)
+    except BaseException:
+        await abort_target(dst)
+        raise
+
+
+async def finish_target(dst: QemuDriver, resume: bool = True, timeout: float = 120.0) -> None:
+    """After the incoming migration completed: stop the NBD server, then ``cont``
+    unless ``resume`` is false (the guest then stays paused on the destination).
+
+    :raises MigrationError: the incoming migration failed or did not complete
+        within ``timeout``.
+    :raises qmp_driver.DriverError: a QMP command failed.
+    """
+    try:
+        status = await dst.wait_migration({"completed", "failed", "cancelled"}, timeout=timeout)
+    except DriverError as exc:
+        raise MigrationError(f"incoming migration did not complete: {exc}") from exc
+    if status != "completed":
+        info = await dst.query_migrate()
+        raise MigrationError(f"incoming migration {status}: {info.error_desc or 'no reason given'}")
+    await dst.nbd_server_stop()
+    if resume:
+        await dst.cont()
+
+
+async def abort_target(dst: QemuDriver) -> None:
+    """Best-effort clean-up of a prepared destination: stop the NBD server (which
+    drops every export). Never raises (a dead destination is fine); the
+    destination QEMU itself is the caller's to stop."""
+    with contextlib.suppress(DriverError):
+        await dst.nbd_server_stop()
+        log.info("destination NBD server stopped")

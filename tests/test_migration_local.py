@@ -1,0 +1,299 @@
+"""dataplane.migration on one host: two real QEMUs (TCG), disks over NBD unix sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+
+from dataplane.migration import (
+    DiskPlan,
+    MigrationOptions,
+    MigrationPlan,
+    MigrationProgress,
+    MigrationReport,
+    PlanRefused,
+    RolledBack,
+    abort_target,
+    discover_plan,
+    finish_target,
+    migrate_source,
+    prepare_target,
+    validate_target,
+)
+from dataplane.testing.journal import verify_journal
+from dataplane.testing.vm import Disk, disk_sha256, fill_random, images_identical, make_disk
+from qmp_driver import BlockNode, QemuDriver
+
+MiB = 1 << 20
+
+
+async def _snapshot(drv: QemuDriver) -> dict:
+    """What a rollback must leave as it was."""
+    return {"caps": await drv.query_migrate_capabilities(),
+            "params": {k: v for k, v in (await drv.query_migrate_parameters()).items()
+                       if k in ("max-bandwidth", "downtime-limit")},
+            "nodes": sorted(n.node_name for n in await drv.query_named_block_nodes()),
+            "jobs": [j.id for j in await drv.query_jobs()]}
+
+
+async def _assert_source_intact(drv: QemuDriver, vm, before: dict) -> None:
+    assert (await drv.query_status()).status == "running"
+    assert await _snapshot(drv) == before
+    assert not any(n.node_name.startswith("dpmig") for n in await drv.query_named_block_nodes())
+    n = len(vm.heartbeats())
+    await asyncio.to_thread(vm.wait_heartbeat, n + 3, 60)  # the guest keeps running
+
+
+# ------------------------------------------------------------------- plan (no QEMU)
+
+
+def _node(name: str, size: int, ro: bool = False) -> BlockNode:
+    return BlockNode(name, "raw", f"/x/{name}", ro, size, [])
+
+
+def test_plan_json_roundtrip_and_validation():
+    plan = MigrationPlan((DiskPlan("d0", 64 * MiB, "raw", "d0"), DiskPlan("d1", 32 * MiB, "qcow2", "e1")),
+                         128 * MiB, MigrationOptions(max_bandwidth=8 * MiB, auto_converge=True))
+    again = MigrationPlan.from_json(plan.to_json())
+    assert again == plan
+    validate_target(plan, [_node("d0", 64 * MiB), _node("d1", 32 * MiB), _node("other", 1)])
+    with pytest.raises(PlanRefused, match=r"'d1': no block node"):
+        validate_target(plan, [_node("d0", 64 * MiB)])
+    with pytest.raises(PlanRefused, match=r"'d0': destination is smaller"):
+        validate_target(plan, [_node("d0", 32 * MiB), _node("d1", 32 * MiB)])
+    with pytest.raises(PlanRefused, match=r"'d1': the destination node is read-only"):
+        validate_target(plan, [_node("d0", 64 * MiB), _node("d1", 32 * MiB, ro=True)])
+    with pytest.raises(PlanRefused, match="version"):
+        MigrationPlan.from_json('{"version": 99}')
+    with pytest.raises(PlanRefused, match="malformed"):
+        MigrationPlan.from_json('{"version": 1, "memory_size": 1, "disks": [{"node_name": "x"}]}')
+    with pytest.raises(PlanRefused, match="duplicate"):
+        MigrationPlan((DiskPlan("d0", 1, "raw", "a"), DiskPlan("d0", 1, "raw", "b")), 1)
+
+
+# -------------------------------------------------------------------- real QEMUs
+
+
+@pytest.mark.e2e
+async def test_migrate_two_disks_raw_and_qcow2(vm_factory, tmp_path):
+    s0, s1 = make_disk(tmp_path / "s0.raw", 64 * MiB), make_disk(tmp_path / "s1.qcow2", 32 * MiB, "qcow2")
+    d0, d1 = make_disk(tmp_path / "d0.raw", 64 * MiB), make_disk(tmp_path / "d1.qcow2", 32 * MiB, "qcow2")
+    fill_random(s1, 8 * MiB, "qcow2", offset=4 * MiB, seed=7)
+    fill_random(s1, 1 * MiB, "qcow2", offset=30 * MiB, seed=8)
+    want_s1 = disk_sha256(s1, "qcow2")
+    src = vm_factory(disks=[Disk(s0, "raw", node_name="jrnl"), Disk(s1, "qcow2", node_name="data")],
+                     cmdline={"hb_ms": 100, "disk_rate": 20}, memory_mib=128, name="src")
+    dst = vm_factory(disks=[Disk(d0, "raw", node_name="jrnl"), Disk(d1, "qcow2", node_name="data")],
+                     memory_mib=128, incoming="defer", paused=True, name="dst")
+    await asyncio.to_thread(src.wait_acks, 5, 60)
+    nbd, mig = str(tmp_path / "nbd.sock"), f"unix:{tmp_path / 'mig.sock'}"
+    samples: list[MigrationProgress] = []
+    async with await QemuDriver.connect_socket(src.qmp_path) as s, \
+            await QemuDriver.connect_socket(dst.qmp_path) as d:
+        plan = await discover_plan(s)
+        assert [(x.node_name, x.size, x.format) for x in plan.disks] == [
+            ("jrnl", 64 * MiB, "raw"), ("data", 32 * MiB, "qcow2")]
+        assert plan.memory_size == 128 * MiB
+        await prepare_target(d, MigrationPlan.from_json(plan.to_json()), nbd, mig)
+        report = await migrate_source(s, plan, lambda disk: nbd, mig, progress=samples.append)
+        await finish_target(d)
+        assert (await s.query_status()).status == "postmigrate"
+        assert (await d.query_status()).status == "running"
+        assert not any(n.node_name.startswith("dpmig") for n in await s.query_named_block_nodes())
+        assert await s.query_jobs() == []
+    assert report.outcome == "completed" and report.phase == "completed" and report.error is None
+    assert report.downtime_ms is not None and report.ram_transferred > 0
+    assert report.disk_bytes >= 96 * MiB
+    phases = [p.phase for p in samples]
+    for phase in ("mirror", "mirror-ready", "precopy", "switchover", "completed"):
+        assert phase in phases, phases
+    last_src = src.heartbeats()[-1]
+    beats = await asyncio.to_thread(dst.wait_heartbeat, 3, 60, newer_than=last_src.counter)
+    assert {hb.boot_id for hb in beats} == {last_src.boot_id}, "the guest rebooted instead of migrating"
+    await asyncio.to_thread(dst.wait_acks, src.serial().max_ack + 3, 60)  # journal goes on at the dst
+    await asyncio.to_thread(dst.stop)
+    src.kill()
+    acked = max(src.serial().max_ack, dst.serial().max_ack)
+    verify_journal(str(d0), "raw", acked_upto=acked, expect_boot_id=last_src.boot_id)
+    assert disk_sha256(d1, "qcow2") == want_s1
+
+
+@pytest.mark.e2e
+async def test_paused_destination_is_byte_identical(vm_factory, tmp_path):
+    s0, d0 = make_disk(tmp_path / "s0.raw", 32 * MiB), make_disk(tmp_path / "d0.qcow2", 32 * MiB, "qcow2")
+    src = vm_factory(disks=[Disk(s0, "raw")], cmdline={"hb_ms": 100, "disk_rate": 20}, memory_mib=128,
+                     name="src")
+    dst = vm_factory(disks=[Disk(d0, "qcow2")], memory_mib=128, incoming="defer", paused=True, name="dst")
+    await asyncio.to_thread(src.wait_acks, 5, 60)
+    nbd, mig = str(tmp_path / "nbd.sock"), f"unix:{tmp_path / 'mig.sock'}"
+    async with await QemuDriver.connect_socket(src.qmp_path) as s, \
+            await QemuDriver.connect_socket(dst.qmp_path) as d:
+        plan = await discover_plan(s)
+        await prepare_target(d, plan, nbd, mig)
+        report = await migrate_source(s, plan, lambda disk: nbd, mig)
+        await finish_target(d, resume=False)
+        assert report.outcome == "completed"
+        assert (await s.query_status()).status == "postmigrate"
+        assert not (await d.query_status()).running
+    n = len(dst.heartbeats())
+    await asyncio.sleep(1.0)
+    assert len(dst.heartbeats()) == n, "the destination runs although resume=False"
+    await asyncio.to_thread(dst.stop)
+    src.kill()
+    assert images_identical(s0, d0, "raw", "qcow2")
+    verify_journal(str(d0), "qcow2", acked_upto=src.serial().max_ack)
+
+
+@pytest.mark.e2e
+async def test_smaller_destination_refused_before_anything_starts(vm_factory, tmp_path):
+    s0, d0 = make_disk(tmp_path / "s0.raw", 64 * MiB, "raw"), make_disk(tmp_path / "d0.raw", 32 * MiB, "raw")
+    src = vm_factory(disks=[Disk(s0, "raw")], cmdline={"hb_ms": 100}, memory_mib=128, name="src")
+    dst = vm_factory(disks=[Disk(d0, "raw")], memory_mib=128, incoming="defer", paused=True, name="dst")
+    await asyncio.to_thread(src.wait_heartbeat, 2, 60)
+    async with await QemuDriver.connect_socket(src.qmp_path) as s, \
+            await QemuDriver.connect_socket(dst.qmp_path) as d:
+        before = await _snapshot(s)
+        dst_caps = await d.query_migrate_capabilities()
+        plan = await discover_plan(s)
+        with pytest.raises(PlanRefused, match=r"'disk0': destination is smaller than the source"):
+            await prepare_target(d, plan, str(tmp_path / "nbd.sock"), f"unix:{tmp_path / 'mig.sock'}")
+        assert await d.query_block_exports() == []
+        assert await d.query_migrate_capabilities() == dst_caps
+        assert (await d.query_status()).status == "inmigrate"
+        await _assert_source_intact(s, src, before)
+
+
+@pytest.mark.e2e
+async def test_destination_killed_during_mirror_rolls_back(vm_factory, tmp_path):
+    s0, d0 = make_disk(tmp_path / "s0.raw", 64 * MiB, "raw"), make_disk(tmp_path / "d0.raw", 64 * MiB, "raw")
+    fill_random(s0, 64 * MiB, "raw", seed=3)
+    src = vm_factory(disks=[Disk(s0, "raw", node_name="big")], cmdline={"hb_ms": 100}, memory_mib=128,
+                     name="src")
+    dst = vm_factory(disks=[Disk(d0, "raw", node_name="big")], memory_mib=128, incoming="defer", paused=True,
+                     name="dst")
+    await asyncio.to_thread(src.wait_heartbeat, 2, 60)
+    nbd, mig = str(tmp_path / "nbd.sock"), f"unix:{tmp_path / 'mig.sock'}"
+    killed: list[MigrationProgress] = []
+
+    def progress(p: MigrationProgress) -> None:
+        if not killed and p.phase == "mirror" and p.disk_done >= 2 * MiB:
+            killed.append(p)
+            os.kill(dst.pid, signal.SIGKILL)
+
+    async with await QemuDriver.connect_socket(src.qmp_path) as s, \
+            await QemuDriver.connect_socket(dst.qmp_path) as d:
+        before = await _snapshot(s)
+        plan = await discover_plan(s, options=MigrationOptions(mirror_speed=8 * MiB, progress_interval=0.2))
+        await prepare_target(d, plan, nbd, mig)
+        with pytest.raises(RolledBack) as info:
+            await migrate_source(s, plan, lambda disk: nbd, mig, progress=progress)
+        await abort_target(d)  # the destination is gone: must not raise
+        assert killed, "the mirror finished before the destination could be killed"
+        report = info.value.report
+        assert report.outcome == "rolled-back" and report.phase == "mirror", report
+        assert "big" in report.error and "rollback:" not in report.error, report.error
+        await _assert_source_intact(s, src, before)
+
+
+@pytest.mark.e2e
+async def test_cancel_during_precopy_rolls_back(vm_factory, tmp_path):
+    s0, d0 = make_disk(tmp_path / "s0.raw", 32 * MiB, "raw"), make_disk(tmp_path / "d0.raw", 32 * MiB, "raw")
+    src = vm_factory(disks=[Disk(s0, "raw")], memory_mib=128, name="src",
+                     cmdline={"hb_ms": 100, "dirty_mib": 48, "dirty_rate": 50, "pattern": "random"})
+    dst = vm_factory(disks=[Disk(d0, "raw")], memory_mib=128, incoming="defer", paused=True, name="dst")
+    await asyncio.to_thread(src.wait_for_serial, r"DIRTY_READY", 60)
+    nbd, mig = str(tmp_path / "nbd.sock"), f"unix:{tmp_path / 'mig.sock'}"
+    in_precopy = asyncio.Event()
+    reports: list[MigrationReport] = []
+
+    def progress(p: MigrationProgress) -> None:
+        if p.phase == "precopy" and p.ram_done > 0:
+            in_precopy.set()
+
+    async with await QemuDriver.connect_socket(src.qmp_path) as s, \
+            await QemuDriver.connect_socket(dst.qmp_path) as d:
+        before = await _snapshot(s)
+        plan = await discover_plan(s, options=MigrationOptions(max_bandwidth=4 * MiB, progress_interval=0.2))
+        await prepare_target(d, plan, nbd, mig)
+        task = asyncio.create_task(migrate_source(s, plan, lambda disk: nbd, mig, progress=progress,
+                                                  on_report=reports.append))
+        await asyncio.wait_for(in_precopy.wait(), 60)
+        task.cancel()  # what Ctrl-C does to the orchestrating task
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await abort_target(d)
+        assert len(reports) == 1
+        report = reports[0]
+        assert report.outcome == "rolled-back" and report.phase == "precopy", report
+        assert report.error == "cancelled", report.error
+        assert 0 < report.ram_transferred
+        assert (await s.query_migrate()).status == "cancelled"
+        await _assert_source_intact(s, src, before)
+
+
+@pytest.mark.e2e
+async def test_destination_killed_during_precopy_rolls_back(vm_factory, tmp_path):
+    """Mirrors READY, migration active: the dst dies; migrate fails, READY mirrors are force-cancelled."""
+    s0, d0 = make_disk(tmp_path / "s0.raw", 32 * MiB), make_disk(tmp_path / "d0.raw", 32 * MiB)
+    src = vm_factory(disks=[Disk(s0, "raw")], memory_mib=128, name="src",
+                     cmdline={"hb_ms": 100, "disk_rate": 20, "dirty_mib": 48, "dirty_rate": 50,
+                              "pattern": "random"})
+    dst = vm_factory(disks=[Disk(d0, "raw")], memory_mib=128, incoming="defer", paused=True, name="dst")
+    await asyncio.to_thread(src.wait_for_serial, r"DIRTY_READY", 60)
+    nbd, mig = str(tmp_path / "nbd.sock"), f"unix:{tmp_path / 'mig.sock'}"
+    killed: list[MigrationProgress] = []
+
+    def progress(p: MigrationProgress) -> None:
+        if not killed and p.phase == "precopy" and p.ram_done > 0:
+            killed.append(p)
+            os.kill(dst.pid, signal.SIGKILL)
+
+    async with await QemuDriver.connect_socket(src.qmp_path) as s, \
+            await QemuDriver.connect_socket(dst.qmp_path) as d:
+        before = await _snapshot(s)
+        plan = await discover_plan(s, options=MigrationOptions(max_bandwidth=4 * MiB, progress_interval=0.2,
+                                                               auto_converge=True))
+        await prepare_target(d, plan, nbd, mig)
+        with pytest.raises(RolledBack) as info:
+            await migrate_source(s, plan, lambda disk: nbd, mig, progress=progress)
+        assert killed
+        report = info.value.report
+        assert report.outcome == "rolled-back" and report.phase == "precopy", report
+        assert "rollback:" not in report.error, report.error
+        await _assert_source_intact(s, src, before)
+    await asyncio.to_thread(src.wait_acks, src.serial().max_ack + 3, 60)  # its disk still takes writes
+
+
+@pytest.mark.e2e
+async def test_cancel_at_switchover_resumes_source(vm_factory, tmp_path):
+    """Cancelled at pre-switchover, where the source guest is already stopped: it must run again."""
+    s0, d0 = make_disk(tmp_path / "s0.raw", 32 * MiB), make_disk(tmp_path / "d0.raw", 32 * MiB)
+    src = vm_factory(disks=[Disk(s0, "raw")], memory_mib=128, name="src",
+                     cmdline={"hb_ms": 100, "disk_rate": 20})
+    dst = vm_factory(disks=[Disk(d0, "raw")], memory_mib=128, incoming="defer", paused=True, name="dst")
+    await asyncio.to_thread(src.wait_acks, 3, 60)
+    nbd, mig = str(tmp_path / "nbd.sock"), f"unix:{tmp_path / 'mig.sock'}"
+    tasks: list[asyncio.Task] = []
+    reports: list[MigrationReport] = []
+
+    def progress(p: MigrationProgress) -> None:
+        if p.phase == "switchover":
+            tasks[0].cancel()
+
+    async with await QemuDriver.connect_socket(src.qmp_path) as s, \
+            await QemuDriver.connect_socket(dst.qmp_path) as d:
+        before = await _snapshot(s)
+        plan = await discover_plan(s)
+        await prepare_target(d, plan, nbd, mig)
+        tasks.append(asyncio.create_task(migrate_source(s, plan, lambda disk: nbd, mig, progress=progress,
+                                                        on_report=reports.append)))
+        with pytest.raises(asyncio.CancelledError):
+            await tasks[0]
+        await abort_target(d)
+        assert [(r.outcome, r.phase, r.error) for r in reports] == [
+            ("rolled-back", "switchover", "cancelled")]
+        await _assert_source_intact(s, src, before)
+    await asyncio.to_thread(src.wait_acks, src.serial().max_ack + 3, 60)
