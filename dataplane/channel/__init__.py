@@ -2,7 +2,9 @@
 
 Layering (imports point down only)::
 
-    (driver, later)  asyncio transports, relays, CLI: feeds bytes and the clock to the core
+    relay.py         application sockets <-> streams (source listeners, destination targets)
+    driver.py        asyncio: sockets, TLS, timers, pacing, reconnects; ChannelServer / ChannelClient
+    addr.py          parsing of addresses, endpoints, NAME=ENDPOINT mappings and rates (pure)
     tls.py           mutual TLS contexts and the peer certificate fingerprint (the identity that
                      the driver passes to Session.connect / Acceptor.accept); stdlib only
     session.py       Session / Acceptor / ConnectionHandle: streams, striping, reordering,
@@ -16,7 +18,13 @@ Layering (imports point down only)::
 Everything from session.py down is sans-IO: bytes and the current time go in as
 arguments, events come out as return values, bytes to write are pulled with
 ``data_to_send``. No sockets, threads or clock reads. The wire format is
-specified in ``docs/wire-format.md``.
+specified in ``docs/wire-format.md``; the driver and relays in ``docs/channel.md``.
+
+The asyncio layer (:class:`ChannelServer`, :class:`ChannelClient`,
+:class:`ChannelStream`, :class:`StreamHandler`, :class:`SourceRelay`,
+:class:`DestinationRelay`, :class:`Endpoint`, ...) is exported here too, but
+imported lazily on first use, so that ``import dataplane.channel`` (the core)
+does not import asyncio.
 """
 
 from dataplane.channel.errors import (
@@ -58,8 +66,40 @@ from dataplane.channel.session import Acceptor, ConnectionHandle, Limits, Sessio
 from dataplane.channel.shaping import TokenBucket
 from dataplane.channel.stats import SessionStats, StreamStats
 
+_LAZY = {
+    "ChannelClient": "dataplane.channel.driver",
+    "ChannelServer": "dataplane.channel.driver",
+    "ChannelStream": "dataplane.channel.driver",
+    "ConnectError": "dataplane.channel.driver",
+    "StreamHandler": "dataplane.channel.driver",
+    "Bridge": "dataplane.channel.relay",
+    "DestinationRelay": "dataplane.channel.relay",
+    "SourceRelay": "dataplane.channel.relay",
+    "Endpoint": "dataplane.channel.addr",
+    "parse_endpoint": "dataplane.channel.addr",
+    "parse_hostport": "dataplane.channel.addr",
+    "parse_mapping": "dataplane.channel.addr",
+    "parse_rate": "dataplane.channel.addr",
+}
+
+
+def __getattr__(name: str) -> object:
+    """Import the asyncio layer's names on first use (PEP 562). Raises AttributeError for others."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
 __all__ = [
-    "Acceptor", "AuthError", "ChannelError", "ChannelTimeout", "ChecksumError", "CompressionError",
+    "Acceptor", "Bridge", "ChannelClient", "ChannelServer", "ChannelStream", "ConnectError",
+    "DestinationRelay", "Endpoint", "SourceRelay", "StreamHandler", "parse_endpoint", "parse_hostport",
+    "parse_mapping", "parse_rate",
+    "AuthError", "ChannelError", "ChannelTimeout", "ChecksumError", "CompressionError",
     "ConnectionClosed", "ConnectionHandle", "DataReceived", "ErrorCode", "Event", "FlowControlError",
     "FrameSizeError", "GraceExpired", "HandshakeComplete", "LimitExceeded", "Limits", "PongReceived",
     "ProtocolError", "RemoteError", "ResumeRefused", "Session", "SessionClosedError", "SessionConfig",

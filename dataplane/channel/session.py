@@ -809,6 +809,8 @@ class Session:
                 and now - self._no_link_since >= self.limits.grace):
             self._terminate(GraceExpired(f"no connection for {self.limits.grace:g} s"), False, events)
             return events
+        self.stats.recv_buffered = self._recv_total - self._recv_credit
+        self.stats.send_buffered = self._send_buffered
         self.stats.sample(now)
         for st in self._streams.values():
             st.stats.sample(now)
