@@ -159,14 +159,6 @@ class LibvirtTransport(Transport):
 
     # -- commands --
 
-    async def execute(self, command: str, arguments: Mapping[str, Any] | None = None,
-                      *, timeout: float | None = None) -> Any:
-        return await self._run(command, arguments, None, timeout)
-
-    async def execute_with_fd(self, command: str, arguments: Mapping[str, Any], fd: int,
-                              *, timeout: float | None = None) -> Any:
-        return await self._run(command, arguments, fd, timeout)
-
     async def _run(self, command: str, arguments: Mapping[str, Any] | None, fd: int | None,
                    timeout: float | None) -> Any:
         if self.hub.closed is not None:

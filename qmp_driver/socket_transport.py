@@ -86,14 +86,6 @@ class SocketTransport(Transport):
         why = "closed by us" if self._closing else "QEMU closed the monitor (exited or crashed?)"
         self.hub.close(ConnectionLost(f"{self.describe()}: {why}"))
 
-    async def execute(self, command: str, arguments: Mapping[str, Any] | None = None,
-                      *, timeout: float | None = None) -> Any:
-        return await self._run(command, arguments, None, timeout)
-
-    async def execute_with_fd(self, command: str, arguments: Mapping[str, Any], fd: int,
-                              *, timeout: float | None = None) -> Any:
-        return await self._run(command, arguments, fd, timeout)
-
     async def _run(self, command: str, arguments: Mapping[str, Any] | None, fd: int | None,
                    timeout: float | None) -> Any:
         if self.hub.closed is not None or self._client.runstate != Runstate.RUNNING:

@@ -24,7 +24,6 @@ class Transport(abc.ABC):
     def describe(self) -> str:
         """A short human name for logs and errors (socket path, domain name)."""
 
-    @abc.abstractmethod
     async def execute(self, command: str, arguments: Mapping[str, Any] | None = None,
                       *, timeout: float | None = None) -> Any:
         """Run one QMP command and return its ``return`` member.
@@ -33,14 +32,20 @@ class Transport(abc.ABC):
         :raises ConnectionLost: the monitor went away before the reply.
         :raises DriverTimeout: no reply within ``timeout`` seconds.
         """
+        return await self._run(command, arguments, None, timeout)
 
-    @abc.abstractmethod
     async def execute_with_fd(self, command: str, arguments: Mapping[str, Any], fd: int,
                               *, timeout: float | None = None) -> Any:
         """Like :meth:`execute`, passing ``fd`` to QEMU with the command (SCM_RIGHTS).
 
         :raises CommandError, ConnectionLost, DriverTimeout: as :meth:`execute`.
         """
+        return await self._run(command, arguments, fd, timeout)
+
+    @abc.abstractmethod
+    async def _run(self, command: str, arguments: Mapping[str, Any] | None, fd: int | None,
+                   timeout: float | None) -> Any:
+        """Send one command (with ``fd`` if not None); raises as :meth:`execute`."""
 
     @abc.abstractmethod
     async def close(self) -> None:

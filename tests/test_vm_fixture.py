@@ -26,25 +26,18 @@ from dataplane.testing.vm import (
     images_identical,
     live_vms,
     make_disk,
+    pid_alive,
     write_pattern,
 )
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
 
 
 def _gone_within(pid: int, seconds: float) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        if not pid_alive(pid):
             return True
         time.sleep(0.05)
-    return not _alive(pid)
+    return not pid_alive(pid)
 
 
 # --------------------------------------------------------------------------- command line (no QEMU)
@@ -143,7 +136,7 @@ def test_start_failure_reports_qemu_message(vm_factory, tmp_path):
 def test_kill_and_stop_leave_no_process(vm_factory, tmp_path):
     vm = vm_factory(paused=True)
     pid = vm.pid
-    assert pid is not None and _alive(pid)
+    assert pid is not None and pid_alive(pid)
     assert int(Path(vm.pidfile_path).read_text()) == pid
     vm.kill()
     assert not Path(f"/proc/{pid}").exists(), "killed QEMU was not reaped"
@@ -154,7 +147,7 @@ def test_kill_and_stop_leave_no_process(vm_factory, tmp_path):
 
     vm2 = vm_factory(paused=True)
     assert vm2.stop() == 0  # QMP quit: a clean exit
-    assert not _alive(vm2.pid)
+    assert not pid_alive(vm2.pid)
 
     # Context manager; socket paths too long for sun_path move to /tmp.
     deep = tmp_path / ("d" * 60) / ("e" * 60)
@@ -212,5 +205,5 @@ def test_no_orphan_when_the_runner_crashes(guest, tmp_path, mode):
         assert state == "alive", "QEMU died before its runner crashed"
         assert _gone_within(pid, 5), f"QEMU pid {pid} survived its crashed runner ({mode})"
     finally:
-        if _alive(pid):
+        if pid_alive(pid):
             os.kill(pid, signal.SIGKILL)

@@ -25,19 +25,11 @@ import pytest
 
 from dataplane.testing.guest import GuestArtifacts, GuestBuildError
 from dataplane.testing.guest import build as build_guest
-from dataplane.testing.vm import QemuVM, VMSpec, kill_all, qemu_binary, started_pids
+from dataplane.testing.vm import QemuVM, VMSpec, kill_all, pid_alive, qemu_binary, started_pids
 
 __all__ = ["VMFactory", "guest", "qemu_leak_guard", "vm_factory"]
 
 VMFactory = Callable[..., QemuVM]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
 
 
 @pytest.fixture(scope="session")
@@ -96,10 +88,10 @@ def qemu_leak_guard() -> Iterator[None]:
     """At session end: fail if a QEMU started by this test process is still running (then kill it)."""
     yield
     deadline = time.monotonic() + 5
-    leaked = [pid for pid in started_pids() if _alive(pid)]
+    leaked = [pid for pid in started_pids() if pid_alive(pid)]
     while leaked and time.monotonic() < deadline:  # give reaping a moment
         time.sleep(0.05)
-        leaked = [pid for pid in leaked if _alive(pid)]
+        leaked = [pid for pid in leaked if pid_alive(pid)]
     kill_all()
     if leaked:
         pytest.fail(f"QEMU processes outlived the tests that started them: pids {leaked}", pytrace=False)

@@ -307,7 +307,7 @@ async def _qmp(path: Path, command: str, args: Mapping[str, object] | None = Non
             await client.disconnect()
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """True if *pid* exists and is not a zombie."""
     try:
         with open(f"/proc/{pid}/stat") as fh:
