@@ -45,6 +45,7 @@ __all__ = [
     "main",
     "positive_int",
     "register_certs",
+    "register_migration",
     "register_tunnel",
 ]
 
@@ -647,12 +648,23 @@ def _cmd_tunnel_connect(args: argparse.Namespace) -> int:
     return _run_loop(run)
 
 
+# --------------------------------------------------------------------------- migrate / receive
+
+
+def register_migration(commands: Commands) -> None:
+    """``migrate`` and ``receive`` (written in :mod:`dataplane.cli_migration`)."""
+    from dataplane import cli_migration
+
+    cli_migration.register(commands)
+
+
 # --------------------------------------------------------------------------- the parser and main
 
 #: Every command group, in the order of ``dataplane --help``.
 COMMAND_GROUPS: list[Callable[[Commands], None]] = [
-    register_certs,
+    register_migration,
     register_tunnel,
+    register_certs,
 ]
 
 
@@ -666,6 +678,10 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "examples:\n"
+            "  # live-migrate a VM and its disks to another cluster\n"
+            "  dataplane receive --qmp /run/dst/qmp.sock --listen 0.0.0.0:7000 --certs ./pki   # cluster B\n"
+            "  dataplane migrate --qmp /run/src/qmp.sock --to dst:7000 --certs ./pki            # cluster A\n"
+            "\n"
             "  # certificates for the channel's mutual TLS\n"
             "  dataplane certs init ./pki\n"
             "\n"

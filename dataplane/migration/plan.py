@@ -24,6 +24,7 @@ from .errors import PlanRefused
 PLAN_VERSION = 1
 
 COPY_MODES = frozenset({"background", "write-blocking"})
+POSTCOPY_MODES = frozenset({"never", "auto"})
 
 
 @dataclass(frozen=True)
@@ -48,16 +49,25 @@ class MigrationOptions:
     """Tuning of one migration. Sizes in bytes, rates in bytes/s, times in seconds
     unless the name says otherwise."""
 
-    max_bandwidth: int = 1 << 30  # RAM precopy limit (QEMU 7.2's default is 128 MiB/s)
+    # RAM precopy limit. QEMU 7.2 defaults to 128 MiB/s; across clusters the channel owns shaping, so
+    # QEMU's own limit is set out of the way.
+    max_bandwidth: int = 1 << 34
     downtime_limit_ms: int = 300
-    auto_converge: bool = False
+    auto_converge: bool = False  # QEMU throttles the vCPUs when dirtying outruns the link
+    multifd_channels: int = 0  # 0: one migration stream; N >= 1: multifd with N channels
+    postcopy: str = "never"  # "auto": a stalled precopy switches to postcopy (not with multifd)
+    stall_window: float = 10.0  # the remaining RAM must shrink by stall_min_shrink over this many s
+    stall_min_shrink: float = 0.05
     mirror_speed: int = 0  # per disk; 0 = unlimited
     mirror_granularity: int | None = None
     mirror_buf_size: int | None = None
     mirror_copy_mode: str = "background"  # or "write-blocking" (guest writes wait for the target)
-    mirror_timeout: float = 600.0  # until every mirror is READY
-    precopy_timeout: float = 600.0  # from `migrate` until pre-switchover
-    switchover_timeout: float = 120.0  # from pre-switchover until completed
+    mirror_timeout: float | None = None  # until every mirror is READY (None: the completion timeout)
+    # From `migrate` until pre-switchover. None: timeout_base + timeout_per_gib per GiB of RAM + disks.
+    precopy_timeout: float | None = None
+    timeout_base: float = 120.0
+    timeout_per_gib: float = 120.0
+    switchover_timeout: float = 120.0  # from pre-switchover until completed (postcopy: plus the RAM left)
     progress_interval: float = 0.5
 
     def __post_init__(self) -> None:
@@ -67,6 +77,12 @@ class MigrationOptions:
             raise ValueError("max_bandwidth and downtime_limit_ms must be > 0, mirror_speed >= 0")
         if self.progress_interval <= 0:
             raise ValueError("progress_interval must be > 0")
+        if self.postcopy not in POSTCOPY_MODES:
+            raise ValueError(f"postcopy must be one of {sorted(POSTCOPY_MODES)}")
+        if not 0 <= self.multifd_channels <= 255:
+            raise ValueError("multifd_channels must be in 0..255")
+        if self.stall_window <= 0 or not 0 < self.stall_min_shrink < 1:
+            raise ValueError("stall_window must be > 0 and stall_min_shrink in (0, 1)")
 
 
 @dataclass(frozen=True)

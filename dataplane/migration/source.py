@@ -27,6 +27,17 @@ from qmp_driver import CommandError, DriverError, DriverTimeout, Event, QemuDriv
 
 from .errors import MigrationError, PlanRefused, RolledBack
 from .plan import DiskPlan, MigrationOptions, MigrationPlan
+from .policy import (
+    FAIL,
+    NOTE,
+    RAISE_THROTTLE,
+    SWITCH_POSTCOPY,
+    ConvergenceMonitor,
+    Decision,
+    PolicySettings,
+    completion_timeout,
+)
+from .target import postcopy_enabled
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +67,18 @@ class MigrationProgress:
     ram_total: int = 0
     ram_remaining: int = 0
     ram_rate: float = 0.0
+    dirty_rate: float = 0.0  # bytes/s the guest dirties (QEMU's estimate)
+    cpu_throttle: int = 0  # auto-converge's vCPU throttle, percent
 
 
 @dataclass(frozen=True)
 class MigrationReport:
     """How a migration ended.
 
-    ``outcome`` is ``completed`` (the destination is authoritative) or
-    ``rolled-back`` (the source runs on its original disks); ``phase`` is the
+    ``outcome`` is ``completed`` (the destination is authoritative),
+    ``rolled-back`` (the source runs on its original disks) or
+    ``failed-after-switchover`` (postcopy had started: the destination is
+    authoritative, but the migration did not finish); ``phase`` is the
     last phase reached (see :data:`PHASES`); ``total_time`` in seconds;
     ``downtime_ms`` as QEMU reports it (None unless completed);
     ``ram_transferred`` and ``disk_bytes`` in bytes; ``error`` the reason of a
@@ -77,9 +92,17 @@ class MigrationReport:
     ram_transferred: int
     disk_bytes: int
     error: str | None = None
+    postcopy: bool = False  # the switchover happened in postcopy mode
+    decisions: tuple[Decision, ...] = ()
+
+    @property
+    def switched_over(self) -> bool:
+        """True when the destination is authoritative (the source must not be resumed)."""
+        return self.outcome != "rolled-back"
 
 
 ProgressCallback = Callable[[MigrationProgress], object]
+DecisionCallback = Callable[[Decision], object]
 
 
 def _nbd_server(addr: NbdAddress) -> dict[str, Any]:
@@ -99,7 +122,8 @@ def _describe(exc: BaseException) -> str:
 
 class _SourceMigration:
     def __init__(self, src: QemuDriver, plan: MigrationPlan, nbd_uri_for: Callable[[DiskPlan], NbdAddress],
-                 migrate_uri: str, options: MigrationOptions, progress: ProgressCallback | None) -> None:
+                 migrate_uri: str, options: MigrationOptions, progress: ProgressCallback | None,
+                 on_decision: DecisionCallback | None = None) -> None:
         self.src = src
         self.plan = plan
         self.nbd_uri_for = nbd_uri_for
@@ -127,6 +151,17 @@ class _SourceMigration:
         self.ram = MigrationProgress("", 0.0)
         self.downtime_ms: int | None = None
         self.final: MigrationReport | None = None
+        self.on_decision = on_decision
+        self.decisions: list[Decision] = []
+        total = plan.memory_size + sum(d.size for d in plan.disks)
+        o = options
+        self.timeout = completion_timeout(o.timeout_base, o.timeout_per_gib, total)
+        self.precopy_timeout = o.precopy_timeout if o.precopy_timeout is not None else self.timeout
+        self.mirror_timeout = o.mirror_timeout if o.mirror_timeout is not None else self.timeout
+        self.postcopy = postcopy_enabled(o)
+        self.postcopy_requested = False
+        self.postcopy_running = False  # migrate-continue went through in postcopy: no way back
+        self.monitor: ConvergenceMonitor | None = None
 
     # ------------------------------------------------------------- reporting
 
@@ -140,9 +175,10 @@ class _SourceMigration:
         if self.progress is None:
             return
         done = self.disk_done()
+        r = self.ram
         sample = MigrationProgress(
             self.phase, self.elapsed(), done, sum(n for _, n in self.disk_offsets.values()), self.disk_rate,
-            self.ram.ram_done, self.ram.ram_total, self.ram.ram_remaining, self.ram.ram_rate)
+            r.ram_done, r.ram_total, r.ram_remaining, r.ram_rate, r.dirty_rate, r.cpu_throttle)
         try:
             self.progress(sample)
         except Exception:  # a broken observer must not break the migration
@@ -157,17 +193,29 @@ class _SourceMigration:
             self.disk_rate = max(0.0, (done - self.disk_sample[1]) / (now - self.disk_sample[0]))
         self.disk_sample = (now, done)
 
-    async def sample_ram(self) -> None:
+    async def sample_ram(self) -> Any:
         info = await self.src.query_migrate()
         r = info.ram
         self.ram = MigrationProgress("", 0.0, ram_done=r.transferred, ram_total=r.total,
-                                     ram_remaining=r.remaining, ram_rate=r.mbps * 1e6 / 8)
+                                     ram_remaining=r.remaining, ram_rate=r.mbps * 1e6 / 8,
+                                     dirty_rate=r.dirty_pages_rate * 4096.0,
+                                     cpu_throttle=info.cpu_throttle_percentage)
         if info.downtime_ms is not None:
             self.downtime_ms = info.downtime_ms
+        return info
 
     def report(self, outcome: str, phase: str, error: str | None = None) -> MigrationReport:
         return MigrationReport(outcome, phase, self.elapsed(), self.downtime_ms, self.ram.ram_done,
-                               self.disk_done(), error)
+                               self.disk_done(), error, self.postcopy_requested, tuple(self.decisions))
+
+    def decide(self, decision: Decision) -> None:
+        self.decisions.append(decision)
+        log.info("policy: %s: %s", decision.action, decision.reason)
+        if self.on_decision is not None:
+            try:
+                self.on_decision(decision)
+            except Exception:
+                log.exception("decision callback failed")
 
     # -------------------------------------------------------------- job events
 
@@ -242,7 +290,7 @@ class _SourceMigration:
             log.info("mirroring %s to export %r", disk.node_name, disk.export_name)
 
     async def wait_mirrors_ready(self, sub: Any) -> None:
-        deadline = time.monotonic() + self.opts.mirror_timeout
+        deadline = time.monotonic() + self.mirror_timeout
         while True:
             await self.drain_job_events(sub)
             await self.sample_disks()
@@ -251,7 +299,7 @@ class _SourceMigration:
                 break
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise MigrationError(f"mirrors not READY within {self.opts.mirror_timeout:g} s")
+                raise MigrationError(f"mirrors not READY within {self.mirror_timeout:g} s")
             with contextlib.suppress(DriverTimeout):
                 self.handle_job_event(await sub.wait(min(remaining, self.opts.progress_interval)))
         self.phase = "mirror-ready"
@@ -260,33 +308,43 @@ class _SourceMigration:
     async def set_migration_parameters(self) -> None:
         self.saved_caps = await self.src.query_migrate_capabilities()
         self.saved_params = await self.src.query_migrate_parameters()
-        caps = {"events": True, "pause-before-switchover": True}
-        if self.opts.auto_converge:
-            caps["auto-converge"] = True
+        o = self.opts
+        caps = {"events": True, "pause-before-switchover": True, "auto-converge": o.auto_converge,
+                "multifd": bool(o.multifd_channels), "postcopy-ram": self.postcopy}
+        if o.postcopy == "auto" and not self.postcopy:
+            self.decide(Decision(NOTE, f"postcopy disabled: QEMU cannot combine it with multifd "
+                                       f"({o.multifd_channels} channels)", self.elapsed()))
         self.set_caps = caps
         await self.src.migrate_set_capabilities(caps)
-        params = {"max-bandwidth": self.opts.max_bandwidth, "downtime-limit": self.opts.downtime_limit_ms}
+        params: dict[str, Any] = {"max-bandwidth": o.max_bandwidth, "downtime-limit": o.downtime_limit_ms}
+        if o.multifd_channels:
+            params["multifd-channels"] = o.multifd_channels
         self.set_params = params
         await self.src.migrate_set_parameters(params)
+        self.monitor = ConvergenceMonitor(PolicySettings(
+            auto_converge=o.auto_converge, postcopy=self.postcopy, stall_window=o.stall_window,
+            stall_min_shrink=o.stall_min_shrink, completion_timeout=self.precopy_timeout), time.monotonic())
 
     async def precopy(self, jobs_sub: Any) -> None:
         self.phase = "precopy"
-        deadline = time.monotonic() + self.opts.precopy_timeout
         stops = frozenset({"pre-switchover", *_MIGRATION_END})
+        # The policy fails an active precopy at its completion timeout; this bounds a stuck setup too.
+        deadline = time.monotonic() + self.precopy_timeout + 5 * self.opts.progress_interval
         with self.src.expect(match("MIGRATION", status=stops)) as mig:
             self.migrate_started = True  # before the command: an interrupted `migrate` is still cancelled
             await self.src.migrate(self.migrate_uri)
             while True:
+                if time.monotonic() > deadline:
+                    raise MigrationError(f"RAM precopy did not reach switchover within "
+                                         f"{self.precopy_timeout:g} s")
                 await self.drain_job_events(jobs_sub)
-                await self.sample_ram()
+                info = await self.sample_ram()
                 await self.sample_disks()
                 self.emit()
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise MigrationError(f"RAM precopy did not reach switchover within "
-                                         f"{self.opts.precopy_timeout:g} s")
+                if info.status == "active":
+                    await self.apply_policy(info)
                 try:
-                    ev = await mig.wait(min(remaining, self.opts.progress_interval))
+                    ev = await mig.wait(self.opts.progress_interval)
                 except DriverTimeout:
                     continue
                 status = str(ev.data.get("status"))
@@ -294,6 +352,21 @@ class _SourceMigration:
                     return
                 info = await self.src.query_migrate()
                 raise MigrationError(f"migration {status} during precopy: {info.error_desc or 'no reason'}")
+
+    async def apply_policy(self, info: Any) -> None:
+        assert self.monitor is not None
+        r = self.ram
+        for d in self.monitor.observe(time.monotonic(), info.ram.remaining, info.ram.dirty_sync_count,
+                                      info.cpu_throttle_percentage, r.dirty_rate, r.ram_rate):
+            self.decide(d)
+            if d.action == FAIL:
+                raise MigrationError(d.reason)
+            if d.action == RAISE_THROTTLE:
+                self.set_params.update(d.params)  # restored afterwards like the others
+                await self.src.migrate_set_parameters(d.params)
+            if d.action == SWITCH_POSTCOPY:
+                self.postcopy_requested = True
+                await self.src.migrate_start_postcopy()
 
     async def switchover(self, jobs_sub: Any) -> None:
         self.phase = "switchover"
@@ -322,7 +395,15 @@ class _SourceMigration:
             self.added_nodes.remove(node)
         with self.src.expect(match("MIGRATION", status=_MIGRATION_END)) as mig:
             await self.src.migrate_continue("pre-switchover")
-            ev = await mig.wait(max(1.0, deadline - time.monotonic()))
+            if self.postcopy_requested:
+                # The guest now runs on the destination; what is left of RAM follows on demand.
+                self.postcopy_running = True
+                self.phase = "postcopy"
+                self.emit()
+                deadline = max(deadline, time.monotonic() + self.timeout)
+                ev = await self._wait_postcopy(mig, deadline)
+            else:
+                ev = await mig.wait(max(1.0, deadline - time.monotonic()))
         status = str(ev.data.get("status"))
         if status != "completed":
             info = await self.src.query_migrate()
@@ -330,6 +411,17 @@ class _SourceMigration:
         await self.sample_ram()
         self.phase = "completed"
         self.emit()
+
+    async def _wait_postcopy(self, mig: Any, deadline: float) -> Event:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise MigrationError("postcopy did not complete within the completion timeout")
+            try:
+                return await mig.wait(min(remaining, self.opts.progress_interval))
+            except DriverTimeout:
+                await self.sample_ram()
+                self.emit()
 
     async def restore_settings(self, errors: list[str]) -> None:
         if self.saved_caps is not None and self.set_caps:
@@ -352,6 +444,17 @@ class _SourceMigration:
         log.warning("migration failed in phase %s (%s); rolling back", reached, _describe(exc))
         errors: list[str] = []
         src = self.src
+        if self.postcopy_running:
+            # The destination runs the guest: the source must never be resumed.
+            status = "unknown"
+            with contextlib.suppress(DriverError):
+                status = (await src.query_migrate()).status
+            if status == "completed":
+                self.phase = "completed"
+                return self.report("completed", "completed", f"completed despite: {_describe(exc)}")
+            log.error("postcopy failed (%s, status %s): the destination is authoritative; the source "
+                      "stays paused", _describe(exc), status)
+            return self.report("failed-after-switchover", reached, f"{_describe(exc)} (migration {status})")
         if self.migrate_started:
             try:
                 status = (await src.query_migrate()).status
@@ -414,6 +517,9 @@ class _SourceMigration:
                 self.final = report
                 if report.outcome == "completed" and not isinstance(exc, asyncio.CancelledError):
                     return report
+                if report.outcome == "failed-after-switchover" and isinstance(exc, Exception):
+                    raise MigrationError(f"migration failed after the switchover to the destination: "
+                                         f"{report.error}") from exc
                 if isinstance(exc, Exception):
                     raise RolledBack(report) from exc
                 raise
@@ -437,6 +543,7 @@ class _SourceMigration:
 async def migrate_source(src: QemuDriver, plan: MigrationPlan, nbd_uri_for: Callable[[DiskPlan], NbdAddress],
                          migrate_uri: str, options: MigrationOptions | None = None, *,
                          progress: ProgressCallback | None = None,
+                         on_decision: DecisionCallback | None = None,
                          on_report: Callable[[MigrationReport], object] | None = None) -> MigrationReport:
     """Live-migrate the VM behind ``src`` with the disks of ``plan``.
 
@@ -450,10 +557,22 @@ async def migrate_source(src: QemuDriver, plan: MigrationPlan, nbd_uri_for: Call
     ``migrate-continue``, and ``completed``. The destination must have been
     prepared with :func:`~dataplane.migration.target.prepare_target`.
 
+    With ``multifd_channels`` the ``multifd`` capability and channel count
+    are set (the destination needs the same, see
+    :func:`~dataplane.migration.target.prepare_target`); with
+    ``postcopy="auto"`` (and no multifd) ``postcopy-ram`` is enabled and the
+    convergence policy (:mod:`dataplane.migration.policy`) may switch a
+    stalled precopy to postcopy; with ``auto_converge`` QEMU throttles the
+    guest when dirtying outruns the link. Precopy fails at the completion
+    timeout (``precopy_timeout``, default ``timeout_base + timeout_per_gib``
+    per GiB of RAM and disks).
+
     ``options`` defaults to ``plan.options``. ``progress`` is called with a
     :class:`MigrationProgress` about every ``options.progress_interval``
-    seconds and at each phase change; ``on_report`` with the final
-    :class:`MigrationReport` (also when the task is cancelled).
+    seconds and at each phase change; ``on_decision`` with every
+    :class:`~dataplane.migration.policy.Decision` of the policy;
+    ``on_report`` with the final :class:`MigrationReport` (also when the
+    task is cancelled).
 
     On any failure or cancellation before the switchover completed the
     migration is rolled back: ``migrate_cancel``, forced cancel of the
@@ -466,9 +585,12 @@ async def migrate_source(src: QemuDriver, plan: MigrationPlan, nbd_uri_for: Call
         paused, a disk missing or resized, a migration already in progress).
     :raises RolledBack: the migration failed and was rolled back
         (``exc.report``, outcome ``rolled-back``; ``__cause__`` the failure).
+    :raises MigrationError: postcopy had started and then failed: the
+        destination is authoritative and the source stays paused.
     :raises asyncio.CancelledError: re-raised after the rollback.
     """
-    mig = _SourceMigration(src, plan, nbd_uri_for, migrate_uri, options or plan.options, progress)
+    mig = _SourceMigration(src, plan, nbd_uri_for, migrate_uri, options or plan.options, progress,
+                           on_decision)
     try:
         return await mig.run()
     finally:

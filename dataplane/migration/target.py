@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from qmp_driver import DriverError, QemuDriver
 
 from .errors import MigrationError, PlanRefused
-from .plan import MigrationPlan, memory_size, validate_target
+from .plan import MigrationOptions, MigrationPlan, memory_size, validate_target
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,9 @@ async def prepare_target(dst: QemuDriver, plan: MigrationPlan, nbd_socket: str |
     if mem != plan.memory_size:
         raise PlanRefused(f"guest memory differs: destination {mem} bytes, source {plan.memory_size} bytes")
     validate_target(plan, await dst.query_named_block_nodes())
-    await dst.migrate_set_capabilities({"late-block-activate": True, "events": True})
+    await dst.migrate_set_capabilities(target_capabilities(plan))
+    if plan.options.multifd_channels:
+        await dst.migrate_set_parameters({"multifd-channels": plan.options.multifd_channels})
     try:
         await dst.nbd_server_start(nbd_socket)
         for disk in plan.disks:
@@ -63,24 +65,57 @@ async def prepare_target(dst: QemuDriver, plan: MigrationPlan, nbd_socket: str |
         raise
 
 
-async def finish_target(dst: QemuDriver, resume: bool = True, timeout: float = 120.0) -> None:
-    """After the incoming migration completed: stop the NBD server, then ``cont``
-    unless ``resume`` is false (the guest then stays paused on the destination).
+def target_capabilities(plan: MigrationPlan) -> dict[str, bool]:
+    """The migration capabilities the destination needs for ``plan`` (the source sets the same ones)."""
+    caps = {"late-block-activate": True, "events": True}
+    if plan.options.multifd_channels:
+        caps["multifd"] = True
+    if postcopy_enabled(plan.options):
+        caps["postcopy-ram"] = True
+    return caps
+
+
+def postcopy_enabled(options: MigrationOptions) -> bool:
+    """Whether postcopy-ram is enabled for these options (QEMU 7.2 cannot combine it with multifd)."""
+    return options.postcopy == "auto" and not options.multifd_channels
+
+
+async def finish_target(dst: QemuDriver, resume: bool = True, timeout: float | None = 120.0,
+                        on_switchover: Callable[[str], object] | None = None) -> None:
+    """Wait for the incoming migration to finish, then stop the NBD server and ``cont``.
+
+    The guest is resumed unless ``resume`` is false (it then stays paused on
+    the destination). In postcopy the destination takes over while RAM is
+    still arriving: at ``postcopy-active`` the NBD server is stopped and the
+    guest resumed at once, then the rest of the migration is awaited.
+    ``on_switchover(status)`` is called when the destination became
+    authoritative (``completed`` or ``postcopy-active``).
 
     :raises MigrationError: the incoming migration failed or did not complete
-        within ``timeout``.
+        within ``timeout`` seconds (None: no limit).
     :raises qmp_driver.DriverError: a QMP command failed.
     """
     try:
-        status = await dst.wait_migration({"completed", "failed", "cancelled"}, timeout=timeout)
+        status = await dst.wait_migration({"completed", "failed", "cancelled", "postcopy-active"},
+                                          timeout=timeout)
     except DriverError as exc:
         raise MigrationError(f"incoming migration did not complete: {exc}") from exc
-    if status != "completed":
+    if status in ("failed", "cancelled"):
         info = await dst.query_migrate()
         raise MigrationError(f"incoming migration {status}: {info.error_desc or 'no reason given'}")
+    if on_switchover is not None:
+        on_switchover(status)
     await dst.nbd_server_stop()
     if resume:
         await dst.cont()
+    if status == "postcopy-active":
+        try:
+            status = await dst.wait_migration({"completed", "failed", "cancelled"}, timeout=timeout)
+        except DriverError as exc:
+            raise MigrationError(f"postcopy did not complete: {exc}") from exc
+        if status != "completed":
+            info = await dst.query_migrate()
+            raise MigrationError(f"postcopy {status} on the destination: {info.error_desc or 'no reason'}")
 
 
 async def abort_target(dst: QemuDriver) -> None:

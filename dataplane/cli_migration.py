@@ -1,0 +1,433 @@
+"""``dataplane migrate`` and ``dataplane receive``: the two roles of a cross-cluster live migration.
+
+Registered into the command line by :func:`dataplane.cli.register_migration`.
+The work is done by :mod:`dataplane.migration.cclm`; this module parses
+options, opens the QMP connection and the channel, prints progress (text or
+JSON lines) and maps outcomes to exit statuses (0 completed, 1 failed or
+rolled back, 2 wrong command line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from dataplane import cli
+from dataplane.cli import CommandError, Commands, UsageError, add_command, positive_int
+
+if TYPE_CHECKING:
+    from qmp_driver import QemuDriver
+
+EXIT_OK, EXIT_FAILURE = cli.EXIT_OK, cli.EXIT_FAILURE
+
+
+# --------------------------------------------------------------------------- options
+
+
+def _qemu_options(parser: argparse.ArgumentParser, role: str) -> None:
+    g = parser.add_argument_group(f"the {role} QEMU (one of)")
+    g.add_argument("--qmp", metavar="PATH", type=Path,
+                   help="the QMP unix socket of a QEMU this command may drive")
+    g.add_argument("--libvirt", metavar="URI",
+                   help="a libvirt URI (e.g. qemu:///system); QEMU is driven through libvirt's monitor")
+    g.add_argument("--domain", metavar="NAME", help="the libvirt domain (with --libvirt)")
+
+
+def _output_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", choices=["text", "json"], default="text",
+                        help="text: a live progress bar and a summary; json: one JSON object per line on "
+                             "stdout (progress, decision and phase events, then the report)")
+    parser.add_argument("--workdir", metavar="DIR", type=Path,
+                        help="where the local unix sockets of the relays are made (default: /tmp)")
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def register(commands: Commands) -> None:
+    """Add ``migrate`` and ``receive``."""
+    mig = add_command(
+        commands,
+        "migrate",
+        help="live-migrate a running VM and its local disks to a destination listening with `receive`",
+        description=(
+            "The source side of a cross-cluster live migration. Dials the destination's channel\n"
+            "listener (mutual TLS), sends the plan (disks, sizes, options), and once the destination is\n"
+            "ready mirrors every disk over NBD and migrates RAM and device state through the channel.\n"
+            "QEMU only sees local unix sockets. At the switchover the mirrors end consistently, the\n"
+            "guest moves, and this QEMU stays paused (postmigrate) for its owner to stop.\n"
+            "\n"
+            "Convergence (docs/migration.md): the downtime limit, auto-converge (vCPU throttling when\n"
+            "the guest dirties faster than the link), stall detection (remaining RAM not shrinking by\n"
+            "--stall-shrink over --stall-window), postcopy when stalled (--postcopy auto), and a\n"
+            "completion timeout of --timeout-base plus --timeout-per-gib per GiB of RAM and disks.\n"
+            "\n"
+            "Any failure or interruption (SIGINT/SIGTERM) before the switchover rolls back: migration\n"
+            "cancelled, mirrors cancelled, NBD nodes deleted, settings restored; the VM keeps running\n"
+            "here on its untouched disks, and the destination is told to abort.\n"
+            "\n"
+            "exit status: 0 completed, 1 refused / rolled back / failed, 2 wrong command line."
+        ),
+        examples=[
+            ("dataplane migrate --qmp /run/vm/qmp.sock --to dst.example:7000 --certs ./pki",
+             "every writable disk, TLS identities from a `certs init` directory"),
+            ("dataplane migrate --libvirt qemu:///system --domain vm1 --to 10.0.0.7:7000 --cert c.crt "
+             "--key c.key --ca trust.pem --peer-name dp.cluster-b.example --disk vda --multifd 4 "
+             "--output json", "inside a launcher pod, one disk, multifd, JSON lines"),
+            ("dataplane migrate --qmp q.sock --to dst:7000 --certs ./pki --postcopy never "
+             "--auto-converge off --timeout-per-gib 60", "pure precopy with a hard deadline"),
+        ],
+    )
+    _qemu_options(mig, "source")
+    mig.add_argument("--to", metavar="HOST:PORT", required=True, type=cli._arg_type(cli._parse_to),
+                     help="the destination's `dataplane receive --listen` address")
+    mig.add_argument("--disk", metavar="NODE", action="append", dest="disks",
+                     help="a disk to migrate, by block node name or device id; repeat (default: every "
+                          "writable disk)")
+    mig.add_argument("--downtime-ms", metavar="MS", type=positive_int, default=300,
+                     help="the downtime QEMU may take at the switchover (default: 300)")
+    mig.add_argument("--multifd", metavar="N", type=_non_negative_int, default=0,
+                     help="RAM over N parallel multifd streams (default: 0, one stream)")
+    mig.add_argument("--postcopy", choices=["never", "auto"], default="auto",
+                     help="auto: switch a stalled precopy to postcopy (not with --multifd) (default: auto)")
+    mig.add_argument("--auto-converge", choices=["auto", "on", "off"], default="auto",
+                     help="throttle the guest's vCPUs when it dirties memory faster than the link; auto "
+                          "and on enable it (QEMU throttles only when needed) (default: auto)")
+    mig.add_argument("--stall-window", metavar="SECONDS", type=cli._arg_type(cli._positive_float),
+                     default=10.0, help="stall detection window (default: 10)")
+    mig.add_argument("--stall-shrink", metavar="FRACTION", type=float, default=0.05,
+                     help="how much the remaining RAM must shrink over the window (default: 0.05)")
+    mig.add_argument("--timeout-base", metavar="SECONDS", type=cli._arg_type(cli._positive_float),
+                     default=120.0, help="completion timeout: fixed part (default: 120)")
+    mig.add_argument("--timeout-per-gib", metavar="SECONDS", type=cli._arg_type(cli._positive_float),
+                     default=120.0, help="completion timeout: per GiB of RAM and disks (default: 120)")
+    mig.add_argument("--connections", metavar="N", type=positive_int, default=1,
+                     help="TCP connections of the channel session, 1..16 (default: 1)")
+    _output_options(mig)
+    cli._tunnel_common(mig, side="client")
+    mig.set_defaults(handler=_cmd_migrate)
+
+    rcv = add_command(
+        commands,
+        "receive",
+        help="receive one live migration into a destination QEMU started with -incoming defer",
+        description=(
+            "The destination side of a cross-cluster live migration. The destination QEMU must run\n"
+            "with `-incoming defer` (and normally -S) and have empty disks with the source's block node\n"
+            "names and exact sizes. Listens for the channel (mutual TLS) and takes one migration: the\n"
+            "plan is validated first (a missing, smaller or read-only disk, or a different memory size,\n"
+            "is refused before anything starts), then the disks are exported over NBD and the incoming\n"
+            "migration set up, both on local unix sockets. When the guest has moved, the NBD server is\n"
+            "stopped and the guest resumed (unless --paused). If the source aborts or goes away before\n"
+            "the switchover, the exports are dropped and this command fails; the QEMU is its owner's\n"
+            "to stop. Prints 'dataplane: receive listening on HOST:PORT' on stderr once listening.\n"
+            "\n"
+            "exit status: 0 completed, 1 refused / aborted / failed, 2 wrong command line."
+        ),
+        examples=[
+            ("dataplane receive --qmp /run/vm/qmp.sock --listen 0.0.0.0:7000 --certs ./pki",
+             "standalone"),
+            ("dataplane receive --libvirt qemu:///system --domain vm1 --listen :7000 --cert s.crt "
+             "--key s.key --ca trust.pem --peer-name dp.cluster-a.example --output json",
+             "inside a launcher pod"),
+        ],
+    )
+    _qemu_options(rcv, "destination")
+    rcv.add_argument("--listen", metavar="HOST:PORT", required=True, type=cli._arg_type(cli._parse_bind),
+                     help="where the channel listens ([IPv6]:PORT; :PORT for every interface; port 0 picks "
+                          "one and prints it)")
+    rcv.add_argument("--paused", action="store_true",
+                     help="leave the guest paused on the destination after the migration")
+    _output_options(rcv)
+    cli._tunnel_common(rcv, side="server")
+    rcv.set_defaults(handler=_cmd_receive)
+
+
+def _qemu_target(args: argparse.Namespace) -> tuple[str, Callable[[], Any]]:
+    """(what, connect) for --qmp / --libvirt + --domain. Raises UsageError."""
+    from qmp_driver import QemuDriver
+
+    if args.qmp and args.libvirt:
+        raise UsageError("give either --qmp or --libvirt/--domain, not both")
+    if args.qmp:
+        path = str(args.qmp)
+        return f"QEMU at {path}", lambda: QemuDriver.connect_socket(path)
+    if args.libvirt:
+        if not args.domain:
+            raise UsageError("--libvirt needs --domain NAME")
+        uri, dom = args.libvirt, args.domain
+        return f"domain {dom!r} of {uri}", lambda: QemuDriver.connect_libvirt(uri, dom)
+    if args.domain:
+        raise UsageError("--domain needs --libvirt URI")
+    raise UsageError("which QEMU? give --qmp PATH or --libvirt URI --domain NAME")
+
+
+async def _connect_qemu(what: str, connect: Callable[[], Any]) -> QemuDriver:
+    from qmp_driver import DriverError
+
+    try:
+        return await connect()
+    except DriverError as exc:
+        raise CommandError(f"cannot reach the {what}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+class _Printer:
+    """Renders events: JSON lines, or a progress bar (redrawn on a terminal, a line every 2 s otherwise)."""
+
+    def __init__(self, mode: str, out: TextIO = sys.stdout) -> None:
+        self.mode = mode
+        self.out = out
+        self.tty = out.isatty()
+        self.last_line = 0.0
+        self.bar_shown = False
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if self.mode == "json":
+            self.out.write(json.dumps(event, default=str) + "\n")
+            self.out.flush()
+            return
+        kind = event.get("event")
+        if kind == "progress":
+            self._progress(event)
+        elif kind == "decision":
+            self._line(f"policy: {event['action']}: {event['reason']}")
+        elif kind == "phase":
+            self._line(f"phase: {event['phase']}")
+
+    def _line(self, text: str) -> None:
+        if self.bar_shown and self.tty:
+            self.out.write("\r\033[K")
+            self.bar_shown = False
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def _progress(self, e: dict[str, Any]) -> None:
+        phase = e["phase"]
+        if phase in ("mirror", "mirror-ready") or not e.get("ram_total"):
+            total, done, rate = e["disk_total"], e["disk_done"], e["disk_rate"]
+            what = "disks"
+        else:
+            total = e["ram_total"]
+            done = max(0, total - e["ram_remaining"])
+            rate = e["ram_rate"]
+            what = "RAM"
+        pct = 100.0 * done / total if total else 0.0
+        eta = f"{(total - done) / rate:.0f} s" if rate > 0 and total > done else "-"
+        width = 30
+        fill = int(width * min(pct, 100.0) / 100)
+        extra = f" throttle {e['cpu_throttle']}%" if e.get("cpu_throttle") else ""
+        text = (f"{phase:<12} [{'#' * fill}{'.' * (width - fill)}] {pct:5.1f}% {what} "
+                f"{_fmt_bytes(done)}/{_fmt_bytes(total)} {_fmt_bytes(rate)}/s ETA {eta}{extra} "
+                f"({e['elapsed']:.0f} s)")
+        if self.tty:
+            self.out.write("\r\033[K" + text)
+            self.out.flush()
+            self.bar_shown = True
+        elif time.monotonic() - self.last_line >= 2.0:
+            self.last_line = time.monotonic()
+            self._line(text)
+
+    def report(self, rep: dict[str, Any], lines: list[str]) -> None:
+        if self.mode == "json":
+            self(rep)
+            return
+        for line in lines:
+            self._line(line)
+
+
+def _source_summary(r: dict[str, Any]) -> list[str]:
+    out = [f"outcome: {r['outcome']} (phase {r['phase']})"]
+    if r["outcome"] == "rolled-back":
+        out.append("the VM keeps running on the source, on its untouched disks")
+    elif r["switched_over"]:
+        dest = r.get("destination") or "unconfirmed"
+        out.append(f"the destination is authoritative (guest {dest}); this QEMU stays paused")
+    down = f"{r['downtime_ms']} ms" if r.get("downtime_ms") is not None else "-"
+    out.append(f"total time {r['total_time']:.1f} s, downtime {down} (QEMU's figure)"
+               + (", postcopy" if r.get("postcopy") else ""))
+    out.append(f"RAM  {_fmt_bytes(r['ram_raw'])} raw, {_fmt_bytes(r['ram_wire'])} on the wire")
+    out.append(f"disk {_fmt_bytes(r['disk_raw'])} raw, {_fmt_bytes(r['disk_wire'])} on the wire")
+    out.append(f"compression ratio {r['compression_ratio']:.2f}, {r['zero_pages']} zero pages elided, "
+               f"{r['reconnects']} reconnects")
+    if r.get("error"):
+        out.append(f"error: {r['error']}")
+    return out
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+def _options(args: argparse.Namespace) -> Any:
+    from dataplane.migration import MigrationOptions
+
+    if args.connections > 16:
+        raise UsageError(f"argument --connections: at most 16 per session, got {args.connections}")
+    if args.multifd > 255:
+        raise UsageError(f"argument --multifd: at most 255 channels, got {args.multifd}")
+    if not 0 < args.stall_shrink < 1:
+        raise UsageError(f"argument --stall-shrink: must be between 0 and 1, got {args.stall_shrink}")
+    return MigrationOptions(
+        downtime_limit_ms=args.downtime_ms, auto_converge=args.auto_converge != "off",
+        multifd_channels=args.multifd, postcopy=args.postcopy, stall_window=args.stall_window,
+        stall_min_shrink=args.stall_shrink, timeout_base=args.timeout_base,
+        timeout_per_gib=args.timeout_per_gib)
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    what, connect = _qemu_target(args)
+    options = _options(args)
+    tls = cli._tunnel_tls(args, "client")
+    cli._check_stats_path(args.stats_json)
+    printer = _Printer(args.output)
+
+    async def run() -> int:
+        import asyncio
+
+        from dataplane.channel.addr import format_hostport
+        from dataplane.channel.driver import ChannelClient, ConnectError
+        from dataplane.channel.errors import ChannelError
+        from dataplane.channel.session import Limits, SessionConfig
+        from dataplane.migration import MigrationError, PlanRefused, RolledBack
+        from dataplane.migration.cclm import run_source
+
+        host, port = args.to
+        target = format_hostport(host, port)
+        client = ChannelClient(host, port, tls, plaintext=tls is None, connections=args.connections,
+                               limits=Limits(grace=args.grace),
+                               config=SessionConfig(compression=args.compress), bandwidth=args.bandwidth)
+        stats = cli._StatsWriter(args.stats_json, client.stats)
+        try:
+            await client.start()
+        except (ConnectError, ChannelError) as exc:
+            raise CommandError(str(getattr(exc, "reason", None) or exc)) from exc
+        cli._ready(f"migrate connected to {target} ({client.ready_connections} connections)")
+        writer = asyncio.create_task(stats.run())
+        stop = _interrupt_event("rolling back unless the switchover already happened")
+        try:
+            src = await _connect_qemu(what, connect)
+            try:
+                try:
+                    rep = await run_source(client, src, disks=args.disks, options=options,
+                                           workdir=args.workdir, on_event=printer, interrupt=stop)
+                except RolledBack as exc:
+                    from dataplane.migration.cclm import CclmReport, ChannelFigures
+
+                    figures = ChannelFigures.from_stats((client.stats().get("sessions") or [None])[0])
+                    d = CclmReport(exc.report, figures).as_dict()
+                    printer.report(d, _source_summary(d))
+                    return EXIT_FAILURE
+                except PlanRefused as exc:
+                    if args.output == "json":
+                        printer({"event": "report", "outcome": "refused", "switched_over": False,
+                                 "error": str(exc)})
+                    raise CommandError(f"refused: {exc}") from exc
+                except MigrationError as exc:
+                    raise CommandError(str(exc)) from exc
+                d = rep.as_dict()
+                printer.report(d, _source_summary(d))
+                return EXIT_OK if rep.outcome == "completed" else EXIT_FAILURE
+            finally:
+                await src.close()
+        finally:
+            writer.cancel()
+            stats.write()
+            await client.close()
+
+    return cli._run_loop(run)
+
+
+def _interrupt_event(what: str) -> Any:
+    """An asyncio.Event set by SIGINT / SIGTERM (logged with ``what`` happens next)."""
+    import asyncio
+    import logging
+    import signal
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    log = logging.getLogger("dataplane")
+
+    def handler(signame: str) -> None:
+        if stop.is_set():
+            log.warning("%s received again: already stopping", signame)
+            return
+        log.warning("%s received: %s", signame, what)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, handler, sig.name)
+    return stop
+
+
+def _cmd_receive(args: argparse.Namespace) -> int:
+    what, connect = _qemu_target(args)
+    tls = cli._tunnel_tls(args, "server")
+    cli._check_stats_path(args.stats_json)
+    printer = _Printer(args.output)
+
+    async def run() -> int:
+        import asyncio
+
+        from dataplane.channel.addr import format_hostport
+        from dataplane.channel.driver import ChannelServer, os_error_text
+        from dataplane.channel.session import Limits, SessionConfig
+        from dataplane.migration.cclm import run_target
+
+        host, port = args.listen
+        dst = await _connect_qemu(what, connect)
+        stop = _interrupt_event("aborting unless the destination already took over")
+        server_box: list[ChannelServer] = []
+
+        def make_server(on_stream: Callable[[Any], None]) -> ChannelServer:
+            server = ChannelServer(host, port, tls, plaintext=tls is None, limits=Limits(grace=args.grace),
+                                   config=SessionConfig(compression=args.compress), bandwidth=args.bandwidth,
+                                   on_stream=on_stream, max_sessions=4)
+            server_box.append(server)
+            return server
+
+        stats = cli._StatsWriter(args.stats_json, lambda: server_box[0].stats() if server_box else {})
+        writer = asyncio.create_task(stats.run())
+        try:
+            try:
+                rep = await run_target(
+                    make_server, dst, paused=args.paused, workdir=args.workdir,
+                    on_listening=lambda a: cli._ready(f"receive listening on {format_hostport(*a)}"),
+                    on_event=printer, interrupt=stop)
+            except OSError as exc:
+                raise CommandError(f"cannot listen on {format_hostport(host, port)}: "
+                                   f"{os_error_text(exc)}") from exc
+            d = rep.as_dict()
+            lines = [f"outcome: {rep.outcome}" + (f" (guest {rep.status})" if rep.status else ""),
+                     f"total time {rep.total_time:.1f} s" + (", postcopy" if rep.postcopy else "")]
+            if rep.error:
+                lines.append(f"error: {rep.error}")
+            printer.report(d, lines)
+            return EXIT_OK if rep.outcome == "completed" else EXIT_FAILURE
+        finally:
+            writer.cancel()
+            stats.write()
+            await dst.close()
+
+    return cli._run_loop(run)

@@ -1,0 +1,393 @@
+"""Cross-cluster live migration end to end: `dataplane receive` in namespace B, `dataplane migrate` in
+namespace A, joined by a tbf-limited veth; real QEMUs (TCG) with the test guest; two CAs.
+
+Every test asserts an outcome: the guest's heartbeat continuing on the destination with the same
+boot id, its journal verifying, disks identical, or, for a failure, the source still running on
+untouched disks with nothing of the migration left on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dataplane.testing.journal import verify_journal
+from dataplane.testing.netns import Link
+from dataplane.testing.vm import Disk, QemuVM, disk_sha256, fill_random, images_identical, make_disk
+
+pytestmark = pytest.mark.e2e
+
+MiB = 1 << 20
+
+
+class Role:
+    """One `dataplane` role running in a namespace; stdout JSON lines collected as they come."""
+
+    def __init__(self, link: Link, side: str, argv: list[str], log: Path) -> None:
+        self.log = log
+        self.err = open(log, "wb")  # noqa: SIM115 - closed in wait()
+        self.proc = link.popen(side, [sys.executable, "-m", "dataplane", *argv], stdout=subprocess.PIPE,
+                               stderr=self.err)
+        self.events: list[dict[str, Any]] = []
+        self.changed = threading.Condition()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            try:
+                ev = json.loads(raw)
+            except ValueError:
+                continue
+            with self.changed:
+                self.events.append(ev)
+                self.changed.notify_all()
+
+    def stderr(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_event(self, pred: Any, timeout: float = 60.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while True:
+                for ev in self.events:
+                    if pred(ev):
+                        return ev
+                left = deadline - time.monotonic()
+                if left <= 0 or self.proc.poll() is not None and not self.reader.is_alive():
+                    raise AssertionError(f"no such event within {timeout} s; events {self.events[-5:]}\n"
+                                         f"stderr:\n{self.stderr()[-3000:]}")
+                self.changed.wait(min(left, 0.2))
+
+    def wait(self, timeout: float = 180.0) -> int:
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"still running after {timeout} s:\n{self.stderr()[-3000:]}") from None
+        self.reader.join(10)
+        self.err.close()
+        return rc
+
+    def report(self) -> dict[str, Any]:
+        reports = [e for e in self.events if e.get("event") == "report"]
+        assert reports, f"no report; stderr:\n{self.stderr()[-3000:]}"
+        return reports[-1]
+
+
+class Clusters:
+    """Certificates from two CAs and the two roles across ``link``."""
+
+    def __init__(self, link: Link, tmp: Path) -> None:
+        self.link = link
+        self.tmp = tmp
+        self.pki = tmp / "pki"
+        subprocess.run([sys.executable, "-m", "dataplane", "certs", "init", str(self.pki), "--two-cas",
+                        "--server-name", link.addr_b], check=True, capture_output=True)
+        self.workdirs = {side: tmp / f"work-{side}" for side in "ab"}
+        for wd in self.workdirs.values():
+            wd.mkdir()
+
+    def receive(self, dst: QemuVM, *extra: str) -> tuple[Role, int]:
+        argv = ["receive", "--qmp", str(dst.qmp_path), "--listen", f"{self.link.addr_b}:0",
+                "--certs", str(self.pki), "--output", "json", "--workdir", str(self.workdirs["b"]), *extra]
+        role = Role(self.link, "b", argv, self.tmp / "receive.log")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            text = role.stderr()
+            if "receive listening on" in text:
+                port = int(text.split("receive listening on", 1)[1].split()[0].rsplit(":", 1)[1])
+                return role, port
+            assert role.proc.poll() is None, f"receive exited:\n{text}"
+            time.sleep(0.05)
+        raise AssertionError(f"receive not listening:\n{role.stderr()}")
+
+    def migrate(self, src: QemuVM, port: int, *extra: str, certs: list[str] | None = None) -> Role:
+        tls = certs if certs is not None else ["--certs", str(self.pki)]
+        argv = ["migrate", "--qmp", str(src.qmp_path), "--to", f"{self.link.addr_b}:{port}", *tls,
+                "--output", "json", "--workdir", str(self.workdirs["a"]), *extra]
+        return Role(self.link, "a", argv, self.tmp / "migrate.log")
+
+    def assert_workdirs_clean(self) -> None:
+        for side, wd in self.workdirs.items():
+            assert list(wd.iterdir()) == [], f"left over in cluster {side}'s workdir: {list(wd.iterdir())}"
+
+
+def _vms(vm_factory: Any, tmp: Path, *, src_sizes: tuple[int, int] = (16 * MiB, 32 * MiB),
+         dst_sizes: tuple[int, int] | None = None, data_fill: int = 8 * MiB, memory: int = 128,
+         cmdline: dict[str, object] | None = None,
+         qcow2: bool = True) -> tuple[QemuVM, QemuVM, dict[str, Path]]:
+    fmt = "qcow2" if qcow2 else "raw"
+    paths = {
+        "s0": make_disk(tmp / "s0.raw", src_sizes[0]), "s1": make_disk(tmp / f"s1.{fmt}", src_sizes[1], fmt),
+        "d0": make_disk(tmp / "d0.raw", (dst_sizes or src_sizes)[0]),
+        "d1": make_disk(tmp / f"d1.{fmt}", (dst_sizes or src_sizes)[1], fmt),
+    }
+    if data_fill:
+        fill_random(paths["s1"], data_fill, fmt, offset=MiB, seed=11)
+    params = {"hb_ms": 100, "disk": "/dev/vda", "disk_rate": 20}
+    params.update(cmdline or {})
+    src = vm_factory(disks=[Disk(paths["s0"], "raw", node_name="jrnl"),
+                            Disk(paths["s1"], fmt, node_name="data")],
+                     cmdline=params, memory_mib=memory, name="src")
+    dst = vm_factory(disks=[Disk(paths["d0"], "raw", node_name="jrnl"),
+                            Disk(paths["d1"], fmt, node_name="data")],
+                     memory_mib=memory, incoming="defer", paused=True, name="dst")
+    src.wait_acks(3, 60)
+    return src, dst, paths
+
+
+def _source_intact(src: QemuVM) -> None:
+    """The source runs, with none of the migration's nodes or jobs left, and its guest goes on."""
+    assert src.qmp("query-status")["status"] == "running"
+    nodes = [n["node-name"] for n in src.qmp("query-named-block-nodes")]
+    assert not [n for n in nodes if n.startswith("dpmig")], nodes
+    assert src.qmp("query-jobs") == []
+    caps = {c["capability"]: c["state"] for c in src.qmp("query-migrate-capabilities")}
+    assert not caps["pause-before-switchover"] and not caps["postcopy-ram"] and not caps["multifd"]
+    n = len(src.heartbeats())
+    src.wait_heartbeat(n + 3, 60)
+
+
+def _continues_on(dst: QemuVM, src: QemuVM) -> str:
+    last = src.heartbeats()[-1]
+    beats = dst.wait_heartbeat(3, 90, newer_than=last.counter)
+    assert {hb.boot_id for hb in beats} == {last.boot_id}, "the guest rebooted instead of migrating"
+    return last.boot_id
+
+
+# ------------------------------------------------------------------------------------ happy paths
+
+
+def test_two_disks_raw_qcow2_multifd(vm_factory, link_factory, tmp_path):
+    link = link_factory("1gbit")
+    cl = Clusters(link, tmp_path)
+    src, dst, paths = _vms(vm_factory, tmp_path)
+    rcv, port = cl.receive(dst)
+    mig = cl.migrate(src, port, "--multifd", "2")
+    assert mig.wait() == 0, mig.stderr()[-3000:]
+    assert rcv.wait() == 0, rcv.stderr()[-3000:]
+    rep = mig.report()
+    assert rep["outcome"] == "completed" and rep["switched_over"] and rep["destination"] == "running"
+    assert rep["disk_bytes"] >= 48 * MiB and rep["ram_raw"] > 0 and rep["wire_bytes"] > 0
+    assert rcv.report()["outcome"] == "completed"
+    assert src.qmp("query-status")["status"] == "postmigrate"
+    assert src.qmp("query-migrate")["ram"]["multifd-bytes"] > 0, "multifd was not used"
+    boot = _continues_on(dst, src)
+    dst.wait_acks(src.serial().max_ack + 3, 60)  # the journal goes on at the destination
+    dst.stop()
+    acked = max(src.serial().max_ack, dst.serial().max_ack)
+    verify_journal(str(paths["d0"]), "raw", acked_upto=acked, expect_boot_id=boot)
+    src.kill()
+    assert images_identical(paths["s1"], paths["d1"], "qcow2", "qcow2")  # the guest never writes it
+    cl.assert_workdirs_clean()
+
+
+def test_paused_destination_is_byte_identical(vm_factory, link_factory, tmp_path):
+    link = link_factory("1gbit")
+    cl = Clusters(link, tmp_path)
+    src, dst, paths = _vms(vm_factory, tmp_path, qcow2=False, cmdline={"dirty_mib": 16, "dirty_rate": 8})
+    rcv, port = cl.receive(dst, "--paused")
+    mig = cl.migrate(src, port)
+    assert mig.wait() == 0, mig.stderr()[-3000:]
+    assert rcv.wait() == 0, rcv.stderr()[-3000:]
+    assert mig.report()["destination"] == "paused"
+    assert dst.qmp("query-status")["status"] == "paused"
+    assert src.qmp("query-status")["status"] == "postmigrate"
+    # both are frozen at the switchover: the journal disk, which the guest was writing, is identical
+    src.kill()
+    dst.kill()
+    assert images_identical(paths["s0"], paths["d0"], "raw", "raw")
+    assert images_identical(paths["s1"], paths["d1"], "raw", "raw")
+    cl.assert_workdirs_clean()
+
+
+# ------------------------------------------------------------------------------------ refusals
+
+
+def test_smaller_destination_disk_is_refused_before_any_mirror(vm_factory, link, tmp_path):
+    cl = Clusters(link, tmp_path)
+    src, dst, paths = _vms(vm_factory, tmp_path, dst_sizes=(16 * MiB, 16 * MiB))
+    before = disk_sha256(paths["s1"], "qcow2")
+    rcv, port = cl.receive(dst)
+    mig = cl.migrate(src, port)
+    assert mig.wait() == 1
+    assert rcv.wait() == 1
+    assert "destination is smaller than the source" in mig.stderr()
+    assert rcv.report()["outcome"] == "refused"
+    assert mig.report()["outcome"] == "refused"
+    assert "dpmig" not in mig.stderr() and "mirroring" not in mig.stderr()
+    _source_intact(src)
+    assert dst.qmp("query-status")["status"] == "inmigrate"
+    src.kill()
+    assert disk_sha256(paths["s1"], "qcow2") == before
+
+
+def test_wrong_client_certificate_is_refused_before_any_qemu_command(vm_factory, link, tmp_path):
+    cl = Clusters(link, tmp_path)
+    src, dst, _ = _vms(vm_factory, tmp_path, data_fill=0)
+    other = tmp_path / "other-pki"
+    subprocess.run([sys.executable, "-m", "dataplane", "certs", "init", str(other), "--two-cas",
+                    "--server-name", link.addr_b], check=True, capture_output=True)
+    nodes = sorted(n["node-name"] for n in src.qmp("query-named-block-nodes"))
+    rcv, port = cl.receive(dst)
+    # a client identity from another CA; the trust and the peer name are right
+    tls = ["--cert", str(other / "client.crt"), "--key", str(other / "client.key"),
+           "--ca", str(cl.pki / "client-trust.pem"), "--peer-name", link.addr_b]
+    mig = cl.migrate(src, port, certs=tls)
+    assert mig.wait(60) == 1
+    err = mig.stderr()
+    assert "error:" in err and "certificate" in err.lower(), err
+    assert sorted(n["node-name"] for n in src.qmp("query-named-block-nodes")) == nodes
+    assert src.qmp("query-status")["status"] == "running"
+    assert "refused a TLS connection" in rcv.stderr()
+    assert rcv.proc.poll() is None, "the listener must survive a bad client"
+    rcv.proc.send_signal(signal.SIGTERM)
+    assert rcv.wait(30) == 1
+    assert rcv.report()["outcome"] == "aborted"
+    assert dst.qmp("query-status")["status"] == "inmigrate"
+
+
+# ------------------------------------------------------------------------------------ faults
+
+
+def _rolled_back(mig: Role, rcv: Role, src: QemuVM) -> dict[str, Any]:
+    assert mig.wait() == 1, mig.stderr()[-3000:]
+    rep = mig.report()
+    assert rep["outcome"] == "rolled-back" and not rep["switched_over"], rep
+    assert rcv.wait(60) == 1, rcv.stderr()[-3000:]
+    _source_intact(src)
+    return rep
+
+
+def test_destination_killed_during_mirror(vm_factory, link_factory, tmp_path):
+    link = link_factory("100mbit")
+    cl = Clusters(link, tmp_path)
+    src, dst, paths = _vms(vm_factory, tmp_path, src_sizes=(16 * MiB, 64 * MiB), data_fill=48 * MiB)
+    before = disk_sha256(paths["s1"], "qcow2")
+    rcv, port = cl.receive(dst)
+    mig = cl.migrate(src, port)
+    mig.wait_event(lambda e: e.get("phase") == "mirror" and e.get("disk_done", 0) > 0)
+    dst.kill()
+    rep = _rolled_back(mig, rcv, src)
+    assert rep["phase"] in ("mirror", "mirror-ready"), rep
+    src.kill()
+    assert disk_sha256(paths["s1"], "qcow2") == before
+    cl.assert_workdirs_clean()
+
+
+def test_destination_killed_during_precopy(vm_factory, link_factory, tmp_path):
+    link = link_factory("100mbit")
+    cl = Clusters(link, tmp_path)
+    src, dst, paths = _vms(vm_factory, tmp_path, data_fill=0,
+                           cmdline={"dirty_mib": 48, "dirty_rate": 4, "pattern": "random"})
+    before = disk_sha256(paths["s1"], "qcow2")
+    rcv, port = cl.receive(dst)
+    mig = cl.migrate(src, port)
+    mig.wait_event(lambda e: e.get("phase") == "precopy" and e.get("ram_done", 0) > 2 * MiB)
+    dst.kill()
+    rep = _rolled_back(mig, rcv, src)
+    assert rep["phase"] == "precopy", rep
+    src.kill()
+    assert disk_sha256(paths["s1"], "qcow2") == before
+
+
+def test_ctrl_c_on_source_during_precopy(vm_factory, link_factory, tmp_path):
+    link = link_factory("100mbit")
+    cl = Clusters(link, tmp_path)
+    src, dst, _ = _vms(vm_factory, tmp_path, data_fill=0,
+                       cmdline={"dirty_mib": 48, "dirty_rate": 4, "pattern": "random"})
+    rcv, port = cl.receive(dst)
+    mig = cl.migrate(src, port)
+    mig.wait_event(lambda e: e.get("phase") == "precopy" and e.get("ram_done", 0) > 2 * MiB)
+    mig.proc.send_signal(signal.SIGINT)
+    rep = _rolled_back(mig, rcv, src)
+    assert "interrupt" in rep["error"], rep
+    assert rcv.report()["outcome"] == "aborted"
+    assert "the source" in rcv.report()["error"]
+    cl.assert_workdirs_clean()
+
+
+def test_link_cut_within_grace_completes(vm_factory, link_factory, tmp_path):
+    link = link_factory("100mbit")
+    cl = Clusters(link, tmp_path)
+    src, dst, paths = _vms(vm_factory, tmp_path, src_sizes=(16 * MiB, 64 * MiB), data_fill=32 * MiB)
+    rcv, port = cl.receive(dst, "--grace", "30")
+    mig = cl.migrate(src, port, "--grace", "30")
+    mig.wait_event(lambda e: e.get("phase") == "mirror" and e.get("disk_done", 0) > 4 * MiB)
+    link.cut()
+    time.sleep(5)
+    link.restore()
+    assert mig.wait() == 0, mig.stderr()[-3000:]
+    assert rcv.wait() == 0, rcv.stderr()[-3000:]
+    assert mig.report()["outcome"] == "completed"
+    boot = _continues_on(dst, src)
+    dst.stop()
+    src.kill()
+    verify_journal(str(paths["d0"]), "raw", acked_upto=src.serial().max_ack, expect_boot_id=boot)
+    assert images_identical(paths["s1"], paths["d1"], "qcow2", "qcow2")
+
+
+def test_link_cut_beyond_grace_rolls_back(vm_factory, link_factory, tmp_path):
+    link = link_factory("100mbit")
+    cl = Clusters(link, tmp_path)
+    src, dst, paths = _vms(vm_factory, tmp_path, src_sizes=(16 * MiB, 64 * MiB), data_fill=32 * MiB)
+    before = disk_sha256(paths["s1"], "qcow2")
+    rcv, port = cl.receive(dst, "--grace", "2")
+    mig = cl.migrate(src, port, "--grace", "2")
+    mig.wait_event(lambda e: e.get("phase") == "mirror" and e.get("disk_done", 0) > 4 * MiB)
+    link.cut()
+    try:
+        _rolled_back(mig, rcv, src)
+    finally:
+        link.restore()
+    src.kill()
+    assert disk_sha256(paths["s1"], "qcow2") == before
+
+
+# ------------------------------------------------------------------------------------ convergence
+
+
+def test_non_convergence_auto_policy_completes(vm_factory, link_factory, tmp_path):
+    link = link_factory("100mbit")
+    cl = Clusters(link, tmp_path)
+    src, dst, paths = _vms(vm_factory, tmp_path, data_fill=0, memory=256,
+                           cmdline={"dirty_mib": 64, "dirty_rate": 40, "pattern": "random"})
+    rcv, port = cl.receive(dst)
+    mig = cl.migrate(src, port, "--stall-window", "3")
+    assert mig.wait(300) == 0, mig.stderr()[-3000:]
+    assert rcv.wait() == 0, rcv.stderr()[-3000:]
+    rep = mig.report()
+    actions = [d["action"] for d in rep["decisions"]]
+    reasons = " | ".join(d["reason"] for d in rep["decisions"])
+    assert rep["postcopy"] or "auto-converge" in reasons, rep["decisions"]
+    assert "switch-postcopy" in actions or "raise-throttle" in actions or "auto-converge" in reasons
+    _continues_on(dst, src)
+
+
+def test_non_convergence_without_help_fails_cleanly(vm_factory, link_factory, tmp_path):
+    link = link_factory("100mbit")
+    cl = Clusters(link, tmp_path)
+    src, dst, paths = _vms(vm_factory, tmp_path, data_fill=0, memory=256,
+                           cmdline={"dirty_mib": 64, "dirty_rate": 40, "pattern": "random"})
+    before = disk_sha256(paths["s1"], "qcow2")
+    rcv, port = cl.receive(dst)
+    mig = cl.migrate(src, port, "--postcopy", "never", "--auto-converge", "off", "--timeout-base", "15",
+                     "--timeout-per-gib", "1", "--stall-window", "3")
+    rep = _rolled_back(mig, rcv, src)
+    assert "completion timeout" in rep["error"], rep
+    assert any(d["action"] == "fail" for d in rep["decisions"])
+    src.kill()
+    assert disk_sha256(paths["s1"], "qcow2") == before
+    assert os.path.exists(paths["d1"])
