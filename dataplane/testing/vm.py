@@ -13,6 +13,11 @@ SIGKILL, and is tracked in a module registry (:func:`kill_all`, run at exit),
 so no QEMU outlives the Python process that started it, even one that
 crashes.
 
+``VMSpec.netns`` runs QEMU inside a network namespace (``setns`` in the child
+before ``exec``; the pid, the process group and the death signal stay those
+of QEMU itself), so that it can speak TCP across a
+:class:`~dataplane.testing.netns.Link`.
+
 The accelerator comes from ``DATAPLANE_ACCEL`` (default ``tcg``; ``kvm`` on
 real hosts); ``DATAPLANE_QEMU`` overrides the ``qemu-system-x86_64`` binary.
 This is not the project's QMP driver (``qmp_driver``): QMP is only used here
@@ -137,6 +142,7 @@ class VMSpec:
     append_extra: str = ""  # raw extra kernel parameters
     no_reboot: bool = True  # a guest reboot or panic ends QEMU instead of silently rebooting
     name: str = "dp-guest"
+    netns: str | None = None  # run QEMU inside this network namespace (a name under /run/netns)
 
     def node_names(self) -> list[str]:
         """Return the format node name of each disk, in order."""
@@ -223,12 +229,21 @@ _STARTED: list[int] = []
 _REG_LOCK = threading.Lock()
 
 
-def _make_preexec(parent: int) -> Callable[[], None]:
+_CLONE_NEWNET = 0x40000000
+_NETNS_DIR = Path("/run/netns")
+
+
+def _make_preexec(parent: int, netns_fd: int | None = None) -> Callable[[], None]:
     def preexec() -> None:  # runs in the child between fork and exec
         if _libc is not None:
             _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != parent:  # the parent already died: do not start at all
             os._exit(127)
+        if netns_fd is not None:  # stderr is QEMU's log file here: the reason lands in qemu.stderr
+            if _libc is None or _libc.setns(netns_fd, _CLONE_NEWNET) != 0:
+                err = ctypes.get_errno() if _libc is not None else 0
+                os.write(2, f"setns(CLONE_NEWNET) failed: {os.strerror(err)}\n".encode())
+                os._exit(126)
 
     return preexec
 
@@ -427,6 +442,13 @@ class QemuVM:
             ),
         ]
         (self.workdir / "qemu.argv").write_text(json.dumps(self.argv) + "\n")
+        netns_fd: int | None = None
+        if self.spec.netns is not None:
+            try:  # O_CLOEXEC: the child uses it before exec, QEMU never sees it
+                netns_fd = os.open(_NETNS_DIR / self.spec.netns, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise VMStartError(f"network namespace {self.spec.netns!r} cannot be opened: "
+                                   f"{exc.strerror}") from exc
 
         def spawn() -> subprocess.Popen[bytes]:
             with open(self.stderr_path, "wb") as err:
@@ -437,7 +459,7 @@ class QemuVM:
                     stderr=err,
                     cwd=self.workdir,
                     process_group=0,
-                    preexec_fn=_make_preexec(os.getpid()),
+                    preexec_fn=_make_preexec(os.getpid(), netns_fd),
                     close_fds=True,
                 )
 
@@ -445,6 +467,9 @@ class QemuVM:
             self.proc = _SPAWNER.run(spawn)
         except OSError as exc:
             raise VMStartError(f"cannot run {binary}: {exc}") from exc
+        finally:
+            if netns_fd is not None:
+                os.close(netns_fd)
         self.started_at = time.monotonic()
         with _REG_LOCK:
             _REGISTRY[self.proc.pid] = self
