@@ -75,7 +75,8 @@ class Role:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-            raise AssertionError(f"still running after {timeout} s:\n{self.stderr()[-3000:]}") from None
+            raise AssertionError(f"still running after {timeout} s; last events {self.events[-3:]}\n"
+                                 f"{self.stderr()[-3000:]}") from None
         self.reader.join(10)
         self.err.close()
         return rc
@@ -100,7 +101,11 @@ class Clusters:
             wd.mkdir()
 
     def receive(self, dst: QemuVM, *extra: str) -> tuple[Role, int]:
-        argv = ["receive", "--qmp", str(dst.qmp_path), "--listen", f"{self.link.addr_b}:0",
+        return self.receive_argv(["--qmp", str(dst.qmp_path)], *extra)
+
+    def receive_argv(self, qemu: list[str], *extra: str) -> tuple[Role, int]:
+        """Start `dataplane receive` in B for the QEMU named by *qemu*; return it and its port."""
+        argv = ["receive", *qemu, "--listen", f"{self.link.addr_b}:0",
                 "--certs", str(self.pki), "--output", "json", "--workdir", str(self.workdirs["b"]), *extra]
         role = Role(self.link, "b", argv, self.tmp / "receive.log")
         deadline = time.monotonic() + 30
@@ -114,8 +119,12 @@ class Clusters:
         raise AssertionError(f"receive not listening:\n{role.stderr()}")
 
     def migrate(self, src: QemuVM, port: int, *extra: str, certs: list[str] | None = None) -> Role:
+        return self.migrate_argv(["--qmp", str(src.qmp_path)], port, *extra, certs=certs)
+
+    def migrate_argv(self, qemu: list[str], port: int, *extra: str, certs: list[str] | None = None) -> Role:
+        """Start `dataplane migrate` in A for the QEMU named by *qemu*, to B's *port*."""
         tls = certs if certs is not None else ["--certs", str(self.pki)]
-        argv = ["migrate", "--qmp", str(src.qmp_path), "--to", f"{self.link.addr_b}:{port}", *tls,
+        argv = ["migrate", *qemu, "--to", f"{self.link.addr_b}:{port}", *tls,
                 "--output", "json", "--workdir", str(self.workdirs["a"]), *extra]
         return Role(self.link, "a", argv, self.tmp / "migrate.log")
 

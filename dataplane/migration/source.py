@@ -188,6 +188,8 @@ class _SourceMigration:
         for job in await self.src.query_block_jobs():
             if job.device in self.jobs:
                 self.disk_offsets[job.device] = (job.offset, job.length)
+                if job.ready:  # the event is the fast path; polling covers a lost one
+                    self.ready.add(job.device)
         now, done = time.monotonic(), self.disk_done()
         if self.disk_sample is not None and now > self.disk_sample[0]:
             self.disk_rate = max(0.0, (done - self.disk_sample[1]) / (now - self.disk_sample[0]))
@@ -343,6 +345,11 @@ class _SourceMigration:
                 self.emit()
                 if info.status == "active":
                     await self.apply_policy(info)
+                elif info.status == "pre-switchover":  # the event is the fast path; polling covers a lost one
+                    return
+                elif info.status in _MIGRATION_END:
+                    raise MigrationError(f"migration {info.status} during precopy: "
+                                         f"{info.error_desc or 'no reason'}")
                 try:
                     ev = await mig.wait(self.opts.progress_interval)
                 except DriverTimeout:
