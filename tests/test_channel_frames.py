@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import random
 import struct
 import zlib
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dataplane.channel.errors import ChecksumError, FrameSizeError, ProtocolError, VersionError
 from dataplane.channel.frames import (
     CODEC_PAGE,
     CODEC_RAW,
+    CRC_IMPL,
     FLAG_JOIN,
     HEADER,
     HEADER_SIZE,
@@ -21,6 +25,8 @@ from dataplane.channel.frames import (
     FrameDecoder,
     FrameType,
     HelloParams,
+    alloc,
+    crc32,
     decode_ack_entries,
     decode_preface,
     encode_ack_entries,
@@ -200,6 +206,90 @@ def test_buffered_protocol_path_reads_large_payloads_in_place():
     assert direct_reads > 0
     assert [f.type for f in frames] == [FrameType.DATA, FrameType.PING]
     assert bytes(frames[0].payload) == payload
+
+
+def test_crc_implementation_is_the_fast_one_when_isal_is_installed():
+    try:
+        import isal  # noqa: F401
+    except ImportError:
+        assert CRC_IMPL == "zlib"
+    else:
+        assert CRC_IMPL == "isal"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=5000), st.integers(0, 0xFFFFFFFF), st.integers(0, 64))
+def test_crc32_has_the_values_of_zlib(data, start, skip):
+    """The wire CRC is zlib's CRC-32, whatever computes it: any data, any start value, unaligned views."""
+    assert crc32(data) == zlib.crc32(data)
+    assert crc32(data, start) == zlib.crc32(data, start)
+    view = memoryview(data)[skip:]
+    assert crc32(view, start) == zlib.crc32(view, start)
+    mid = len(data) // 3
+    assert crc32(data[mid:], crc32(data[:mid])) == zlib.crc32(data)
+
+
+def test_crc32_of_large_buffers_matches_zlib():
+    rng = random.Random(7)
+    for n in (0, 1, 15, 16, 63, 64, 65, 4095, 65536 + 7, (1 << 20) + 3):
+        data = rng.randbytes(n)
+        assert crc32(data, 0x12345678) == zlib.crc32(data, 0x12345678), n
+
+
+def test_alloc_gives_a_fresh_writable_bytearray():
+    a, b = alloc(1000), alloc(1000)
+    assert isinstance(a, bytearray) and len(a) == 1000 and a is not b
+    a[:] = b"x" * 1000
+    memoryview(b)[:3] = b"abc"
+    assert a == b"x" * 1000 and b[:3] == b"abc"
+
+
+def test_runs_of_large_frames_are_received_without_any_copy():
+    """Large payloads go straight into their buffer, with the next header read along; no bulk copies."""
+    rng = random.Random(3)
+    sizes = [200_000, 1 << 20, 70_000, 1 << 20, 100, 300_000, 0, (1 << 20) - 5, 65_536]
+    frames_in = []
+    blob = bytearray()
+    for i, n in enumerate(sizes):
+        if n == 0:
+            blob += frame_bytes(FrameType.PING, aux=i)
+            frames_in.append((FrameType.PING, b""))
+            continue
+        data = rng.randbytes(n)
+        blob += frame_bytes(FrameType.DATA, data, stream_id=1, aux=n, offset=i)
+        frames_in.append((FrameType.DATA, data))
+    for max_read in (1 << 30, 1 << 20, 100_000, 4097):
+        dec = FrameDecoder(MAX, scratch_size=64 * 1024)
+        got: list[Frame] = []
+        pos = 0
+        scratch_bytes = 0
+        while pos < len(blob):
+            buf = dec.get_buffer(-1)
+            n = min(len(buf), len(blob) - pos, max_read)
+            buf[:n] = blob[pos:pos + n]
+            if not dec._direct:
+                scratch_bytes += n
+            pos += n
+            got += dec.buffer_updated(n)
+        assert [(f.type, bytes(f.payload)) for f in got] == frames_in
+        assert dec.buffered == 0
+        # only headers, small frames and the first bytes of a run go through the scratch buffer
+        assert scratch_bytes < 64 * 1024 + 100 + 20 * HEADER_SIZE, (max_read, scratch_bytes)
+
+
+def test_direct_payload_views_are_never_overwritten():
+    payload = bytes(range(256)) * 1024
+    blob = frame_bytes(FrameType.DATA, payload, stream_id=1, aux=len(payload)) * 3
+    dec = FrameDecoder(MAX, scratch_size=4096)
+    got: list[Frame] = []
+    pos = 0
+    while pos < len(blob):
+        buf = dec.get_buffer(-1)
+        n = min(len(buf), len(blob) - pos)
+        buf[:n] = blob[pos:pos + n]
+        pos += n
+        got += dec.buffer_updated(n)
+    assert len(got) == 3 and all(bytes(f.payload) == payload for f in got)
 
 
 def test_hello_params_round_trip_and_validation():

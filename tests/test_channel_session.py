@@ -1087,3 +1087,124 @@ if __name__ == "__main__":
     if native_available():
         mbs, fps = bench(total, data=ram_like(256, 1), compression="on")
         print(f"page codec, RAM-like:    {mbs:8.0f} MB/s  {fps:7.0f} frames/s (application bytes)")
+
+
+# ====================================================================== zero-copy send buffer
+
+
+def test_send_buffer_mixes_copies_references_and_in_place_writes():
+    from dataplane.channel.session import _SendBuffer
+
+    rng = random.Random(9)
+    buf = _SendBuffer()
+    expect = bytearray()
+    for _ in range(300):
+        kind = rng.random()
+        if kind < 0.3:  # small write: copied into the tail chunk
+            data = rng.randbytes(rng.randint(1, 5000))
+            buf.append(data)
+        elif kind < 0.4:  # large immutable write: kept by reference
+            data = rng.randbytes(rng.randint(64 * 1024, 300_000))
+            buf.append(data)
+        elif kind < 0.5:  # large mutable write: copied
+            data = rng.randbytes(rng.randint(64 * 1024, 300_000))
+            buf.append(bytearray(data))
+        else:  # in place, like recv_into
+            view = buf.get_buffer(rng.randint(1, 1 << 20))
+            n = rng.randint(0, len(view))
+            data = rng.randbytes(n)
+            view[:n] = data
+            buf.commit(n)
+        expect += data
+    assert buf.end == len(expect)
+    frozen = bytes(expect)
+    released = 0
+    views = []
+    while released < len(expect):
+        off = released
+        while off < len(expect):
+            n = min(rng.randint(1, 1 << 20), len(expect) - off)
+            c = buf.contiguous(off)
+            assert c >= 1
+            v = buf.view(off, min(n, c))
+            if n <= c:
+                assert not isinstance(v, bytes) or len(v) == c  # one chunk: a view (or the whole chunk)
+            views.append((off, v))
+            assert bytes(buf.view(off, n)) == frozen[off:off + n]  # across chunks: joined
+            off += n
+        released = min(len(expect), released + rng.randint(1, 3 << 20))
+        buf.release(released)
+        buf.get_buffer(1000)  # later writes never touch bytes handed out before
+        buf.commit(0)
+    assert all(bytes(v) == frozen[off:off + len(v)] for off, v in views)
+    with pytest.raises(ValueError):
+        buf.get_buffer(10)
+        buf.commit(11)
+
+
+def test_zero_copy_send_round_trip_and_credit():
+    limits = Limits(session_memory=4 * MiB, replay_buffer=2 * MiB, stream_window=MiB)
+    p = Pair(limits=limits, server_consume=False)
+    sid = p.open("x")
+    data = payload(MiB + 1000, 4)
+    view = p.client.get_send_buffer(sid, 300_000)
+    assert 0 < len(view) <= 300_000  # in-place chunks start small and grow while they fill up
+    pos = 0
+    sizes = []
+    while True:
+        view = p.client.get_send_buffer(sid)  # no hint: up to what the credit allows
+        assert 0 < len(view) <= MiB - pos
+        sizes.append(len(view))
+        view[:] = data[pos:pos + len(view)]
+        if pos + len(view) == MiB:
+            with pytest.raises(ValueError):
+                p.client.send_buffer_updated(sid, len(view) + 1)
+            assert p.client.send_buffer_updated(sid, len(view)) == 0  # blocked: StreamWritable follows
+            break
+        pos += len(view)
+        assert p.client.send_buffer_updated(sid, len(view)) == MiB - pos
+    assert sizes[:-1] == sorted(sizes[:-1]) and max(sizes) > sizes[0]  # (the last one: credit)
+    assert len(p.client.get_send_buffer(sid)) == 0
+    p.run()
+    assert bytes(p.s.data[sid]) == data[:MiB]
+    p.s.consume_all()
+    p.run()
+    assert any(e.stream_id == sid for e in p.c.of(StreamWritable))
+    view = p.client.get_send_buffer(sid, 1000)
+    view[:] = data[MiB:]
+    p.client.send_buffer_updated(sid, 1000)
+    p.client.close_stream(sid)
+    with pytest.raises(StreamClosedError):
+        p.client.get_send_buffer(sid)
+    p.run()
+    p.s.consume_all()
+    p.run()
+    assert bytes(p.s.data[sid]) == data
+    assert p.s.of(StreamEnded)
+
+
+def test_zero_copy_frames_never_straddle_chunks(monkeypatch):
+    from dataplane.channel.session import _SendBuffer
+
+    cut = []
+    orig = _SendBuffer.view
+
+    def view(self, off, n):
+        v = orig(self, off, n)
+        cut.append(v)
+        return v
+
+    monkeypatch.setattr(_SendBuffer, "view", view)
+    p = Pair()
+    sid = p.open("x")
+    data = payload(5 * MiB, 6)
+    pos = 0
+    while pos < len(data):
+        view = p.client.get_send_buffer(sid, 700_000)
+        n = min(len(view), len(data) - pos)
+        view[:n] = data[pos:pos + n]
+        p.client.send_buffer_updated(sid, n)
+        pos += n
+    p.run()
+    assert bytes(p.s.data[sid]) == data
+    assert len(cut) >= 5 and all(isinstance(v, memoryview) for v in cut)  # views: never joined copies

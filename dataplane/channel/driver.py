@@ -261,6 +261,21 @@ class ChannelStream:
             self._drv.kick()
         return n
 
+    def get_send_buffer(self, sizehint: int = -1) -> memoryview:
+        """Zero-copy :meth:`send`: a writable buffer for the next bytes (read a socket straight into it).
+
+        Follow with :meth:`send_buffer_updated`. Empty when there is no credit
+        (``on_writable`` follows).
+        """
+        return self._drv.session.get_send_buffer(self.sid, sizehint)
+
+    def send_buffer_updated(self, n: int) -> int:
+        """*n* bytes were written into the last :meth:`get_send_buffer`: queue them; return the credit."""
+        left = self._drv.session.send_buffer_updated(self.sid, n)
+        if n:
+            self._drv.kick()
+        return left
+
     def consumed(self, n: int) -> None:
         """*n* received bytes reached their destination: give the peer that much credit back."""
         if n:

@@ -50,6 +50,10 @@ log = logging.getLogger("dataplane.channel.relay")
 #: at most APP_WRITE_HIGH plus the stream window.
 APP_WRITE_HIGH = 4 << 20
 APP_WRITE_LOW = APP_WRITE_HIGH - (512 << 10)
+#: Largest read from an application socket (straight into the stream's send buffer).
+APP_READ_MAX = 1 << 20
+#: Private read buffer for bytes the stream cannot take yet (they wait, reading paused).
+APP_SPILL = 64 << 10
 #: Seconds an application socket closed because its stream was reset may take to drain before it is
 #: aborted (an application that stopped reading must not pin the buffered bytes forever).
 RESET_LINGER = 10.0
@@ -96,12 +100,16 @@ async def listen_endpoint(ep: Endpoint, factory: Callable[[], asyncio.Protocol])
     return await loop.create_server(factory, ep.host or None, ep.port, reuse_address=True, backlog=128)
 
 
-class Bridge(asyncio.Protocol, StreamHandler):
+class Bridge(asyncio.BufferedProtocol, StreamHandler):
     """One application socket joined to one channel stream (both directions, with back-pressure).
 
     It is the asyncio protocol of the application socket and the
     :class:`~dataplane.channel.driver.StreamHandler` of the stream.
-    ``label`` names it in log lines.
+    ``label`` names it in log lines. Reads from the application go
+    straight into the stream's send buffer (``get_send_buffer``: no copy in
+    Python), at most ``APP_READ_MAX`` bytes per read; only when the stream
+    cannot take them (not accepted yet, no credit) they land in a small
+    private buffer and wait as ``_pending`` while reading is paused.
     """
 
     def __init__(self, label: str) -> None:
@@ -116,6 +124,8 @@ class Bridge(asyncio.Protocol, StreamHandler):
         self._credited = 0  # of those, credited back to the peer (``consumed``)
         self._closed = False  # we closed the application socket
         self._lost = False
+        self._direct = False  # the last get_buffer came from the stream's send buffer
+        self._spill: memoryview | None = None  # private read buffer when the stream cannot take bytes
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     # ---------------------------------------------------------------- the application socket
@@ -129,6 +139,38 @@ class Bridge(asyncio.Protocol, StreamHandler):
         transport.set_write_buffer_limits(high=APP_WRITE_HIGH, low=APP_WRITE_LOW)
         if not self.is_open:
             transport.pause_reading()  # nothing may be sent before the stream is accepted
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        st = self.stream
+        if self._pending is None and self.is_open and st is not None and not self._closed:
+            try:
+                buf = st.get_send_buffer(APP_READ_MAX)
+            except ChannelError:
+                buf = None
+            if buf:
+                self._direct = True
+                return buf
+        self._direct = False
+        if self._spill is None:
+            self._spill = memoryview(bytearray(APP_SPILL))
+        return self._spill
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if not self._direct:
+            assert self._spill is not None
+            self.data_received(bytes(self._spill[:nbytes]))
+            return
+        self._direct = False
+        st = self.stream
+        assert st is not None
+        try:
+            left = st.send_buffer_updated(nbytes)
+        except ChannelError as exc:
+            self._pending = None
+            self.close_app(f"the stream takes no more data ({exc})", logging.INFO)
+            return
+        if left <= 0 and self.transport is not None:
+            self.transport.pause_reading()  # resumed by on_writable
 
     def data_received(self, data: bytes) -> None:
         if self._pending is not None or not self.is_open or self.stream is None:

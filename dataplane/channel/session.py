@@ -86,6 +86,7 @@ from dataplane.channel.frames import (
     Frame,
     FrameType,
     HelloParams,
+    alloc,
     decode_ack_entries,
     decode_text,
     encode_ack_entries,
@@ -157,7 +158,7 @@ class SessionConfig:
     Raises ValueError for out-of-range values.
     """
 
-    frame_size: int = 256 * 1024
+    frame_size: int = 1 << 20
     send_batch: int = 1 << 20
     compression: str = "auto"
     codecs: tuple[str, ...] = ("page",)
@@ -182,86 +183,138 @@ class SessionConfig:
 class _SendBuffer:
     """Application bytes ``[released, end)`` of one stream: unacknowledged, in chunks.
 
-    Large writes are kept by reference when immutable; small ones are
-    coalesced into 64 KiB chunks. ``view`` returns a zero-copy view when the
-    range lies in one chunk.
+    A chunk is either an immutable ``bytes`` kept by reference (a large
+    ``send`` of bytes) or a bytearray that is only ever appended to: the
+    *tail* chunk takes small writes (copied) and zero-copy writes
+    (:meth:`get_buffer` / :meth:`commit`: a socket reads straight into it).
+    Bytes once written are never modified, so the views handed out by
+    :meth:`view` stay valid for as long as anyone holds them. ``view``
+    returns a zero-copy view when the range lies in one chunk
+    (:meth:`contiguous` says how far that is).
     """
 
-    __slots__ = ("_chunks", "_starts", "_head", "_tail", "_tail_start", "end")
-    COALESCE = 64 * 1024
+    __slots__ = ("_chunks", "_starts", "_sizes", "_head", "_tail", "_handout", "_grow", "end")
+    COALESCE = 64 * 1024  # writes at least this large of immutable bytes are kept by reference
+    MIN_CHUNK = 64 * 1024
+    MAX_CHUNK = 4 << 20
 
     def __init__(self) -> None:
         self._chunks: list[Buffer] = []
         self._starts: list[int] = []
+        self._sizes: list[int] = []  # bytes written in each chunk (a tail bytearray may have room left)
         self._head = 0
-        self._tail = bytearray()
-        self._tail_start = 0
+        self._tail: bytearray | None = None  # the last chunk, when it is a bytearray with room left
+        self._handout = 0  # size of the last get_buffer view (0: none outstanding)
+        self._grow = self.MIN_CHUNK  # capacity of the next in-place chunk: doubles while they fill up
         self.end = 0
 
     def append(self, data: Buffer) -> None:
         n = len(data)
-        if n >= self.COALESCE:
-            self._freeze()
-            if isinstance(data, bytes) or (isinstance(data, memoryview) and isinstance(data.obj, bytes)):
-                chunk: Buffer = data
-            else:
-                chunk = bytes(data)
-            self._chunks.append(chunk)
+        if n >= self.COALESCE and (isinstance(data, bytes) or (isinstance(data, memoryview)
+                                                               and isinstance(data.obj, bytes))):
+            self._tail = None
+            self._chunks.append(data)
             self._starts.append(self.end)
+            self._sizes.append(n)
             self.end += n
-            self._tail_start = self.end
-        else:
-            self._tail += data
-            self.end += n
-            if len(self._tail) >= self.COALESCE:
-                self._freeze()
+            return
+        mv = data if isinstance(data, memoryview) else memoryview(data)
+        pos = 0
+        while pos < n:
+            tail = self._tail
+            fill = self._sizes[-1] if tail is not None else 0
+            if tail is None or fill == len(tail):
+                tail = self._new_tail(n - pos)
+                fill = 0
+            take = min(len(tail) - fill, n - pos)
+            tail[fill:fill + take] = mv[pos:pos + take]
+            pos += take
+            self._sizes[-1] = fill + take
+            self.end += take
 
-    def _freeze(self) -> None:
-        if self._tail:
-            self._chunks.append(bytes(self._tail))
-            self._starts.append(self._tail_start)
-            self._tail = bytearray()
-        self._tail_start = self.end
+    def _new_tail(self, want: int) -> bytearray:
+        tail = self._tail = alloc(max(self.MIN_CHUNK, min(self.MAX_CHUNK, want)))
+        self._chunks.append(tail)
+        self._starts.append(self.end)
+        self._sizes.append(0)
+        return tail
+
+    def get_buffer(self, n: int) -> memoryview:
+        """A writable view of up to *n* (> 0) bytes at the end; :meth:`commit` what was written into it.
+
+        In-place chunks start at 64 KiB and double (up to *n*) each time one
+        fills up, so an idle or interactive stream holds little memory and a
+        bulk one reads in large pieces.
+        """
+        tail = self._tail
+        room = len(tail) - self._sizes[-1] if tail is not None else 0
+        if room < min(n, self.MIN_CHUNK):
+            if tail is not None and room == 0:
+                self._grow = min(self.MAX_CHUNK, 2 * len(tail))
+            tail = self._new_tail(min(n, self._grow))
+            room = len(tail)
+        fill = self._sizes[-1]
+        k = min(n, room)
+        self._handout = k
+        assert tail is not None
+        return memoryview(tail)[fill:fill + k]
+
+    def commit(self, n: int) -> None:
+        """*n* bytes were written into the last :meth:`get_buffer` view. Raises ValueError beyond it."""
+        if not 0 <= n <= self._handout:
+            raise ValueError(f"{n} bytes written into a send buffer of {self._handout}")
+        self._handout = 0
+        self._sizes[-1] += n
+        self.end += n
+
+    def contiguous(self, off: int) -> int:
+        """Bytes from *off* (not released, below ``end``) to the end of its chunk."""
+        i = bisect_right(self._starts, off, self._head) - 1
+        return self._starts[i] + self._sizes[i] - off
 
     def view(self, off: int, n: int) -> Buffer:
-        if off + n > self._tail_start:
-            self._freeze()
         starts = self._starts
         i = bisect_right(starts, off, self._head) - 1
         chunk = self._chunks[i]
         rel = off - starts[i]
-        if rel + n <= len(chunk):
-            if rel == 0 and n == len(chunk):
+        size = self._sizes[i]
+        if rel + n <= size:
+            if rel == 0 and n == len(chunk) and isinstance(chunk, bytes):
                 return chunk
             return memoryview(chunk)[rel:rel + n]
-        parts = [memoryview(chunk)[rel:]]
-        got = len(chunk) - rel
+        parts = [memoryview(chunk)[rel:size]]
+        got = size - rel
         while got < n:
             i += 1
             c = self._chunks[i]
-            take = min(len(c), n - got)
+            take = min(self._sizes[i], n - got)
             parts.append(memoryview(c)[:take])
             got += take
         return b"".join(parts)
 
     def release(self, upto: int) -> None:
-        chunks, starts = self._chunks, self._starts
+        chunks, starts, sizes = self._chunks, self._starts, self._sizes
+        if self._tail is not None and self._handout == 0 and starts[-1] + sizes[-1] <= upto:
+            self._tail = None  # everything acknowledged: do not keep an idle chunk
         h = self._head
-        while h < len(chunks) and starts[h] + len(chunks[h]) <= upto:
+        last = len(chunks) - 1
+        while h < len(chunks) and starts[h] + sizes[h] <= upto and not (h == last and self._tail is not None):
             chunks[h] = b""
             h += 1
         if h > 32 and h * 2 > len(chunks):
             del chunks[:h]
             del starts[:h]
+            del sizes[:h]
             h = 0
         self._head = h
 
     def clear(self) -> None:
         self._chunks.clear()
         self._starts.clear()
+        self._sizes.clear()
         self._head = 0
-        self._tail = bytearray()
-        self._tail_start = self.end
+        self._tail = None
+        self._handout = 0
 
 
 class _Reorder:
@@ -987,13 +1040,59 @@ class Session:
         if n <= 0:
             return 0
         st.sbuf.append(data if n == total else memoryview(data)[:n])
+        self._written(st, n)
+        return n
+
+    def get_send_buffer(self, stream_id: int, sizehint: int = -1) -> memoryview:
+        """Zero-copy :meth:`send`: a writable buffer for the stream's next bytes (e.g. for ``recv_into``).
+
+        Write up to ``len(buffer)`` bytes into it, then call
+        :meth:`send_buffer_updated` with the count before any other call on
+        the stream. Its size is at most *sizehint* (if positive) and what
+        :meth:`send` would accept now; an empty view means no credit (the
+        stream then gets :class:`StreamWritable` like after a short ``send``).
+        Raises like :meth:`send`.
+        """
+        st = self._get(stream_id)
+        if st.reset_sent:
+            raise StreamResetError(f"stream {stream_id} was reset")
+        if st.fin_local is not None:
+            raise StreamClosedError(f"stream {stream_id} is closed for sending")
+        cap = self._capacity(st)
+        if cap <= 0:
+            st.blocked = True
+            self._blocked.add(stream_id)
+            return memoryview(b"")
+        return st.sbuf.get_buffer(cap if sizehint <= 0 else min(cap, sizehint))
+
+    def send_buffer_updated(self, stream_id: int, nbytes: int) -> int:
+        """*nbytes* were written into the last :meth:`get_send_buffer` view: queue them like :meth:`send`.
+
+        Returns the bytes :meth:`send` would still accept (0: the stream is
+        blocked until :class:`StreamWritable`). Raises ValueError if
+        *nbytes* exceeds that view, and like :meth:`send`.
+        """
+        st = self._get(stream_id)
+        if st.reset_sent:
+            raise StreamResetError(f"stream {stream_id} was reset")
+        if st.fin_local is not None:
+            raise StreamClosedError(f"stream {stream_id} is closed for sending")
+        st.sbuf.commit(nbytes)
+        if nbytes > 0:
+            self._written(st, nbytes)
+        cap = self._capacity(st)
+        if cap <= 0:
+            st.blocked = True
+            self._blocked.add(stream_id)
+        return cap
+
+    def _written(self, st: _Stream, n: int) -> None:
         st.written += n
         self._sent_total += n
         self._send_buffered += n
         if self._send_buffered > self.stats.send_buffered_peak:
             self.stats.send_buffered_peak = self._send_buffered
         self._schedule(st)
-        return n
 
     def send_capacity(self, stream_id: int) -> int:
         """Bytes :meth:`send` would accept now. Raises StreamError for an unknown stream."""
@@ -1275,7 +1374,7 @@ class Session:
                 continue
             if a < st.acked:
                 a = st.acked
-            n = min(b - a, fsize)
+            n = min(b - a, fsize, st.sbuf.contiguous(a))
             if a + n >= b:
                 resend.pop(0)
             else:
@@ -1287,6 +1386,7 @@ class Session:
             n = min(st.written - a, fsize)
             if n <= 0:
                 return False
+            n = min(n, st.sbuf.contiguous(a))  # frames never straddle two chunks: no copy
             st.next_new = a + n
         data = st.sbuf.view(a, n)
         comp = st.comp
