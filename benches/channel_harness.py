@@ -59,6 +59,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from dataplane.testing.netns import listening_tcp_ports
+
 ROOT = Path(__file__).resolve().parent.parent
 KiB = 1 << 10
 MiB = 1 << 20
@@ -437,23 +439,10 @@ def read_json_line(proc: Proc, deadline: float) -> dict[str, Any]:
     return json.loads(buf.split(b"\n", 1)[0])
 
 
-def _listening_ports(pid: int) -> set[int]:
-    """TCP ports in LISTEN state in *pid*'s network namespace (from /proc/PID/net/tcp{,6})."""
-    ports: set[int] = set()
-    for name in ("tcp", "tcp6"):
-        with contextlib.suppress(OSError), open(f"/proc/{pid}/net/{name}") as fh:
-            next(fh, None)
-            for line in fh:
-                fields = line.split()
-                if len(fields) > 3 and fields[3] == "0A":
-                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    return ports
-
-
 def wait_listening(proc: Proc, port: int, timeout: float = 20) -> None:
     """Wait until *port* listens in *proc*'s namespace; HarnessError if *proc* dies or time runs out."""
     deadline = clock() + timeout
-    while port not in _listening_ports(proc.pid):
+    while port not in listening_tcp_ports(proc.pid):
         if proc.popen.poll() is not None:
             raise HarnessError(f"{proc.name} exited ({proc.popen.returncode})\n{proc.log_tail()}")
         if clock() > deadline:

@@ -202,7 +202,7 @@ class CompressionPolicy:
                  "_idle", "_skip", "_backoff", "_why")
 
     def __init__(self, mode: str = "auto", *, idle_frames: int = 4, min_saving: float = 0.1,
-                 min_frame: int = 4096, backoff_min: int = 4 << 20, backoff_max: int = 256 << 20) -> None:
+                 min_frame: int = 4096, backoff_min: int = 1 << 20, backoff_max: int = 8 << 20) -> None:
         self._mode = _check_mode(mode)
         self.idle_frames = idle_frames
         self.min_saving = min_saving

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import socket
@@ -97,6 +98,12 @@ LIVENESS_TIMEOUT = 5.0
 #: Transport write-buffer watermarks of channel connections (bytes).
 WRITE_HIGH = 4 << 20
 WRITE_LOW = 1 << 20
+#: The link counts as the bottleneck (adaptive compression on) while this many bytes wait in the
+#: transport or in the kernel's send queue unsent: a socket buffer that stays this full means the
+#: network, not us, sets the pace.
+BACKLOG_BYTES = 512 << 10
+#: ``SIOCOUTQNSD`` (linux/sockios.h): bytes in a TCP socket's send queue not yet sent.
+_SIOCOUTQNSD = 0x894B
 #: Bytes pulled from the core per ``buffers_to_send`` call.
 PULL_BATCH = 1 << 20
 #: Smallest pull while paced (a frame is cut anyway, the bucket absorbs the difference).
@@ -335,6 +342,7 @@ class _ChannelConnection(asyncio.BufferedProtocol):
         self.closing = False
         self.failed = False  # closed because of an error: stop reading, abort soon
         self.lost: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
+        self._fd = -1  # the TCP socket, for the kernel's send-queue depth
         self._sink = memoryview(bytearray(64 * 1024))
         self._abort_handle: asyncio.TimerHandle | None = None
 
@@ -347,6 +355,8 @@ class _ChannelConnection(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             tune_socket(sock, self.liveness_timeout)
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                self._fd = sock.fileno()
         transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
         if self.tls is not None:
             try:
@@ -427,7 +437,7 @@ class _ChannelConnection(asyncio.BufferedProtocol):
                     drv.pace_after(-avail / bucket.rate)
                 else:
                     budget = min(budget, max(int(avail), PACED_MIN_PULL))
-            h.set_send_backlog(tr.get_write_buffer_size() > 0)
+            h.set_send_backlog(self._backlogged(tr))
             bufs = h.buffers_to_send(budget)
             if not bufs:
                 break
@@ -438,6 +448,18 @@ class _ChannelConnection(asyncio.BufferedProtocol):
                 break
         if h.closed:
             self.close_transport()
+
+    def _backlogged(self, tr: asyncio.Transport) -> bool:
+        """Whether our output queues up: in the transport, or unsent in the kernel beyond BACKLOG_BYTES."""
+        queued = tr.get_write_buffer_size()
+        if queued > 0 or self._fd < 0:
+            return queued > 0
+        try:
+            unsent = fcntl.ioctl(self._fd, _SIOCOUTQNSD, b"\0\0\0\0")
+        except OSError:
+            self._fd = -1  # not a TCP socket (or closed): the transport's queue alone decides
+            return False
+        return int.from_bytes(unsent, "little") >= BACKLOG_BYTES
 
     def close_transport(self) -> None:
         """Close after the queued output is flushed; abort if that takes longer than the linger time.

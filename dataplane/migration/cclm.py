@@ -353,6 +353,11 @@ async def run_source(client: ChannelClient, src: QemuDriver, *, disks: Iterable[
             raise PlanRefused(f"the destination aborted: {answer.get('reason', 'no reason given')}")
         if answer["type"] != "ready":
             raise PlanRefused(f"unexpected answer to the plan: {answer['type']!r}")
+        if options.postcopy == "auto" and not options.multifd_channels and not answer.get("postcopy"):
+            why = "postcopy disabled: the destination QEMU cannot enable postcopy-ram"
+            log.warning("%s", why)
+            _emit(on_event, {"event": "decision", "action": "note", "reason": why, "elapsed": 0.0})
+            options = dataclasses.replace(options, postcopy="never")
         await relay.start()
         _emit(on_event, {"event": "phase", "phase": "destination-ready"})
 
@@ -602,19 +607,21 @@ async def run_target(server_factory: Callable[[Callable[[ChannelStream], None]],
                 raise PlanRefused(f"expected a hello of control version {CONTROL_VERSION}, got "
                                   f"{hello['type']!r} version {hello.get('version')!r}")
             plan = MigrationPlan.from_dict(hello.get("plan") or {})
-            await prepare_target(dst, plan, str(nbd_sock), f"unix:{mig_sock}")
+            caps = await prepare_target(dst, plan, str(nbd_sock), f"unix:{mig_sock}")
         except (PlanRefused, DriverError) as exc:
             reason = str(exc) if isinstance(exc, PlanRefused) else f"destination QEMU: {exc}"
             log.warning("refusing the plan: %s", reason)
             control.send("refused", reason=reason)
             await control.drain()
             return report("refused", None, reason)
-        postcopy = plan.options.postcopy == "auto" and not plan.options.multifd_channels
+        can_postcopy = bool(caps.get("postcopy-ram"))
         _emit(on_event, {"event": "phase", "phase": "ready", "disks": [d.node_name for d in plan.disks]})
         routing.ready = True
-        control.send("ready", multifd=plan.options.multifd_channels, postcopy=postcopy)
+        control.send("ready", multifd=plan.options.multifd_channels, postcopy=can_postcopy)
 
         def on_switchover(status: str) -> None:
+            nonlocal postcopy
+            postcopy = status == "postcopy-active"
             switched.append(status)
             _emit(on_event, {"event": "phase", "phase": "switched-over", "status": status})
 

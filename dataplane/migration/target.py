@@ -19,7 +19,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from qmp_driver import DriverError, QemuDriver
+from qmp_driver import CommandError, DriverError, QemuDriver
 
 from .errors import MigrationError, PlanRefused
 from .plan import MigrationOptions, MigrationPlan, memory_size, validate_target
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 async def prepare_target(dst: QemuDriver, plan: MigrationPlan, nbd_socket: str | Mapping[str, Any],
-                         migrate_uri: str) -> None:
+                         migrate_uri: str) -> dict[str, bool]:
     """Make ``dst`` ready to receive ``plan``.
 
     Validates first (nothing is changed if that fails), then sets the
@@ -36,7 +36,12 @@ async def prepare_target(dst: QemuDriver, plan: MigrationPlan, nbd_socket: str |
     on ``nbd_socket`` (a unix socket path or a QMP SocketAddress), exports each
     disk writable under its ``export_name`` and starts ``migrate-incoming`` on
     ``migrate_uri``. If a step fails, what was done is undone
-    (:func:`abort_target`) before the error propagates.
+    (:func:`abort_target`) before the error propagates. A destination that
+    cannot enable ``postcopy-ram`` (an unprivileged QEMU without
+    userfaultfd) is prepared without it.
+
+    :returns: the migration capabilities set (``postcopy-ram`` says whether
+        postcopy is possible; the source must not use it otherwise).
 
     :raises PlanRefused: the destination is not waiting for an incoming
         migration, its guest memory size differs, or :func:`validate_target`
@@ -51,7 +56,16 @@ async def prepare_target(dst: QemuDriver, plan: MigrationPlan, nbd_socket: str |
     if mem != plan.memory_size:
         raise PlanRefused(f"guest memory differs: destination {mem} bytes, source {plan.memory_size} bytes")
     validate_target(plan, await dst.query_named_block_nodes())
-    await dst.migrate_set_capabilities(target_capabilities(plan))
+    caps = target_capabilities(plan)
+    try:
+        await dst.migrate_set_capabilities(caps)
+    except CommandError as exc:
+        if not caps.get("postcopy-ram"):
+            raise
+        # e.g. no userfaultfd for an unprivileged QEMU: precopy still works, the source is told
+        log.warning("the destination cannot enable postcopy (%s); continuing without it", exc.description)
+        caps["postcopy-ram"] = False
+        await dst.migrate_set_capabilities(caps)
     if plan.options.multifd_channels:
         await dst.migrate_set_parameters({"multifd-channels": plan.options.multifd_channels})
     try:
@@ -63,6 +77,7 @@ async def prepare_target(dst: QemuDriver, plan: MigrationPlan, nbd_socket: str |
     except BaseException:
         await abort_target(dst)
         raise
+    return caps
 
 
 def target_capabilities(plan: MigrationPlan) -> dict[str, bool]:

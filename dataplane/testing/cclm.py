@@ -51,12 +51,28 @@ tests and by the demo. The pieces:
   the destination's disk verifies, and, when the destination stayed paused,
   the destination's disks are identical to the source's.
 
+Two additions for the demo (``python -m dataplane.demo``):
+
+* **loopback mode** (``Clusters(loopback=True)``): when namespaces are not
+  available (not root), both "clusters" are the current network namespace:
+  every process and both QEMUs run here, ``dataplane receive`` listens on
+  127.0.0.1, there is no rate limit and no veth, so the wire bytes are the
+  channel's own figures (its ``report`` lines) instead of veth counters.
+* **compare, then resume** (``Scenario.run(..., compare_then_resume=True)``):
+  the migration leaves the destination paused; with the source frozen at
+  the switchover (postmigrate) and the destination paused, every disk of the
+  destination is compared with the source's, and only then is the
+  destination resumed (``cont``) and the heartbeat checked. Total time and
+  ``switchover_ms`` end at the destination's migration ``completed`` event,
+  so they exclude the time the destination was held for the comparison
+  (``held_s``).
+
 Everything started here is stopped by :meth:`Scenario.close` /
 :meth:`Clusters.close` (also as context managers): QEMUs (which cannot
 outlive this process anyway, see :mod:`dataplane.testing.vm`), relay and
 role processes (started with a parent-death signal, in their own process
-group) and the namespaces. Needs root, iproute2, QEMU, the built test guest
-and, for the kubevirt-like path, stunnel.
+group) and the namespaces. Needs root and iproute2 (not in loopback mode),
+QEMU, the built test guest and, for the kubevirt-like path, stunnel.
 """
 
 from __future__ import annotations
@@ -86,7 +102,7 @@ from types import TracebackType
 from typing import IO, Any, TypeVar
 
 from dataplane.testing.journal import JournalReport, verify_journal
-from dataplane.testing.netns import Link
+from dataplane.testing.netns import Link, listening_tcp_ports
 from dataplane.testing.vm import Disk, QemuVM, VMSpec, images_identical, make_disk
 
 __all__ = [
@@ -95,6 +111,7 @@ __all__ = [
     "DiskLayout",
     "EventRecorder",
     "GuestRecipe",
+    "LocalLink",
     "MigrationRun",
     "RoleProcess",
     "Scenario",
@@ -177,19 +194,6 @@ def _run_coro(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
     if "error" in box:
         raise box["error"]
     return box["value"]  # type: ignore[no-any-return]
-
-
-def _listening_tcp_ports(pid: int) -> set[int]:
-    """TCP ports in LISTEN state in *pid*'s network namespace (from /proc/PID/net/tcp{,6})."""
-    ports: set[int] = set()
-    for name in ("tcp", "tcp6"):
-        with contextlib.suppress(OSError), open(f"/proc/{pid}/net/{name}") as fh:
-            next(fh, None)
-            for line in fh:
-                cols = line.split()
-                if len(cols) > 3 and cols[3] == "0A":
-                    ports.add(int(cols[1].rsplit(":", 1)[1], 16))
-    return ports
 
 
 def _tail(path: Path, lines: int = 20) -> str:
@@ -394,9 +398,87 @@ class GuestRecipe:
 # --------------------------------------------------------------------------- clusters
 
 
+LOOPBACK_ADDR = "127.0.0.1"
+
+
+class LocalLink:
+    """The stand-in for a :class:`~dataplane.testing.netns.Link` in loopback mode: no namespaces at all.
+
+    Both sides are the current network namespace and share the address
+    127.0.0.1; there is no veth (so no rate limit and no counters). It offers
+    the part of :class:`Link`'s interface the scenario uses: ``addr_a`` /
+    ``addr_b``, :meth:`netns` (None: QEMU is not moved), :meth:`in_netns`
+    (a no-op), :meth:`popen` (with the same parent-death guard as
+    :func:`dataplane.testing.netns.popen`), :meth:`counters` (empty) and
+    :meth:`close` (kills what :meth:`popen` started).
+    """
+
+    def __init__(self) -> None:
+        self.addr_a = LOOPBACK_ADDR
+        self.addr_b = LOOPBACK_ADDR
+        self.rate: int | None = None
+        self._procs: list[subprocess.Popen[Any]] = []
+
+    @staticmethod
+    def _check_side(side: str) -> None:
+        if side not in ("a", "b"):
+            raise ValueError(f"unknown side {side!r}: use 'a' or 'b'")
+
+    def start(self) -> LocalLink:
+        """Nothing to create; return self."""
+        return self
+
+    def netns(self, side: str) -> None:
+        """No namespace: processes of either side run in the current one."""
+        self._check_side(side)
+        return None
+
+    def in_netns(self, side: str) -> contextlib.AbstractContextManager[None]:
+        """A no-op context (the calling thread already is where *side* is)."""
+        self._check_side(side)
+        return contextlib.nullcontext()
+
+    def popen(self, side: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        """Start *argv* here, killed with this process (``setpriv --pdeathsig KILL``) and by :meth:`close`.
+
+        *kwargs* go to :class:`subprocess.Popen`. Raises OSError if the command cannot be started.
+        """
+        self._check_side(side)
+        prefix: list[str] = []
+        if shutil.which("setpriv"):  # sh's $PPID is us unless we died before the death signal was armed
+            guard = '[ "$PPID" = "$0" ] || exit 125; exec "$@"'
+            prefix = ["setpriv", "--pdeathsig", "KILL", "--", "/bin/sh", "-c", guard, str(os.getpid())]
+        proc = subprocess.Popen([*prefix, *argv], **kwargs)
+        self._procs.append(proc)
+        return proc
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        """No veth, no counters: always empty."""
+        return {}
+
+    def close(self) -> None:
+        """Kill (process group, then process) whatever :meth:`popen` started and still runs. Never raises."""
+        for proc in self._procs:
+            if proc.poll() is None:
+                with contextlib.suppress(OSError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                with contextlib.suppress(OSError):
+                    proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+        self._procs.clear()
+
+    def __repr__(self) -> str:
+        return f"<LocalLink {LOOPBACK_ADDR}, unshaped>"
+
+
 class Clusters:
     """Two "clusters": namespaces A (source) and B (destination) joined by a veth shaped to *rate*,
     and certificates from two CAs (cluster A's CA signs the client, cluster B's the server).
+
+    With ``loopback`` both clusters are the current network namespace
+    (:class:`LocalLink`: address 127.0.0.1, no veth, no rate limit; *rate*,
+    ``subnet`` and ``latency_ms`` are ignored); this needs no root.
 
     ``workdir`` defaults to a new temporary directory, removed by :meth:`close`
     (a given one is kept). Use as a context manager or :meth:`start` /
@@ -405,8 +487,10 @@ class Clusters:
 
     def __init__(self, rate: int | float | str | None = "1gbit", *,
                  workdir: str | os.PathLike[str] | None = None, subnet: str = "10.200.0.0/30",
-                 latency_ms: int = 50) -> None:
-        self.link = Link(rate, subnet=subnet, latency_ms=latency_ms)
+                 latency_ms: int = 50, loopback: bool = False) -> None:
+        self.loopback = loopback
+        self.link: Link | LocalLink = LocalLink() if loopback else Link(rate, subnet=subnet,
+                                                                          latency_ms=latency_ms)
         self._own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="dp-cclm-"))
         self.certs_dir = self.workdir / "pki"
@@ -446,7 +530,7 @@ class Clusters:
         return self
 
     def counters(self) -> dict[str, dict[str, int]]:
-        """The veth counters (see :meth:`Link.counters`). Raises NetnsError."""
+        """The veth counters (see :meth:`Link.counters`; empty in loopback mode). Raises NetnsError."""
         return self.link.counters()
 
     def close(self) -> None:
@@ -515,9 +599,15 @@ class EventRecorder:
         finally:
             await drv.close()
 
-    def first(self, name: str, *, after: float = 0.0) -> Any | None:
-        """The first recorded event called *name* with a timestamp >= *after* (wall clock s), or None."""
-        return next((ev for ev in list(self.events) if ev.name == name and ev.timestamp >= after), None)
+    def first(self, name: str, *, after: float = 0.0,
+              where: Callable[[Any], bool] | None = None) -> Any | None:
+        """The first recorded event called *name* with a timestamp >= *after* (wall clock s), or None.
+
+        ``where``, if given, must also accept the event
+        (e.g. ``lambda ev: ev.data.get("status") == "completed"``).
+        """
+        return next((ev for ev in list(self.events) if ev.name == name and ev.timestamp >= after
+                     and (where is None or where(ev))), None)
 
     def wait_for(self, name: str, timeout: float, *, after: float = 0.0,
                  alive: Callable[[], bool] | None = None) -> Any:
@@ -553,12 +643,16 @@ class RoleProcess:
     """A process started in one namespace: stderr to a log file, stdout read line by line.
 
     Lines of stdout that are JSON objects are collected in :attr:`json_lines`,
-    every line in :attr:`lines`. The process runs in its own process group with
-    a parent-death signal (:meth:`Link.popen`); :meth:`stop` ends it.
+    every line in :attr:`lines`; ``on_json``, if given, is called with each of
+    them as it arrives (from the reader thread; its exceptions are ignored).
+    The process runs in its own process group with a parent-death signal
+    (:meth:`Link.popen`); :meth:`stop` ends it.
     """
 
-    def __init__(self, link: Link, side: str, name: str, argv: Sequence[str], log: Path) -> None:
+    def __init__(self, link: Link | LocalLink, side: str, name: str, argv: Sequence[str], log: Path,
+                 on_json: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.name = name
+        self.on_json = on_json
         self.argv = list(argv)
         self.log = log
         self.lines: list[str] = []
@@ -582,6 +676,9 @@ class RoleProcess:
                 obj = json.loads(line)
                 if isinstance(obj, dict):
                     self.json_lines.append(obj)
+                    if self.on_json is not None:
+                        with contextlib.suppress(Exception):
+                            self.on_json(obj)
 
     @property
     def pid(self) -> int:
@@ -696,7 +793,7 @@ class StunnelRelay:
             self.ends[role] = RoleProcess(link, side, name, [self.binary, str(conf)],
                                           self.logdir / f"{name}.log")
         deadline = time.monotonic() + timeout
-        while not (self.port in _listening_tcp_ports(self.ends["server"].pid) and self.entry.exists()):
+        while not (self.port in listening_tcp_ports(self.ends["server"].pid) and self.entry.exists()):
             for end in self.ends.values():
                 if end.popen.poll() is not None:
                     raise ScenarioError(f"stunnel end exited\n{end.describe()}")
@@ -735,6 +832,16 @@ class MigrationRun:
     its ``report`` JSON line; the library paths: the MigrationReport as a
     dict); ``lines``: the JSON lines ours printed; ``info``: anything else
     worth printing (stunnel cipher, options).
+
+    ``started_at``: wall-clock start of the migration; ``switchover_ms``:
+    source ``STOP`` to the destination's migration ``completed`` event (None
+    if either is missing); ``held_s``: with ``compare_then_resume``, how long
+    the destination stayed paused after ``completed`` for the disk comparison
+    before ``cont``; ``wire_source``: where ``wire_bytes`` comes from (the
+    veth counters, or in loopback mode the channel's report); ``heartbeat``:
+    the source's last and the destination's first and last heartbeat
+    counters and the boot id, once verified; ``logs``: the roles' log files
+    (ours).
     """
 
     path: str
@@ -749,6 +856,12 @@ class MigrationRun:
     error: str | None = None
     verified: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    started_at: float = 0.0
+    switchover_ms: float | None = None
+    held_s: float | None = None
+    wire_source: str = "veth"
+    heartbeat: dict[str, Any] = field(default_factory=dict)
+    logs: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
         """One line with the figures."""
@@ -765,12 +878,16 @@ class Scenario:
     *recipe* says what the guest is; ``workdir`` holds the master disk image
     (written once) and one directory per run. One scenario runs any number of
     migrations, one at a time, each with a fresh pair of VMs (:meth:`run`).
+    ``log``, if given, is called with a one-line description of each step as
+    it happens (for a human watching).
     """
 
     def __init__(self, clusters: Clusters, recipe: GuestRecipe, workdir: str | os.PathLike[str] | None = None,
                  *, kernel: str | os.PathLike[str] | None = None,
-                 initrd: str | os.PathLike[str] | None = None) -> None:
+                 initrd: str | os.PathLike[str] | None = None,
+                 log: Callable[[str], None] | None = None) -> None:
         self.clusters = clusters
+        self._log = log
         self.recipe = recipe
         self.workdir = Path(workdir) if workdir is not None else clusters.workdir / "scenario"
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -789,6 +906,15 @@ class Scenario:
         self.src_events: EventRecorder | None = None
         self.dst_events: EventRecorder | None = None
 
+    def _say(self, msg: str) -> None:
+        if self._log is not None:
+            with contextlib.suppress(Exception):
+                self._log(msg)
+
+    def _where(self, side: str) -> str:
+        ns = self.clusters.link.netns(side)
+        return f"namespace {ns}" if ns else "this namespace (loopback)"
+
     # -- disks and VMs
 
     def master_image(self) -> Path | None:
@@ -798,6 +924,9 @@ class Scenario:
             return None
         if self.master is None:
             name = f"master-{layout.size}-{layout.text}-{layout.random}-{layout.zero}-{layout.seed}.raw"
+            self._say(f"writing the data disk image: {layout.size / MiB:.0f} MiB holding "
+                      f"{layout.text / MiB:.0f} MiB text-like, {layout.random / MiB:.0f} MiB random and "
+                      f"{layout.zero / MiB:.0f} MiB zero data, with holes between")
             self.master = write_disk(self.workdir / name, layout)
         return self.master
 
@@ -838,10 +967,14 @@ class Scenario:
                      rundir / "src")
         self._vms.append(src)
         src.start()
+        self._say(f"source QEMU started in {self._where('a')} (pid {src.pid}, {self.recipe.memory_mib} MiB, "
+                  f"disks {', '.join(d.node_name or '?' for d in src_disks)})")
         dst = QemuVM(self._spec(dst_disks, dst_ev, "b", incoming="defer", paused=True, name="cclm-dst"),
                      rundir / "dst")
         self._vms.append(dst)
         dst.start()
+        self._say(f"destination QEMU started in {self._where('b')} (pid {dst.pid}): -incoming defer, paused, "
+                  "empty disks of the same sizes")
         self.src, self.dst = src, dst
         self.src_events = EventRecorder(src_ev, "source").start()
         self.dst_events = EventRecorder(dst_ev, "destination").start()
@@ -850,7 +983,11 @@ class Scenario:
             src.wait_for_serial(r"DIRTY_READY", timeout)
         if self.recipe.journal_rate and settle_acks:
             src.wait_acks(settle_acks, timeout)
-        src.wait_heartbeat(2, timeout)
+        beats = src.wait_heartbeat(2, timeout)
+        self._say(f"source guest is up: heartbeat #{beats[-1].counter} (boot id {beats[-1].boot_id}), "
+                  + (f"workload dirtying {self.recipe.dirty_mib} MiB at {self.recipe.dirty_rate} MiB/s "
+                     f"({self.recipe.pattern}), " if self.recipe.dirty_mib else "")
+                  + f"journal acknowledged up to #{src.serial().max_ack}")
         return src, dst
 
     def stop_vms(self) -> None:
@@ -865,34 +1002,51 @@ class Scenario:
     # -- the three paths
 
     def run(self, path: str, *, resume: bool = True, extra_args: Sequence[str] = (), timeout: float = 300.0,
-            verify: bool = True, rundir: Path | None = None) -> MigrationRun:
+            verify: bool = True, rundir: Path | None = None, compare_then_resume: bool = False,
+            on_event: Callable[[dict[str, Any]], None] | None = None) -> MigrationRun:
         """Boot a fresh VM pair, migrate along *path* (one of :data:`PATHS`), measure, verify, tear down.
 
         ``resume=False`` leaves the destination paused (``dataplane receive
         --paused`` / ``finish_target(resume=False)``); then the disks are
-        compared instead of the heartbeat. ``extra_args`` go to ``dataplane
-        migrate`` (ours only). A failed migration or verification is
+        compared instead of the heartbeat. ``compare_then_resume`` does both:
+        the destination is left paused by the migration, its disks are
+        compared with the frozen source's while both QEMUs still run, then it
+        is resumed with ``cont`` and the heartbeat and the journal are checked
+        (``resume`` is ignored; see :meth:`verify`). ``extra_args`` go to
+        ``dataplane migrate`` (ours only); ``on_event`` is called with each JSON
+        line ``dataplane migrate`` prints, as it prints it (ours only; from a
+        reader thread). A failed migration or verification is
         reported in the result (``ok`` False, ``error``), never raised; a
         failure to set up the run (VMs, relays) raises ScenarioError,
         VMError or TimeoutError.
         """
         if path not in PATHS:
             raise ValueError(f"unknown path {path!r}: one of {PATHS}")
+        if compare_then_resume:
+            resume = False  # the migration itself leaves the destination paused
         rundir = rundir or self.workdir / f"run{next(self._runs)}-{path}"
         try:
             src, dst = self.start_vms(rundir)
             result = MigrationRun(path, ok=False)
             try:
                 if path == "ours":
-                    self._run_ours(result, rundir, resume=resume, extra_args=extra_args, timeout=timeout)
+                    self._run_ours(result, rundir, resume=resume, extra_args=extra_args, timeout=timeout,
+                                   on_event=on_event)
                 else:
                     self._run_library(result, rundir, kubevirt=path == "kubevirt-like", resume=resume,
                                       timeout=timeout)
             except ScenarioError as exc:
                 result.error = str(exc)
+            if result.error is None and compare_then_resume:
+                done = self._completed_event(result.started_at)
+                if done is not None:  # total time up to the switchover, not the comparison hold
+                    result.total_time = done.timestamp - result.started_at
             if result.error is None and verify:
                 try:
-                    self.verify(result, resume=resume)
+                    if compare_then_resume:
+                        self.verify(result, resume=True, compare_first=True)
+                    else:
+                        self.verify(result, resume=resume)
                 except (ScenarioError, AssertionError, TimeoutError, OSError) as exc:
                     result.error = f"verification failed: {type(exc).__name__}: {exc}"
             result.ok = result.error is None
@@ -904,11 +1058,22 @@ class Scenario:
     def _start_window(self) -> tuple[float, dict[str, dict[str, int]]]:
         return time.time(), self.clusters.counters()
 
+    def _completed_event(self, t0: float) -> Any | None:
+        """The destination's migration ``completed`` event after *t0* (None if not recorded)."""
+        if self.dst_events is None:
+            return None
+        return self.dst_events.first("MIGRATION", after=t0 - 1,
+                                     where=lambda ev: ev.data.get("status") == "completed")
+
     def _end_window(self, result: MigrationRun, t0: float, before: dict[str, dict[str, int]],
                     resume: bool, timeout: float) -> None:
         """Fill total time, downtime and wire bytes once the migration is over."""
         assert self.src_events is not None and self.dst_events is not None and self.dst is not None
+        result.started_at = t0
         stop = self.src_events.first("STOP", after=t0 - 1)
+        done = self._completed_event(t0)
+        if stop is not None and done is not None:
+            result.switchover_ms = (done.timestamp - stop.timestamp) * 1000
         if resume:
             dst = self.dst
             resumed = self.dst_events.wait_for("RESUME", timeout, after=t0 - 1, alive=dst.is_running)
@@ -920,6 +1085,9 @@ class Scenario:
         after = self.clusters.counters()
         result.wire = {s: {k: after[s][k] - before[s][k] for k in after[s]} for s in after}
         result.wire_bytes = sum(w["tx_bytes"] for w in result.wire.values())
+        if self.clusters.loopback:  # no veth: the channel's own count (its streams, both ways, before TLS)
+            result.wire_source = "the channel's report (loopback mode: no veth to count)"
+            result.wire_bytes = int(result.report.get("wire_bytes") or 0)
 
     def _run_library(self, result: MigrationRun, rundir: Path, *, kubevirt: bool, resume: bool,
                      timeout: float) -> None:
@@ -985,7 +1153,7 @@ class Scenario:
         self._end_window(result, t0, before, resume, timeout)
 
     def _run_ours(self, result: MigrationRun, rundir: Path, *, resume: bool, extra_args: Sequence[str],
-                  timeout: float) -> None:
+                  timeout: float, on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
         assert self.src is not None and self.dst is not None
         link, certs = self.clusters.link, str(self.clusters.certs_dir)
         (port,) = self._free_ports("b", self.clusters.addr_b)
@@ -998,12 +1166,16 @@ class Scenario:
         recv = RoleProcess(link, "b", "dataplane-receive", recv_argv, rundir / "receive.log")
         self._procs.append(recv)
         recv.wait_stderr(r"receive listening on", 60)
+        self._say(f"`dataplane receive` listening on {listen} in {self._where('b')} (pid {recv.pid}"
+                  + (", --paused)" if not resume else ")"))
         mig_argv = [*dp, "migrate", "--qmp", str(self.src.qmp_path), "--to", listen, "--certs", certs,
                     "--output", "json", *extra_args]
         t0, before = self._start_window()
-        mig = RoleProcess(link, "a", "dataplane-migrate", mig_argv, rundir / "migrate.log")
+        mig = RoleProcess(link, "a", "dataplane-migrate", mig_argv, rundir / "migrate.log", on_json=on_event)
         self._procs.append(mig)
         result.info["argv"] = " ".join(mig_argv[len(dp):])
+        result.logs = {"migrate": str(mig.log), "receive": str(recv.log)}
+        self._say(f"`dataplane migrate` started in {self._where('a')} (pid {mig.pid}), dialing {listen}")
         rc = mig.wait(timeout)
         result.lines = list(mig.json_lines)
         reports = [x for x in mig.json_lines if x.get("event") == "report"]
@@ -1021,6 +1193,8 @@ class Scenario:
         result.info["receive_lines"] = list(recv.json_lines)
         if rrc != 0:
             raise ScenarioError(f"`dataplane receive` exit status {rrc}\n{recv.describe()}")
+        self._say(f"both roles exited 0: outcome {result.report.get('outcome')}, destination "
+                  f"{result.report.get('destination') or ('running' if resume else 'paused')}")
         self._end_window(result, t0, before, resume, timeout)
 
     def _free_ports(self, side: str, host: str, n: int = 1) -> list[int]:
@@ -1041,7 +1215,8 @@ class Scenario:
 
     # -- verification
 
-    def verify(self, result: MigrationRun, *, resume: bool = True, timeout: float = 60.0) -> None:
+    def verify(self, result: MigrationRun, *, resume: bool = True, timeout: float = 60.0,
+               compare_first: bool = False) -> None:
         """Check that the migration really happened; append what was checked to ``result.verified``.
 
         With ``resume``: the destination prints heartbeats with the source's
@@ -1051,6 +1226,13 @@ class Scenario:
         ``resume``: the destination stayed paused, both VMs are stopped and
         every destination disk is identical to the source's.
 
+        ``compare_first`` (with ``resume``, for a destination the migration
+        left paused): first check that the destination is paused, compare
+        every disk with the source's while both QEMUs are frozen (``qemu-img
+        compare -U``), then resume the destination (``cont``, waiting for its
+        ``RESUME`` event; ``result.held_s`` and ``result.downtime_ms``, source
+        ``STOP`` to that ``RESUME``, are filled in) and go on as with ``resume``.
+
         Raises ScenarioError or AssertionError (JournalError) on a failed check.
         """
         src, dst = self.src, self.dst
@@ -1059,6 +1241,21 @@ class Scenario:
         if status != "postmigrate":
             raise ScenarioError(f"the source is {status!r} after the migration, not 'postmigrate'")
         last = src.heartbeats()[-1]
+        if compare_first:
+            self._check_paused(dst)
+            self._say("the destination is paused, the source frozen (postmigrate): comparing every disk")
+            self._compare_disks(result, list(src.spec.disks), list(dst.spec.disks))
+            assert self.dst_events is not None
+            cont_at = time.time()
+            done = self._completed_event(result.started_at)
+            if done is not None:
+                result.held_s = cont_at - done.timestamp
+            self._say("resuming the destination (`cont` on its QMP socket)")
+            dst.qmp("cont")
+            resumed = self.dst_events.wait_for("RESUME", timeout, after=cont_at - 1, alive=dst.is_running)
+            stop = self.src_events.first("STOP", after=result.started_at - 1) if self.src_events else None
+            if stop is not None:
+                result.downtime_ms = (resumed.timestamp - stop.timestamp) * 1000
         if resume:
             try:
                 beats = dst.wait_heartbeat(3, timeout, newer_than=last.counter)
@@ -1070,13 +1267,12 @@ class Scenario:
                                     "the guest rebooted")
             result.verified.append(f"heartbeat continues on the destination (#{last.counter} -> "
                                    f"#{beats[-1].counter}, boot {last.boot_id})")
+            result.heartbeat = {"source_last": last.counter, "destination_first": beats[0].counter,
+                                "destination_last": beats[-1].counter, "boot_id": last.boot_id}
             if self.recipe.journal_rate:
                 dst.wait_acks(src.serial().max_ack + 2, timeout)
         else:
-            n = len(dst.heartbeats())
-            time.sleep(0.5)
-            if len(dst.heartbeats()) != n or dst.qmp("query-status")["running"]:
-                raise ScenarioError("the destination runs although it should stay paused")
+            self._check_paused(dst)
         acked = max(src.serial().max_ack, dst.serial().max_ack)
         src_disks, dst_disks = list(src.spec.disks), list(dst.spec.disks)
         self.stop_vms()
@@ -1086,11 +1282,26 @@ class Scenario:
             result.verified.append(f"journal verifies ({rep.records} records up to #{rep.last_seq}, "
                                    f"acknowledged #{acked})")
         if not resume:
-            for a, b in zip(src_disks, dst_disks, strict=True):
-                if not images_identical(a.path, b.path, a.fmt, b.fmt):
-                    raise ScenarioError(f"disk {b.node_name}: destination {b.path} differs from "
-                                        f"source {a.path}")
-            result.verified.append("destination disks identical to the source's")
+            self._compare_disks(result, src_disks, dst_disks)
+
+    @staticmethod
+    def _check_paused(dst: QemuVM) -> None:
+        n = len(dst.heartbeats())
+        time.sleep(0.5)
+        if len(dst.heartbeats()) != n or dst.qmp("query-status")["running"]:
+            raise ScenarioError("the destination runs although it should stay paused")
+
+    def _compare_disks(self, result: MigrationRun, src_disks: list[Disk], dst_disks: list[Disk]) -> None:
+        """Compare every destination disk with the source's (``qemu-img compare -U``); raise ScenarioError."""
+        t = time.monotonic()
+        for a, b in zip(src_disks, dst_disks, strict=True):
+            if not images_identical(a.path, b.path, a.fmt, b.fmt):
+                raise ScenarioError(f"disk {b.node_name}: destination {b.path} differs from "
+                                    f"source {a.path}")
+        result.verified.append("destination disks identical to the source's")
+        sizes = ", ".join(f"{b.node_name} {Path(b.path).stat().st_size / MiB:.0f} MiB" for b in dst_disks)
+        result.info["disks_compared"] = sizes
+        result.info["compare_s"] = time.monotonic() - t
 
     # -- lifecycle
 

@@ -80,6 +80,7 @@ __all__ = [
     "NetnsError",
     "close_all",
     "in_netns",
+    "listening_tcp_ports",
     "netns_unavailable_reason",
     "parse_rate",
     "popen",
@@ -568,6 +569,19 @@ class Link:
     def in_netns(self, side: str) -> contextlib.AbstractContextManager[None]:
         """:func:`in_netns` for *side*: the calling thread runs in that namespace for the body."""
         return in_netns(self.netns(side))
+
+
+def listening_tcp_ports(pid: int) -> set[int]:
+    """TCP ports in LISTEN state in *pid*'s network namespace (from /proc/PID/net/tcp{,6}); empty if gone."""
+    ports: set[int] = set()
+    for name in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/net/{name}") as fh:
+            next(fh, None)
+            for line in fh:
+                cols = line.split()
+                if len(cols) > 3 and cols[3] == "0A":
+                    ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+    return ports
 
 
 # --------------------------------------------------------------------------- fault proxy
