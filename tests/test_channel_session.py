@@ -934,14 +934,16 @@ def test_native_page_codec_compresses_and_elides_zero_pages():
 
 
 @native
-def test_native_auto_mode_backs_off_on_incompressible_data_and_idle_link():
+def test_native_auto_mode_sends_incompressible_data_raw_and_backs_off_on_idle_link():
     p = Pair()
     a, b = p.open("random"), p.open("zeros")
     p.write(p.client, a, payload(8 * MiB, 1), close=True)
     p.run()
     sa = p.client.stream_stats(a)
     assert sa.compression_ratio < 1.01 and sa.compressed_frames <= 2
-    assert sa.compression.startswith("auto:off(incompressible")
+    # the page encoder skips incompressible runs by itself (at several GB/s): the policy stays on, so
+    # compressible data that follows is compressed at once
+    assert sa.compression == "auto:on"
     for cid in p.client.connection_ids:
         p.client.set_send_backlog(cid, False)  # the link drains faster than we produce
     p.write(p.client, b, bytes(4 * MiB), close=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import random
 import re
 import signal
 import socket
@@ -392,7 +393,7 @@ async def test_bandwidth_cap_can_change_while_streaming(tmp_path):
     await client.start()
     push = Push()
     stream = client.open_stream("bulk", push)
-    chunk = bytes(256 * 1024)
+    chunk = random.Random(3).randbytes(256 * 1024)  # incompressible: the cap is on wire bytes
     stop = False
 
     async def pump() -> None:
