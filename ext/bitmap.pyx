@@ -504,9 +504,11 @@ cdef class Bitmap:
         return 0
 
     cdef int _byte_range(self, object offset, object length, uint64_t *lo, uint64_t *hi) except -1:
-        """Translate a byte range into the bit range [lo, hi) it touches."""
+        """Translate a byte range into the bit range [lo, hi) it touches (``length=None``: to the end)."""
         cdef uint64_t o, n
         offset = _index(offset, "offset")
+        if length is None:
+            length = self._size - offset if offset <= self._size else 0
         length = _index(length, "length")
         if offset > self._size or length > self._size - offset:
             raise ValueError(
@@ -588,9 +590,6 @@ cdef class Bitmap:
         """
         cdef uint64_t lo, hi
         cdef bint r
-        offset = _index(offset, "offset")
-        if length is None:
-            length = self._size - offset if offset <= self._size else 0
         self._byte_range(offset, length, &lo, &hi)
         with nogil:
             r = _any_bits(self._words, lo, hi)
@@ -604,9 +603,6 @@ cdef class Bitmap:
         """
         cdef uint64_t lo, hi
         cdef bint r
-        offset = _index(offset, "offset")
-        if length is None:
-            length = self._size - offset if offset <= self._size else 0
         self._byte_range(offset, length, &lo, &hi)
         with nogil:
             r = _all_bits(self._words, lo, hi)

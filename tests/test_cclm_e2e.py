@@ -8,7 +8,6 @@ untouched disks with nothing of the migration left on it.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -20,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from dataplane.testing.cclm import RoleProcess, ScenarioError, dataplane_argv
 from dataplane.testing.journal import verify_journal
 from dataplane.testing.netns import Link
 from dataplane.testing.vm import Disk, QemuVM, disk_sha256, fill_random, images_identical, make_disk
@@ -29,29 +29,21 @@ pytestmark = pytest.mark.e2e
 MiB = 1 << 20
 
 
-class Role:
-    """One `dataplane` role running in a namespace; stdout JSON lines collected as they come."""
+class Role(RoleProcess):
+    """One `dataplane` role running in a namespace (:class:`RoleProcess`), waitable on its JSON events."""
 
     def __init__(self, link: Link, side: str, argv: list[str], log: Path) -> None:
-        self.log = log
-        self.err = open(log, "wb")  # noqa: SIM115 - closed in wait()
-        self.proc = link.popen(side, [sys.executable, "-m", "dataplane", *argv], stdout=subprocess.PIPE,
-                               stderr=self.err)
-        self.events: list[dict[str, Any]] = []
         self.changed = threading.Condition()
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
+        super().__init__(link, side, f"dataplane-{argv[0]}", [*dataplane_argv(), *argv], log,
+                         on_json=self._notify)
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            try:
-                ev = json.loads(raw)
-            except ValueError:
-                continue
-            with self.changed:
-                self.events.append(ev)
-                self.changed.notify_all()
+    def _notify(self, _event: dict[str, Any]) -> None:
+        with self.changed:
+            self.changed.notify_all()
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        return self.json_lines
 
     def stderr(self) -> str:
         return self.log.read_text(errors="replace")
@@ -64,22 +56,18 @@ class Role:
                     if pred(ev):
                         return ev
                 left = deadline - time.monotonic()
-                if left <= 0 or self.proc.poll() is not None and not self.reader.is_alive():
+                if left <= 0 or self.popen.poll() is not None and not self._reader.is_alive():
                     raise AssertionError(f"no such event within {timeout} s; events {self.events[-5:]}\n"
                                          f"stderr:\n{self.stderr()[-3000:]}")
                 self.changed.wait(min(left, 0.2))
 
     def wait(self, timeout: float = 180.0) -> int:
         try:
-            rc = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+            return super().wait(timeout)
+        except ScenarioError:
+            self.stop(signal.SIGKILL)
             raise AssertionError(f"still running after {timeout} s; last events {self.events[-3:]}\n"
                                  f"{self.stderr()[-3000:]}") from None
-        self.reader.join(10)
-        self.err.close()
-        return rc
 
     def report(self) -> dict[str, Any]:
         reports = [e for e in self.events if e.get("event") == "report"]
@@ -114,7 +102,7 @@ class Clusters:
             if "receive listening on" in text:
                 port = int(text.split("receive listening on", 1)[1].split()[0].rsplit(":", 1)[1])
                 return role, port
-            assert role.proc.poll() is None, f"receive exited:\n{text}"
+            assert role.popen.poll() is None, f"receive exited:\n{text}"
             time.sleep(0.05)
         raise AssertionError(f"receive not listening:\n{role.stderr()}")
 
@@ -261,8 +249,8 @@ def test_wrong_client_certificate_is_refused_before_any_qemu_command(vm_factory,
     assert sorted(n["node-name"] for n in src.qmp("query-named-block-nodes")) == nodes
     assert src.qmp("query-status")["status"] == "running"
     assert "refused a TLS connection" in rcv.stderr()
-    assert rcv.proc.poll() is None, "the listener must survive a bad client"
-    rcv.proc.send_signal(signal.SIGTERM)
+    assert rcv.popen.poll() is None, "the listener must survive a bad client"
+    rcv.popen.send_signal(signal.SIGTERM)
     assert rcv.wait(30) == 1
     assert rcv.report()["outcome"] == "aborted"
     assert dst.qmp("query-status")["status"] == "inmigrate"
@@ -320,7 +308,7 @@ def test_ctrl_c_on_source_during_precopy(vm_factory, link_factory, tmp_path):
     rcv, port = cl.receive(dst)
     mig = cl.migrate(src, port)
     mig.wait_event(lambda e: e.get("phase") == "precopy" and e.get("ram_done", 0) > 2 * MiB)
-    mig.proc.send_signal(signal.SIGINT)
+    mig.popen.send_signal(signal.SIGINT)
     rep = _rolled_back(mig, rcv, src)
     assert "interrupt" in rep["error"], rep
     assert rcv.report()["outcome"] == "aborted"

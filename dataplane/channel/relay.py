@@ -166,8 +166,7 @@ class Bridge(asyncio.BufferedProtocol, StreamHandler):
         try:
             left = st.send_buffer_updated(nbytes)
         except ChannelError as exc:
-            self._pending = None
-            self.close_app(f"the stream takes no more data ({exc})", logging.INFO)
+            self._stream_gone(exc)
             return
         if left <= 0 and self.transport is not None:
             self.transport.pause_reading()  # resumed by on_writable
@@ -187,8 +186,7 @@ class Bridge(asyncio.BufferedProtocol, StreamHandler):
         try:
             n = st.send(data)
         except ChannelError as exc:
-            self._pending = None
-            self.close_app(f"the stream takes no more data ({exc})", logging.INFO)
+            self._stream_gone(exc)
             return
         if n < len(data):
             self._pending = memoryview(data)[n:]
@@ -196,6 +194,11 @@ class Bridge(asyncio.BufferedProtocol, StreamHandler):
                 self.transport.pause_reading()
         else:
             self._pending = None
+
+    def _stream_gone(self, exc: ChannelError) -> None:
+        """The stream refused more bytes (reset or closed): drop what is pending, close the application."""
+        self._pending = None
+        self.close_app(f"the stream takes no more data ({exc})", logging.INFO)
 
     def eof_received(self) -> bool:
         self._app_eof = True
