@@ -138,3 +138,33 @@ def test_control_messages_are_json_lines():
     line = encode("abort", reason="the source was interrupted")
     assert line.endswith(b"\n") and line.count(b"\n") == 1
     assert json.loads(line) == {"type": "abort", "reason": "the source was interrupted"}
+
+
+class _Stream:
+    """Stands in for a ChannelStream: the control stream only acknowledges what it consumed."""
+
+    def consumed(self, n: int) -> None:
+        pass
+
+
+@pytest.mark.parametrize("steps", range(6))
+async def test_control_watcher_cancelled_at_any_step_loses_no_message(steps):
+    # The source's watcher is cancelled the moment its migration completes; the
+    # destination's "done" may be in flight at that instant and must stay readable.
+    import asyncio
+    from types import SimpleNamespace
+
+    from dataplane.migration.cclm import ControlStream, _watch_peer
+
+    control = ControlStream()
+    client = SimpleNamespace(done=asyncio.get_running_loop().create_future())
+    watch = asyncio.ensure_future(_watch_peer(control, client, None))
+    await asyncio.sleep(0)
+    control.on_data(_Stream(), encode("done", status="running"))
+    for _ in range(steps):
+        await asyncio.sleep(0)
+    watch.cancel()
+    await asyncio.gather(watch, return_exceptions=True)
+    assert (await control.recv(1.0)) == {"type": "done", "status": "running"}
+    with pytest.raises(TimeoutError):
+        await control.recv(0.01)

@@ -27,6 +27,7 @@ import logging
 import shutil
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -79,13 +80,16 @@ class ControlStream(StreamHandler):
     """The control stream as an asyncio message queue (either side).
 
     Outgoing messages are buffered until the stream is open and while it
-    has no credit; incoming ones are decoded (bounded) and queued.
+    has no credit; incoming ones are decoded (bounded) and queued. A message
+    leaves the queue only in the same step as it is handed to a caller, so
+    cancelling a waiter never loses one.
     """
 
     def __init__(self) -> None:
         self.stream: ChannelStream | None = None
         self.decoder = ControlDecoder()
-        self.inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._inbox: deque[dict[str, Any]] = deque()
+        self._arrived = asyncio.Event()  # set while a message is queued or the stream is lost
         self.lost: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._out = bytearray()
         self._open = False
@@ -98,27 +102,45 @@ class ControlStream(StreamHandler):
         self._out += encode(msg_type, **members)
         self._flush()
 
+    async def wait(self, timeout: float | None = None) -> None:
+        """Wait until a message is queued or the stream is lost; cancelling it consumes nothing.
+
+        :raises TimeoutError: neither within ``timeout`` seconds.
+        """
+        try:
+            await asyncio.wait_for(self._arrived.wait(), timeout)
+        except TimeoutError:
+            raise TimeoutError(f"no control message within {timeout:g} s") from None
+
+    def poll(self) -> dict[str, Any] | None:
+        """The next queued message, or None when none is queued yet.
+
+        :raises ControlLost: none is queued and the stream ended.
+        """
+        if self._inbox:
+            msg = self._inbox.popleft()
+            if not self._inbox and not self.lost.done():
+                self._arrived.clear()
+            return msg
+        if self.lost.done():
+            raise ControlLost(f"control stream lost: {self.lost.result()}")
+        return None
+
+    def unread(self, msg: dict[str, Any]) -> None:
+        """Put ``msg`` back at the head of the queue (for the next :meth:`recv`)."""
+        self._inbox.appendleft(msg)
+        self._arrived.set()
+
     async def recv(self, timeout: float | None = None) -> dict[str, Any]:
         """The next message.
 
         :raises ControlLost: the stream ended before one arrived.
         :raises TimeoutError: none within ``timeout`` seconds.
         """
-        if not self.inbox.empty():
-            return self.inbox.get_nowait()
-        getter = asyncio.ensure_future(self.inbox.get())
-        try:
-            done, _ = await asyncio.wait([getter, self.lost], timeout=timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:
-            getter.cancel()
-            raise
-        if getter in done:
-            return getter.result()
-        getter.cancel()
-        if self.lost.done():
-            raise ControlLost(f"control stream lost: {self.lost.result()}")
-        raise TimeoutError(f"no control message within {timeout:g} s")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (msg := self.poll()) is None:
+            await self.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return msg
 
     async def drain(self, timeout: float = 3.0) -> None:
         """End the conversation: hand every queued message to the channel, half-close, and wait for
@@ -143,6 +165,7 @@ class ControlStream(StreamHandler):
     def _lose(self, reason: str) -> None:
         if not self.lost.done():
             self.lost.set_result(reason)
+        self._arrived.set()
 
     def _flush(self) -> None:
         if not self._open or self.stream is None or not self._out or self.lost.done():
@@ -180,8 +203,9 @@ class ControlStream(StreamHandler):
             self.reset(str(exc))
             return
         stream.consumed(n)
-        for msg in msgs:
-            self.inbox.put_nowait(msg)
+        if msgs:
+            self._inbox.extend(msgs)
+            self._arrived.set()
 
     def on_eof(self, stream: ChannelStream) -> None:
         self._lose("the peer closed the control stream")
@@ -443,7 +467,7 @@ async def _watch_peer(control: ControlStream, client: ChannelClient, interrupt: 
             if msg["type"] == "abort":
                 raise PeerAborted(f"the destination aborted: {msg.get('reason', 'no reason given')}")
             if msg["type"] == "done":
-                control.inbox.put_nowait(msg)  # for _completed
+                control.unread(msg)  # for _completed
                 await intr
                 raise Interrupted("interrupted")
             log.warning("control: ignoring an unexpected %r message", msg["type"])
@@ -453,18 +477,20 @@ async def _watch_peer(control: ControlStream, client: ChannelClient, interrupt: 
 
 async def _next_message(control: ControlStream, client: ChannelClient,
                         intr: asyncio.Future[Any]) -> dict[str, Any]:
-    recv = asyncio.ensure_future(control.recv())
-    try:
-        await asyncio.wait([recv, client.done, intr], return_when=asyncio.FIRST_COMPLETED)
-        if recv.done():
-            return recv.result()
+    while (msg := control.poll()) is None:
+        arrived = asyncio.ensure_future(control.wait())
+        try:
+            await asyncio.wait([arrived, client.done, intr], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            arrived.cancel()
+            await asyncio.gather(arrived, return_exceptions=True)
+        if arrived.done() and not arrived.cancelled():
+            continue  # a message (or the end of the stream) is there: poll() takes it
         if intr.done():
             raise Interrupted("interrupted by the operator")
         err = client.done.result()
         raise ControlLost(f"the channel session ended: {err.reason if err else 'closed'}")
-    finally:
-        recv.cancel()
-        await asyncio.gather(recv, return_exceptions=True)
+    return msg
 
 
 async def _completed(client: ChannelClient, control: ControlStream, report: MigrationReport,
