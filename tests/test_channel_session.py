@@ -937,13 +937,18 @@ def test_native_page_codec_compresses_and_elides_zero_pages():
 def test_native_auto_mode_sends_incompressible_data_raw_and_backs_off_on_idle_link():
     p = Pair()
     a, b = p.open("random"), p.open("zeros")
-    p.write(p.client, a, payload(8 * MiB, 1), close=True)
+    p.write(p.client, a, payload(8 * MiB, 1))
     p.run()
     sa = p.client.stream_stats(a)
-    assert sa.compression_ratio < 1.01 and sa.compressed_frames <= 2
-    # the page encoder skips incompressible runs by itself (at several GB/s): the policy stays on, so
-    # compressible data that follows is compressed at once
-    assert sa.compression == "auto:on"
+    assert sa.compression_ratio < 1.01 and sa.compressed_frames == 0
+    # frames that save nothing pause compression for a back-off that doubles (1, 2, 4 MiB ...)
+    assert sa.compression == "auto:off(incompressible)"
+    text = b"".join(b"line %d of a log that compresses well\n" % i for i in range(300_000))
+    p.write(p.client, a, text, close=True)  # after the back-off, text on the same stream compresses again
+    p.run()
+    sa = p.client.stream_stats(a)
+    assert sa.compression == "auto:on" and sa.compressed_frames >= 1
+    assert bytes(p.s.data[a]) == payload(8 * MiB, 1) + text
     for cid in p.client.connection_ids:
         p.client.set_send_backlog(cid, False)  # the link drains faster than we produce
     p.write(p.client, b, bytes(4 * MiB), close=True)

@@ -285,9 +285,15 @@ class StreamCompressor:
 
     __slots__ = ("codec", "policy", "_encoder", "_encoder_mode")
 
+    #: A frame the page codec shrinks by less than this fraction counts as incompressible.
+    PAGE_MIN_SAVING = 1 / 32
+
     def __init__(self, codec: Codec | None, mode: str = "auto") -> None:
         self.codec = codec
-        self.policy = CompressionPolicy(mode)
+        # A frame of the page codec that saved anything (a zero page, some text) keeps it compressing:
+        # only frames with (almost) nothing to gain back off.
+        saving = self.PAGE_MIN_SAVING if codec is not None and codec.self_adapting else 0.1
+        self.policy = CompressionPolicy(mode, min_saving=saving)
         self._encoder: Encoder | None = None
         self._encoder_mode = ""
 
@@ -321,8 +327,7 @@ class StreamCompressor:
             self._encoder_mode = mode
         z0 = enc.zero_pages
         body = enc.encode(data)
-        if not codec.self_adapting:
-            self.policy.record(n, len(body))
+        self.policy.record(n, len(body))
         if len(body) >= n:
             return data, CODEC_RAW, 0
         return body, codec.codec_id, enc.zero_pages - z0
