@@ -867,6 +867,43 @@ def lz4_version():
     return LZ4_versionString().decode()
 
 
+def probe_pages(buf, page_size=4096, stride=1):
+    """Return ``(probed, compressible)``: how many *page_size* pages of *buf*
+    were probed - every *stride*-th one, from the first; a short last page
+    counts - and how many of those the auto-mode probe finds worth
+    compressing (zero pages included). About 60 ns per probed page (two cache
+    lines of it), GIL released: a cheap look at a buffer before paying for LZ4.
+
+    Raises ValueError for a page size that is not a power of two in
+    512..64 KiB, or a stride below 1.
+    """
+    cdef Py_buffer view
+    cdef size_t ps = page_size, step, n, off, k, probed = 0, good = 0
+    cdef const uint8_t *p
+    if ps < 512 or ps > 65536 or (ps & (ps - 1)):
+        raise ValueError(f"page_size must be a power of two in 512..65536, got {page_size}")
+    if stride < 1:
+        raise ValueError(f"stride must be at least 1, got {stride}")
+    step = ps * <size_t>stride
+    acquire_read(buf, &view, "buf")
+    try:
+        p = <const uint8_t *>view.buf
+        n = <size_t>view.len
+        with nogil:
+            off = 0
+            while off < n:
+                k = ps if n - off > ps else n - off
+                probed += 1
+                if _probe(p + off, k):
+                    good += 1
+                if n - off <= step:
+                    break
+                off += step
+    finally:
+        PyBuffer_Release(&view)
+    return probed, good
+
+
 def _probe_stats(buf):
     """Testing hook: (distinct byte values, bytes sampled, looks compressible) for one page."""
     cdef Py_buffer view

@@ -240,6 +240,21 @@ def test_probe_hook():
     assert codec._probe_stats(b"ab")[2] is False  # too small to be worth it
 
 
+def test_probe_pages_counts_compressible_and_zero_pages():
+    mixed = os.urandom(3 * 4096) + text(4096) + bytes(4096) + os.urandom(100)
+    assert codec.probe_pages(mixed) == (6, 2)  # a text page and a zero page; the short random tail is not
+    assert codec.probe_pages(os.urandom(1 << 20)) == (256, 0)
+    assert codec.probe_pages(bytes(8192), page_size=1024) == (8, 8)
+    assert codec.probe_pages(b"") == (0, 0)
+    # every 2nd page from the first: pages 0 (random), 2 (random), 4 (zero)
+    assert codec.probe_pages(mixed, stride=2) == (3, 1)
+    assert codec.probe_pages(mixed, stride=100) == (1, 0)
+    with pytest.raises(ValueError):
+        codec.probe_pages(b"x", page_size=3000)
+    with pytest.raises(ValueError):
+        codec.probe_pages(b"x", stride=0)
+
+
 def test_auto_backs_off_and_reprobes():
     # base64 looks diverse enough to pass the probe but LZ4 cannot shrink it
     b64 = base64.b64encode(os.urandom(6 << 20))[:8 << 20]

@@ -60,6 +60,10 @@ class Codec(Protocol):
         """A fresh encoder; *mode* is ``"on"`` (always try) or ``"auto"`` (codec-internal probing)."""
         ...
 
+    def worth_trying(self, data: Buffer) -> bool:
+        """A quick look (far cheaper than encoding): False if *data* is surely not worth encoding."""
+        ...
+
     def decode(self, body: Buffer, size: int) -> bytes:
         """Decode *body*, which must yield exactly *size* bytes; raises CompressionError otherwise."""
         ...
@@ -116,6 +120,21 @@ class PageCodec:
         encoder: Encoder = self._native.PageEncoder(page_size=self.page_size, mode=mode)
         return encoder
 
+    #: A frame is worth encoding when at least this fraction of its probed pages look compressible (or zero).
+    MIN_COMPRESSIBLE = 1 / 32
+    #: Probe every this many pages (32 pages of a 1 MiB frame).
+    PROBE_STRIDE = 8
+
+    def worth_trying(self, data: Buffer) -> bool:
+        """Whether the page probe finds enough compressible or zero pages in *data* (~10 us per MiB).
+
+        A random or encrypted frame then skips LZ4 (which would cost ~20 times
+        more to find nothing), while a frame mixing random and text pages is
+        still encoded page by page.
+        """
+        probed, good = self._native.probe_pages(data, self.page_size, self.PROBE_STRIDE)
+        return good >= probed * self.MIN_COMPRESSIBLE
+
     def decode(self, body: Buffer, size: int) -> bytes:
         """Decode a page-codec body of exactly *size* bytes; raises CompressionError."""
         try:
@@ -151,6 +170,10 @@ class ZlibCodec:
     def new_encoder(self, mode: str) -> Encoder:
         """A zlib encoder (*mode* is ignored: zlib has no internal probing)."""
         return _ZlibEncoder(self.level)
+
+    def worth_trying(self, data: Buffer) -> bool:
+        """Always True: the policy's back-off learns what zlib achieves."""
+        return True
 
     def decode(self, body: Buffer, size: int) -> bytes:
         """Inflate *body* to exactly *size* bytes, never producing more; raises CompressionError."""
@@ -260,6 +283,11 @@ class CompressionPolicy:
         self._why = ""
         return True
 
+    def skipped(self) -> None:
+        """The codec's own quick look found the frame not worth compressing (sent raw; no back-off)."""
+        if self._mode == "auto":
+            self._why = "incompressible"
+
     def record(self, nbytes: int, encoded: int) -> None:
         """Feed back the outcome of compressing *nbytes* into *encoded* bytes."""
         if self._mode != "auto":
@@ -285,15 +313,9 @@ class StreamCompressor:
 
     __slots__ = ("codec", "policy", "_encoder", "_encoder_mode")
 
-    #: A frame the page codec shrinks by less than this fraction counts as incompressible.
-    PAGE_MIN_SAVING = 1 / 32
-
     def __init__(self, codec: Codec | None, mode: str = "auto") -> None:
         self.codec = codec
-        # A frame of the page codec that saved anything (a zero page, some text) keeps it compressing:
-        # only frames with (almost) nothing to gain back off.
-        saving = self.PAGE_MIN_SAVING if codec is not None and codec.self_adapting else 0.1
-        self.policy = CompressionPolicy(mode, min_saving=saving)
+        self.policy = CompressionPolicy(mode)
         self._encoder: Encoder | None = None
         self._encoder_mode = ""
 
@@ -326,8 +348,12 @@ class StreamCompressor:
             enc = self._encoder = codec.new_encoder(mode)
             self._encoder_mode = mode
         z0 = enc.zero_pages
+        if self.policy.mode == "auto" and not codec.worth_trying(data):
+            self.policy.skipped()
+            return data, CODEC_RAW, 0
         body = enc.encode(data)
-        self.policy.record(n, len(body))
+        if not codec.self_adapting:
+            self.policy.record(n, len(body))
         if len(body) >= n:
             return data, CODEC_RAW, 0
         return body, codec.codec_id, enc.zero_pages - z0
