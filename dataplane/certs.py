@@ -39,12 +39,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
 if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
     from dataplane.channel.tls import TLSConfig
 
 __all__ = [
@@ -176,6 +176,16 @@ class CertSet:
 
 
 # --------------------------------------------------------------------------- names
+
+
+def _load_crypto() -> None:
+    """Import ``cryptography`` on first use: only generating certificates needs it, and it takes
+    ~70 ms to import (which every ``migrate`` / ``receive`` with ``--certs`` would pay otherwise)."""
+    global x509, hashes, serialization, ec, ExtendedKeyUsageOID, NameOID
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 
 def _check_name(name: str) -> x509.GeneralName:
@@ -417,6 +427,7 @@ def init_certs(
     ``force`` is false (nothing is written then), CertsError if *directory*
     is not a directory or a file cannot be written.
     """
+    _load_crypto()
     if not isinstance(days, int) or days < 1:
         raise InvalidNameError(f"days must be a whole number >= 1, got {days!r}")
     if not two_cas and (not ca_name or not ca_name.isprintable()):

@@ -12,6 +12,8 @@ of the streaming channel.
 - Errors: see :mod:`qmp_driver.errors`.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from .driver import MIGRATION_DONE, Action, QemuDriver
 from .errors import (
     CommandError,
@@ -23,7 +25,6 @@ from .errors import (
     Unsupported,
 )
 from .events import Event, EventHub, Subscription, match
-from .libvirt_transport import LibvirtTransport
 from .socket_transport import SocketTransport
 from .transport import Transport
 from .types import (
@@ -37,6 +38,19 @@ from .types import (
     StatusInfo,
     VersionInfo,
 )
+
+if TYPE_CHECKING:
+    from .libvirt_transport import LibvirtTransport
+
+
+def __getattr__(name: str) -> Any:
+    # libvirt-python takes ~30 ms to import: only a libvirt connection pays for it
+    if name == "LibvirtTransport":
+        from .libvirt_transport import LibvirtTransport
+
+        return LibvirtTransport
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "QemuDriver", "Action", "MIGRATION_DONE",

@@ -18,7 +18,6 @@ from typing import Any
 
 from .errors import CommandError, ConnectionLost, DriverTimeout, Unsupported
 from .events import Event, Predicate, Subscription, match
-from .libvirt_transport import LibvirtTransport
 from .socket_transport import SocketTransport
 from .transport import Transport
 from .types import (
@@ -118,6 +117,8 @@ class QemuDriver:
         :raises ConnectFailed: libvirt unreachable or the domain is not running.
         :raises DriverTimeout: libvirt did not answer within ``timeout``.
         """
+        from .libvirt_transport import LibvirtTransport  # imports libvirt-python: only when asked for
+
         return await cls._start(await LibvirtTransport.connect(uri, domain, timeout=timeout))
 
     @classmethod

@@ -41,6 +41,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
 fi
 # Rebuild the native extensions whenever an ext/ source changed (cheap when not).
 "$VPY" setup.py -q build_ext --inplace >/dev/null
+# Byte-compile the sources like a regular (non-editable) install does: with PYTHONDONTWRITEBYTECODE
+# set, every `dataplane migrate` would otherwise recompile ~50 modules at start (~0.17 s).
+"$VPY" -m compileall -q dataplane qmp_driver >/dev/null
 
 # --- 3. test guest ----------------------------------------------------------------
 "$VPY" -m dataplane.testing.guest build
