@@ -19,6 +19,7 @@ from dataplane.migration import (
     abort_target,
     discover_plan,
     finish_target,
+    image_paths,
     migrate_source,
     prepare_target,
     validate_target,
@@ -98,6 +99,7 @@ async def test_migrate_two_disks_raw_and_qcow2(vm_factory, tmp_path):
             ("jrnl", 64 * MiB, "raw"), ("data", 32 * MiB, "qcow2")]
         assert plan.memory_size == 128 * MiB
         await prepare_target(d, MigrationPlan.from_json(plan.to_json()), nbd, mig)
+        assert await image_paths(d, plan) == [str(d0), str(d1)]  # what the early writeback works on
         report = await migrate_source(s, plan, lambda disk: nbd, mig, progress=samples.append)
         await finish_target(d)
         assert (await s.query_status()).status == "postmigrate"

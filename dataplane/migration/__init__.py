@@ -16,11 +16,11 @@ cross-cluster channel) is the caller's business. See ``docs/migration.md``.
 from .errors import MigrationError, PlanRefused, RolledBack
 from .plan import DiskPlan, MigrationOptions, MigrationPlan, discover_plan, validate_target
 from .source import PHASES, MigrationProgress, MigrationReport, migrate_source
-from .target import abort_target, finish_target, prepare_target
+from .target import abort_target, finish_target, image_paths, prepare_target
 
 __all__ = [
     "MigrationError", "PlanRefused", "RolledBack",
     "DiskPlan", "MigrationOptions", "MigrationPlan", "discover_plan", "validate_target",
     "PHASES", "MigrationProgress", "MigrationReport", "migrate_source",
-    "abort_target", "finish_target", "prepare_target",
+    "abort_target", "finish_target", "image_paths", "prepare_target",
 ]

@@ -38,6 +38,7 @@ from dataplane.channel.driver import ChannelClient, ChannelServer, ChannelStream
 from dataplane.channel.errors import ChannelError
 from dataplane.channel.frames import Buffer
 from dataplane.channel.relay import DestinationRelay, SourceRelay
+from dataplane.storage.writeback import EarlyWriteback
 from qmp_driver import DriverError, QemuDriver
 
 from .control import (
@@ -53,7 +54,7 @@ from .errors import MigrationError, PlanRefused, RolledBack
 from .plan import MigrationOptions, MigrationPlan, discover_plan
 from .policy import Decision
 from .source import MigrationProgress, MigrationReport, migrate_source
-from .target import abort_target, finish_target, prepare_target
+from .target import abort_target, finish_target, image_paths, prepare_target
 
 log = logging.getLogger(__name__)
 
@@ -652,6 +653,14 @@ async def run_target(server_factory: Callable[[Callable[[ChannelStream], None]],
             _emit(on_event, {"event": "phase", "phase": "switched-over", "status": status})
 
         total = plan.memory_size + sum(d.size for d in plan.disks)
+        # the mirror's READY flush then finds the images mostly written back already
+        try:
+            paths = await image_paths(dst, plan)
+        except DriverError as exc:
+            log.debug("no early writeback: %s", exc)
+            paths = []
+        writeback = EarlyWriteback(paths)
+        writeback.start()
         finish = asyncio.ensure_future(finish_target(dst, resume=not paused, timeout=None,
                                                      on_switchover=on_switchover))
         watch = asyncio.ensure_future(_watch_source(control))
@@ -698,6 +707,7 @@ async def run_target(server_factory: Callable[[Callable[[ChannelStream], None]],
                 if not t.done():
                     t.cancel()
             await asyncio.gather(finish, watch, return_exceptions=True)
+            await writeback.stop()
     except asyncio.CancelledError:
         if control is not None and not switched:
             control.send("abort", reason="the destination was interrupted")

@@ -80,6 +80,17 @@ async def prepare_target(dst: QemuDriver, plan: MigrationPlan, nbd_socket: str |
     return caps
 
 
+async def image_paths(dst: QemuDriver, plan: MigrationPlan) -> list[str]:
+    """The local image files behind the planned disks of ``dst`` (absolute paths; other
+    protocols, such as ``json:`` pseudo-filenames or network URLs, are left out).
+
+    :raises qmp_driver.DriverError: ``query-named-block-nodes`` failed.
+    """
+    wanted = {d.node_name for d in plan.disks}
+    return [n.filename for n in await dst.query_named_block_nodes()
+            if n.node_name in wanted and n.filename.startswith("/")]
+
+
 def target_capabilities(plan: MigrationPlan) -> dict[str, bool]:
     """The migration capabilities the destination needs for ``plan`` (the source sets the same ones)."""
     caps = {"late-block-activate": True, "events": True}
