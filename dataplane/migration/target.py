@@ -81,14 +81,13 @@ async def prepare_target(dst: QemuDriver, plan: MigrationPlan, nbd_socket: str |
 
 
 async def image_paths(dst: QemuDriver, plan: MigrationPlan) -> list[str]:
-    """The local image files behind the planned disks of ``dst`` (absolute paths; other
+    """The local image files behind the planned disks of ``dst``, in plan order (absolute paths; other
     protocols, such as ``json:`` pseudo-filenames or network URLs, are left out).
 
     :raises qmp_driver.DriverError: ``query-named-block-nodes`` failed.
     """
-    wanted = {d.node_name for d in plan.disks}
-    return [n.filename for n in await dst.query_named_block_nodes()
-            if n.node_name in wanted and n.filename.startswith("/")]
+    files = {n.node_name: n.filename for n in await dst.query_named_block_nodes()}
+    return [f for f in (files.get(d.node_name, "") for d in plan.disks) if f.startswith("/")]
 
 
 def target_capabilities(plan: MigrationPlan) -> dict[str, bool]:
