@@ -24,6 +24,7 @@ import ctypes
 import logging
 import os
 import stat
+import threading
 from collections.abc import Callable, Iterable
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ def start_writeback(fd: int) -> None:
 
 
 class EarlyWriteback:
-    """Keeps the kernel writing back *paths* while it runs (an asyncio task per instance).
+    """Keeps the kernel writing back *paths* while it runs (a daemon thread per instance).
 
     ``async with EarlyWriteback(paths):`` starts it and stops it on exit.
     Paths that are not regular files or block devices, or cannot be opened,
@@ -69,7 +70,8 @@ class EarlyWriteback:
         self.interval = interval
         self.paths: list[str] = []
         self._fds: list[int] = []
-        self._task: asyncio.Task[None] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
         if _sync_file_range is None:
             log.debug("early writeback: sync_file_range is not available here")
             return
@@ -89,26 +91,29 @@ class EarlyWriteback:
 
     def start(self) -> None:
         """Start the periodic writeback (no-op without files, or if started already)."""
-        if self._fds and self._task is None:
-            self._task = asyncio.ensure_future(self._run())
+        if self._fds and self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="early-writeback", daemon=True)
+            self._thread.start()
 
-    async def _run(self) -> None:
-        while self._fds:
-            for fd in list(self._fds):
+    def _run(self) -> None:
+        # A thread rather than the event loop: sync_file_range may block while the device queue is full.
+        fds = list(self._fds)
+        while fds:
+            for fd in list(fds):
                 try:
-                    await asyncio.to_thread(start_writeback, fd)
+                    start_writeback(fd)
                 except OSError as exc:  # e.g. a file system without support: stop asking for this one
                     log.debug("early writeback: dropping fd %d: %s", fd, exc.strerror or exc)
-                    self._fds.remove(fd)
-                    os.close(fd)
-            await asyncio.sleep(self.interval)
+                    fds.remove(fd)
+            if self._stop.wait(self.interval):
+                return
 
     async def stop(self) -> None:
-        """Stop and close the files. Never raises."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        """Stop (waiting for a call in progress), then close the files. Never raises."""
+        self._stop.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
         for fd in self._fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
