@@ -25,7 +25,7 @@ from dataplane.migration import (
     validate_target,
 )
 from dataplane.testing.journal import verify_journal
-from dataplane.testing.vm import Disk, disk_sha256, fill_random, images_identical, make_disk
+from dataplane.testing.vm import Disk, disk_sha256, fill_random, images_identical, make_disk, write_bytes
 from qmp_driver import BlockNode, QemuDriver
 
 MiB = 1 << 20
@@ -84,6 +84,8 @@ async def test_migrate_two_disks_raw_and_qcow2(vm_factory, tmp_path):
     d0, d1 = make_disk(tmp_path / "d0.raw", 64 * MiB), make_disk(tmp_path / "d1.qcow2", 32 * MiB, "qcow2")
     fill_random(s1, 8 * MiB, "qcow2", offset=4 * MiB, seed=7)
     fill_random(s1, 1 * MiB, "qcow2", offset=30 * MiB, seed=8)
+    write_bytes(s1, bytes(4 * MiB), "qcow2", offset=16 * MiB)  # written zeros: crossed as WRITE_ZEROES
+    fill_random(d1, 4 * MiB, "qcow2", offset=16 * MiB, seed=9)  # ... over garbage on the destination
     want_s1 = disk_sha256(s1, "qcow2")
     src = vm_factory(disks=[Disk(s0, "raw", node_name="jrnl"), Disk(s1, "qcow2", node_name="data")],
                      cmdline={"hb_ms": 100, "disk_rate": 20}, memory_mib=128, name="src")
@@ -100,7 +102,20 @@ async def test_migrate_two_disks_raw_and_qcow2(vm_factory, tmp_path):
         assert plan.memory_size == 128 * MiB
         await prepare_target(d, MigrationPlan.from_json(plan.to_json()), nbd, mig)
         assert await image_paths(d, plan) == [str(d0), str(d1)]  # what the early writeback works on
-        report = await migrate_source(s, plan, lambda disk: nbd, mig, progress=samples.append)
+        zeroes: set[str] = set()
+
+        async def watch_targets() -> None:  # the mirror targets (NBD client nodes) while they exist
+            while True:
+                zeroes.update(str(n.raw.get("detect_zeroes")) for n in await s.query_named_block_nodes()
+                              if n.driver == "nbd")
+                await asyncio.sleep(0.01)
+
+        watcher = asyncio.ensure_future(watch_targets())
+        try:
+            report = await migrate_source(s, plan, lambda disk: nbd, mig, progress=samples.append)
+        finally:
+            watcher.cancel()
+        assert zeroes == {"on"}, zeroes
         await finish_target(d)
         assert (await s.query_status()).status == "postmigrate"
         assert (await d.query_status()).status == "running"

@@ -277,9 +277,10 @@ class _SourceMigration:
             node = self.targets[job]
             self.added_nodes.append(node)  # before the command: a half-done add is still cleaned up
             try:
+                zeroes = "on" if self.opts.mirror_detect_zeroes else "off"
                 await self.src.blockdev_add({"driver": "nbd", "node-name": node,
                                              "server": _nbd_server(self.nbd_uri_for(disk)),
-                                             "export": disk.export_name})
+                                             "export": disk.export_name, "detect-zeroes": zeroes})
             except CommandError:
                 self.added_nodes.remove(node)
                 raise

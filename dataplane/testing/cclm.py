@@ -1057,6 +1057,7 @@ class Scenario:
                      timeout: float) -> None:
         from dataplane.migration import (
             MigrationError,
+            MigrationOptions,
             abort_target,
             discover_plan,
             finish_target,
@@ -1093,7 +1094,8 @@ class Scenario:
             async with await QemuDriver.connect_socket(str(src_vm.qmp_path)) as s, \
                     await QemuDriver.connect_socket(str(dst_vm.qmp_path)) as d:
                 t0, before = self._start_window()
-                plan = await discover_plan(s)
+                # libvirt's sequence: its NBD target node has no detect-zeroes
+                plan = await discover_plan(s, options=MigrationOptions(mirror_detect_zeroes=False))
                 await prepare_target(d, plan, nbd_dst, mig_dst)
                 try:
                     report = await migrate_source(s, plan, lambda disk: nbd_src, mig_src)
