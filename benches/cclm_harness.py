@@ -127,8 +127,7 @@ def describe(path: str, runs: Sequence[MigrationRun]) -> list[str]:
                      f"{statistics.median(r.downtime_ms or 0 for r in runs):.0f} ms, wire "
                      f"{statistics.median(r.wire_bytes for r in runs) / MiB:.1f} MiB")
     if runs and runs[0].info:
-        info = {k: v for k, v in runs[0].info.items() if k != "receive_lines"}
-        lines.append(f"{path}: {info}")
+        lines.append(f"{path}: {runs[0].info}")
     if runs and runs[0].verified:
         lines.append(f"{path} verified: {'; '.join(runs[0].verified)}")
     return lines

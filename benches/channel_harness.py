@@ -45,7 +45,6 @@ import queue
 import random
 import re
 import select
-import shutil
 import signal
 import socket
 import subprocess
@@ -59,6 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from dataplane.testing.commands import child_env, dataplane_argv, stunnel_binary
 from dataplane.testing.netns import listening_tcp_ports
 from dataplane.testing.textgen import make_text
 
@@ -296,13 +296,6 @@ class HarnessError(RuntimeError):
     """A process of the harness failed or timed out; the message has its stderr tail."""
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
 class Procs:
     """Starts processes (each in its own process group, stderr to a log file); kills them all at the end."""
 
@@ -317,7 +310,7 @@ class Procs:
         with log.open("wb") as err:
             popen = place.popen(argv, stdin=stdin if stdin is not None else subprocess.DEVNULL,
                                 stdout=stdout if stdout is not None else subprocess.DEVNULL, stderr=err,
-                                start_new_session=True, cwd=ROOT, env=_env())
+                                start_new_session=True, cwd=ROOT, env=child_env())
         proc = Proc(name, popen, log)
         self.procs.append(proc)
         return proc
@@ -481,20 +474,11 @@ class ProcSampler:
 # --------------------------------------------------------------------------- relay pairs
 
 
-def stunnel_binary() -> str | None:
-    return shutil.which("stunnel4") or shutil.which("stunnel")
-
-
-def dataplane_argv() -> list[str]:
-    exe = ROOT / ".venv" / "bin" / "dataplane"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "dataplane"]
-
-
 def tunnel_unavailable_reason() -> str | None:
     """Why ``dataplane tunnel`` cannot be benchmarked (the command does not exist yet), or None."""
     try:
         proc = subprocess.run([*dataplane_argv(), "tunnel", "--help"], capture_output=True, timeout=60,
-                              cwd=ROOT, env=_env())
+                              cwd=ROOT, env=child_env())
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"`dataplane tunnel --help` failed: {exc}"
     if proc.returncode != 0:

@@ -48,6 +48,7 @@ from benches.cclm_harness import (
     describe,
     unavailable_reason,
 )
+from benches.terminal import say
 
 ROUNDS = 2
 
@@ -101,14 +102,6 @@ def text_runs(clusters: Any) -> dict[str, list[Any]]:
 @pytest.fixture(scope="module")
 def random_runs(clusters: Any) -> dict[str, list[Any]]:
     return _compare(clusters, RANDOM_RECIPE, ("kubevirt-like", "ours"), "random")
-
-
-def say(capsys: pytest.CaptureFixture[str], *lines: str) -> None:
-    """Print straight to the terminal (pytest -q would swallow it)."""
-    with capsys.disabled():
-        print()
-        for line in lines:
-            print(f"  {line}")
 
 
 def _all_lines(runs: dict[str, list[Any]]) -> list[str]:

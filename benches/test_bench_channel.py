@@ -48,6 +48,7 @@ from benches.channel_harness import (
     transfer,
     tunnel_unavailable_reason,
 )
+from benches.terminal import say
 
 LOOPBACK_SIZE = 2 * GiB
 LOOPBACK_ROUNDS = 4
@@ -114,14 +115,6 @@ def link() -> Iterator[Any]:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def say(capsys: pytest.CaptureFixture[str], *lines: str) -> None:
-    """Print straight to the terminal (pytest -q would swallow it)."""
-    with capsys.disabled():
-        print()
-        for line in lines:
-            print(f"  {line}")
 
 
 def checked(t: Transfer) -> Transfer:

@@ -44,6 +44,9 @@ __all__ = [
     "build_parser",
     "main",
     "positive_int",
+    "non_negative_int",
+    "check_connections",
+    "stop_event",
     "register_certs",
     "register_migration",
     "register_tunnel",
@@ -80,15 +83,34 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see '{self.prog} --help')", self.prog)
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
+def _int_at_least(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _int_at_least(text, 0)
+
+
+#: Most TCP connections one channel session stripes over (``--connections``).
+MAX_CONNECTIONS = 16
+
+
+def check_connections(n: int) -> None:
+    """:raises UsageError: *n* connections are more than one session takes."""
+    if n > MAX_CONNECTIONS:
+        raise UsageError(f"argument --connections: at most {MAX_CONNECTIONS} per session, got {n}")
 
 
 def add_command(
@@ -524,14 +546,24 @@ def _run_loop(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
         return runner.run(main())
 
 
-def _stop_event() -> asyncio.Event:
+def stop_event(what: str | None = None) -> asyncio.Event:
+    """An asyncio.Event set by SIGINT / SIGTERM; with *what*, each signal is logged with what happens next."""
     import asyncio
     import signal
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+
+    def handler(signame: str) -> None:
+        if what is not None:
+            if stop.is_set():
+                log.warning("%s received again: already stopping", signame)
+                return
+            log.warning("%s received: %s", signame, what)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, handler, sig.name)
     return stop
 
 
@@ -553,7 +585,7 @@ def _cmd_tunnel_listen(args: argparse.Namespace) -> int:
         server = ChannelServer(host, port, tls, plaintext=tls is None, limits=Limits(grace=args.grace),
                                config=SessionConfig(compression=args.compress), bandwidth=args.bandwidth,
                                on_stream=relay.on_stream)
-        stop = _stop_event()
+        stop = stop_event()
         try:
             await server.start()
         except OSError as exc:
@@ -582,8 +614,7 @@ def _cmd_tunnel_connect(args: argparse.Namespace) -> int:
     exposes = _tunnel_mappings(args.exposes, "--expose")
     tls = _tunnel_tls(args, "client")
     _check_stats_path(args.stats_json)
-    if args.connections > 16:
-        raise UsageError(f"argument --connections: at most 16 per session, got {args.connections}")
+    check_connections(args.connections)
 
     async def run() -> int:
         import asyncio
@@ -600,7 +631,7 @@ def _cmd_tunnel_connect(args: argparse.Namespace) -> int:
                                connections=args.connections, limits=Limits(grace=args.grace),
                                config=SessionConfig(compression=args.compress), bandwidth=args.bandwidth)
         relay = SourceRelay(client, exposes)
-        stop = _stop_event()
+        stop = stop_event()
         stats = _StatsWriter(args.stats_json, client.stats)
         try:
             await relay.start()

@@ -18,7 +18,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from dataplane import cli
-from dataplane.cli import CommandError, Commands, UsageError, add_command, positive_int
+from dataplane.cli import (
+    CommandError,
+    Commands,
+    UsageError,
+    add_command,
+    check_connections,
+    non_negative_int,
+    positive_int,
+    stop_event,
+)
 
 if TYPE_CHECKING:
     from qmp_driver import QemuDriver
@@ -44,16 +53,6 @@ def _output_options(parser: argparse.ArgumentParser) -> None:
                              "stdout (progress, decision and phase events, then the report)")
     parser.add_argument("--workdir", metavar="DIR", type=Path,
                         help="where the local unix sockets of the relays are made (default: /tmp)")
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def register(commands: Commands) -> None:
@@ -98,7 +97,7 @@ def register(commands: Commands) -> None:
                           "writable disk)")
     mig.add_argument("--downtime-ms", metavar="MS", type=positive_int, default=300,
                      help="the downtime QEMU may take at the switchover (default: 300)")
-    mig.add_argument("--multifd", metavar="N", type=_non_negative_int, default=0,
+    mig.add_argument("--multifd", metavar="N", type=non_negative_int, default=0,
                      help="RAM over N parallel multifd streams (default: 0, one stream)")
     mig.add_argument("--postcopy", choices=["never", "auto"], default="auto",
                      help="auto: switch a stalled precopy to postcopy (not with --multifd) (default: auto)")
@@ -186,7 +185,8 @@ async def _connect_qemu(what: str, connect: Callable[[], Any]) -> QemuDriver:
 # --------------------------------------------------------------------------- output
 
 
-def _fmt_bytes(n: float) -> str:
+def format_bytes(n: float) -> str:
+    """``n`` bytes for people: ``"512 B"``, ``"1.5 MiB"`` ... up to TiB."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -240,7 +240,7 @@ class _Printer:
         fill = int(width * min(pct, 100.0) / 100)
         extra = f" throttle {e['cpu_throttle']}%" if e.get("cpu_throttle") else ""
         text = (f"{phase:<12} [{'#' * fill}{'.' * (width - fill)}] {pct:5.1f}% {what} "
-                f"{_fmt_bytes(done)}/{_fmt_bytes(total)} {_fmt_bytes(rate)}/s ETA {eta}{extra} "
+                f"{format_bytes(done)}/{format_bytes(total)} {format_bytes(rate)}/s ETA {eta}{extra} "
                 f"({e['elapsed']:.0f} s)")
         if self.tty:
             self.out.write("\r\033[K" + text)
@@ -268,8 +268,8 @@ def _source_summary(r: dict[str, Any]) -> list[str]:
     down = f"{r['downtime_ms']} ms" if r.get("downtime_ms") is not None else "-"
     out.append(f"total time {r['total_time']:.1f} s, downtime {down} (QEMU's figure)"
                + (", postcopy" if r.get("postcopy") else ""))
-    out.append(f"RAM  {_fmt_bytes(r['ram_raw'])} raw, {_fmt_bytes(r['ram_wire'])} on the wire")
-    out.append(f"disk {_fmt_bytes(r['disk_raw'])} raw, {_fmt_bytes(r['disk_wire'])} on the wire")
+    out.append(f"RAM  {format_bytes(r['ram_raw'])} raw, {format_bytes(r['ram_wire'])} on the wire")
+    out.append(f"disk {format_bytes(r['disk_raw'])} raw, {format_bytes(r['disk_wire'])} on the wire")
     out.append(f"compression ratio {r['compression_ratio']:.2f}, {r['zero_pages']} zero pages elided, "
                f"{r['reconnects']} reconnects")
     if r.get("error"):
@@ -283,8 +283,7 @@ def _source_summary(r: dict[str, Any]) -> list[str]:
 def _options(args: argparse.Namespace) -> Any:
     from dataplane.migration import MigrationOptions
 
-    if args.connections > 16:
-        raise UsageError(f"argument --connections: at most 16 per session, got {args.connections}")
+    check_connections(args.connections)
     if args.multifd > 255:
         raise UsageError(f"argument --multifd: at most 255 channels, got {args.multifd}")
     if not 0 < args.stall_shrink < 1:
@@ -325,7 +324,7 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
             raise CommandError(str(getattr(exc, "reason", None) or exc)) from exc
         cli._ready(f"migrate connected to {target} ({client.ready_connections} connections)")
         writer = asyncio.create_task(stats.run())
-        stop = _interrupt_event("rolling back unless the switchover already happened")
+        stop = stop_event("rolling back unless the switchover already happened")
         try:
             src = await _connect_qemu(what, connect)
             try:
@@ -335,7 +334,7 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
                 except RolledBack as exc:
                     from dataplane.migration.cclm import CclmReport, ChannelFigures
 
-                    figures = ChannelFigures.from_stats((client.stats().get("sessions") or [None])[0])
+                    figures = ChannelFigures.from_stats(client.stats())
                     d = CclmReport(exc.report, figures).as_dict()
                     printer.report(d, _source_summary(d))
                     return EXIT_FAILURE
@@ -359,28 +358,6 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     return cli._run_loop(run)
 
 
-def _interrupt_event(what: str) -> Any:
-    """An asyncio.Event set by SIGINT / SIGTERM (logged with ``what`` happens next)."""
-    import asyncio
-    import logging
-    import signal
-
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    log = logging.getLogger("dataplane")
-
-    def handler(signame: str) -> None:
-        if stop.is_set():
-            log.warning("%s received again: already stopping", signame)
-            return
-        log.warning("%s received: %s", signame, what)
-        stop.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, handler, sig.name)
-    return stop
-
-
 def _cmd_receive(args: argparse.Namespace) -> int:
     what, connect = _qemu_target(args)
     tls = cli._tunnel_tls(args, "server")
@@ -397,7 +374,7 @@ def _cmd_receive(args: argparse.Namespace) -> int:
 
         host, port = args.listen
         dst = await _connect_qemu(what, connect)
-        stop = _interrupt_event("aborting unless the destination already took over")
+        stop = stop_event("aborting unless the destination already took over")
         server_box: list[ChannelServer] = []
 
         def make_server(on_stream: Callable[[Any], None]) -> ChannelServer:

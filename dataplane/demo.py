@@ -47,17 +47,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from dataplane.cli_migration import format_bytes
+
 MiB = 1 << 20
 
 __all__ = ["Progress", "main", "run"]
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 def _fmt_rate(bps: int | None) -> str:
@@ -113,18 +107,16 @@ class Progress:
         self.every = every
         self.phase: str | None = None
         self.last = 0.0
-        self.events = 0
 
     def __call__(self, event: dict[str, Any]) -> None:
-        self.events += 1
         kind = event.get("event")
         if kind == "phase":
             what = event.get("phase")
             extra = ""
             if what == "plan":
-                disks = ", ".join(f"{d.get('node_name')} {_fmt_bytes(int(d.get('size') or 0))}"
+                disks = ", ".join(f"{d.get('node_name')} {format_bytes(int(d.get('size') or 0))}"
                                   for d in event.get("disks") or [])
-                extra = f": RAM {_fmt_bytes(int(event.get('memory_size') or 0))}, disks {disks}"
+                extra = f": RAM {format_bytes(int(event.get('memory_size') or 0))}, disks {disks}"
             self.out.step(f"migrate: {what}{extra}")
         elif kind == "decision":
             self.out.step(f"migrate: policy decision: {event.get('action')}: {event.get('reason')}")
@@ -155,11 +147,11 @@ class Progress:
         fill = int(24 * min(pct, 100.0) / 100)
         extra = ""
         if what == "RAM" and e.get("dirty_rate"):
-            extra += f", guest dirties {_fmt_bytes(float(e['dirty_rate']))}/s"
+            extra += f", guest dirties {format_bytes(float(e['dirty_rate']))}/s"
         if e.get("cpu_throttle"):
             extra += f", vCPU throttle {e['cpu_throttle']}%"
         self.out.bar(f"{phase:<12} [{'#' * fill}{'.' * (24 - fill)}] {pct:5.1f}% {what} "
-                     f"{_fmt_bytes(done)} / {_fmt_bytes(total)} at {_fmt_bytes(rate)}/s{extra} "
+                     f"{format_bytes(done)} / {format_bytes(total)} at {format_bytes(rate)}/s{extra} "
                      f"({float(e.get('elapsed') or 0):.0f} s)")
 
 
@@ -225,16 +217,16 @@ def _figures(run: Any, row: Callable[[str, str], None]) -> None:
                 f"STOP -> RESUME incl. that: {(run.downtime_ms or 0) / 1000:.1f} s)")
     for label, key in (("RAM", "ram"), ("disks", "disk"), ("channel total", "")):
         raw, wire = (int(r.get(f"{key}_{x}" if key else f"{x}_bytes") or 0) for x in ("raw", "wire"))
-        row(label, f"{_fmt_bytes(raw)} raw, {_fmt_bytes(wire)} on the wire"
+        row(label, f"{format_bytes(raw)} raw, {format_bytes(wire)} on the wire"
             + ("" if key else " (the channel's streams, before TLS)"))
     if run.wire:
-        parts = ", ".join(f"{side} tx {_fmt_bytes(w['tx_bytes'])}" for side, w in sorted(run.wire.items()))
-        row("veth bytes", f"{_fmt_bytes(run.wire_bytes)} ({parts}; TLS, TCP/IP headers and all)")
+        parts = ", ".join(f"{side} tx {format_bytes(w['tx_bytes'])}" for side, w in sorted(run.wire.items()))
+        row("veth bytes", f"{format_bytes(run.wire_bytes)} ({parts}; TLS, TCP/IP headers and all)")
     else:
-        row("wire bytes", f"{_fmt_bytes(run.wire_bytes)} ({run.wire_source})")
+        row("wire bytes", f"{format_bytes(run.wire_bytes)} ({run.wire_source})")
     row("compression ratio", f"{float(r.get('compression_ratio') or 1.0):.2f} (raw / wire)")
     zp = int(r.get("zero_pages") or 0)
-    row("zero pages elided", f"{zp} ({_fmt_bytes(zp * 4096)}) by the channel's codec "
+    row("zero pages elided", f"{zp} ({format_bytes(zp * 4096)}) by the channel's codec "
                              "(QEMU already sends zero RAM pages as flags)")
     if r.get("reconnects"):
         row("reconnects", str(r["reconnects"]))

@@ -874,14 +874,13 @@ def probe_pages(buf, page_size=4096, stride=1):
     compressing (zero pages included). About 60 ns per probed page (two cache
     lines of it), GIL released: a cheap look at a buffer before paying for LZ4.
 
-    Raises ValueError for a page size that is not a power of two in
-    512..64 KiB, or a stride below 1.
+    Raises ValueError for a page size the codec does not support (as the
+    encoder does), or a stride below 1.
     """
     cdef Py_buffer view
-    cdef size_t ps = page_size, step, n, off, k, probed = 0, good = 0
+    cdef size_t ps = (<size_t>1) << _page_shift(page_size)
+    cdef size_t step, n, off, k, probed = 0, good = 0
     cdef const uint8_t *p
-    if ps < 512 or ps > 65536 or (ps & (ps - 1)):
-        raise ValueError(f"page_size must be a power of two in 512..65536, got {page_size}")
     if stride < 1:
         raise ValueError(f"stride must be at least 1, got {stride}")
     step = ps * <size_t>stride

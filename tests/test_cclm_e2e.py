@@ -41,10 +41,6 @@ class Role(RoleProcess):
         with self.changed:
             self.changed.notify_all()
 
-    @property
-    def events(self) -> list[dict[str, Any]]:
-        return self.json_lines
-
     def stderr(self) -> str:
         return self.log.read_text(errors="replace")
 
@@ -52,12 +48,12 @@ class Role(RoleProcess):
         deadline = time.monotonic() + timeout
         with self.changed:
             while True:
-                for ev in self.events:
+                for ev in self.json_lines:
                     if pred(ev):
                         return ev
                 left = deadline - time.monotonic()
                 if left <= 0 or self.popen.poll() is not None and not self._reader.is_alive():
-                    raise AssertionError(f"no such event within {timeout} s; events {self.events[-5:]}\n"
+                    raise AssertionError(f"no such event within {timeout} s; events {self.json_lines[-5:]}\n"
                                          f"stderr:\n{self.stderr()[-3000:]}")
                 self.changed.wait(min(left, 0.2))
 
@@ -66,11 +62,11 @@ class Role(RoleProcess):
             return super().wait(timeout)
         except ScenarioError:
             self.stop(signal.SIGKILL)
-            raise AssertionError(f"still running after {timeout} s; last events {self.events[-3:]}\n"
+            raise AssertionError(f"still running after {timeout} s; last events {self.json_lines[-3:]}\n"
                                  f"{self.stderr()[-3000:]}") from None
 
     def report(self) -> dict[str, Any]:
-        reports = [e for e in self.events if e.get("event") == "report"]
+        reports = [e for e in self.json_lines if e.get("event") == "report"]
         assert reports, f"no report; stderr:\n{self.stderr()[-3000:]}"
         return reports[-1]
 
@@ -96,15 +92,9 @@ class Clusters:
         argv = ["receive", *qemu, "--listen", f"{self.link.addr_b}:0",
                 "--certs", str(self.pki), "--output", "json", "--workdir", str(self.workdirs["b"]), *extra]
         role = Role(self.link, "b", argv, self.tmp / "receive.log")
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            text = role.stderr()
-            if "receive listening on" in text:
-                port = int(text.split("receive listening on", 1)[1].split()[0].rsplit(":", 1)[1])
-                return role, port
-            assert role.popen.poll() is None, f"receive exited:\n{text}"
-            time.sleep(0.05)
-        raise AssertionError(f"receive not listening:\n{role.stderr()}")
+        line = role.wait_stderr(r"receive listening on \S+:\d+", 30)
+        port = int(line.split("receive listening on", 1)[1].split()[0].rsplit(":", 1)[1])
+        return role, port
 
     def migrate(self, src: QemuVM, port: int, *extra: str, certs: list[str] | None = None) -> Role:
         return self.migrate_argv(["--qmp", str(src.qmp_path)], port, *extra, certs=certs)

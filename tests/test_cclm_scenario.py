@@ -16,6 +16,7 @@ from dataplane.testing.cclm import (
     text_bytes,
     write_disk,
 )
+from dataplane.testing.net_fixtures import require_netns
 from dataplane.testing.vm import VMStartError
 
 MiB = 1 << 20
@@ -59,11 +60,7 @@ def test_qemu_runs_inside_the_namespace(vm_factory, link) -> None:
 
 @pytest.fixture
 def small_scenario(guest, tmp_path):
-    from dataplane.testing.netns import netns_unavailable_reason
-
-    reason = netns_unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
+    require_netns()
     with Clusters("1gbit", workdir=tmp_path / "clusters", subnet="10.200.1.0/30") as clusters, \
             Scenario(clusters, SMALL, kernel=guest.kernel, initrd=guest.initrd) as sc:
         yield sc

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from dataplane import demo
+from dataplane.testing.net_fixtures import require_netns
 
 SMALL = ["--memory", "128", "--dirty-mib", "32", "--dirty-rate", "4",
          "--disk-size", "64", "--disk-data", "16"]
@@ -62,11 +63,7 @@ def _check(rc: int, out: str) -> None:
 
 @pytest.mark.e2e
 def test_demo_migrates_between_namespaces(guest) -> None:
-    from dataplane.testing.netns import netns_unavailable_reason
-
-    reason = netns_unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
+    require_netns()
     rc, out = _run_demo("--rate", "1gbit")
     _check(rc, out)
     assert re.search(r"cluster-a = network namespace dp-a-\S+ \(10\.200\.0\.1\), cluster-b = dp-b-\S+ "

@@ -6,6 +6,8 @@ import asyncio
 import os
 import time
 
+import pytest
+
 from dataplane.storage.writeback import EarlyWriteback, start_writeback
 
 MiB = 1 << 20
@@ -59,12 +61,9 @@ async def test_what_is_not_a_local_file_is_left_out(tmp_path):
 def test_start_writeback_on_a_pipe_is_an_error():
     r, w = os.pipe()
     try:
-        try:
+        with pytest.raises(OSError) as info:
             start_writeback(r)
-        except OSError as exc:
-            assert exc.errno is not None
-        else:
-            raise AssertionError("sync_file_range accepted a pipe")
+        assert info.value.errno is not None
     finally:
         os.close(r)
         os.close(w)

@@ -53,7 +53,8 @@ class Codec(Protocol):
 
     codec_id: int
     name: str
-    #: The encoder skips incompressible data by itself, cheaply (then the policy does not back off).
+    #: Frames are screened by worth_trying and the encoder stores what does not compress raw by itself (then
+    #: the policy does not back off).
     self_adapting: bool
 
     def new_encoder(self, mode: str) -> Encoder:
@@ -104,8 +105,8 @@ class PageCodec:
 
     codec_id = CODEC_PAGE
     name = "page"
-    # PageEncoder("auto") samples each run and stores incompressible pages raw at ~6 GB/s, so a
-    # stream that alternates between text and random data keeps compressing its text.
+    # Frames are screened by worth_trying (the page probe), and the encoder stores incompressible runs
+    # raw by itself: the policy needs no back-off for this codec.
     self_adapting = True
 
     def __init__(self, page_size: int = 4096) -> None:
@@ -284,9 +285,8 @@ class CompressionPolicy:
         return True
 
     def skipped(self) -> None:
-        """The codec's own quick look found the frame not worth compressing (sent raw; no back-off)."""
-        if self._mode == "auto":
-            self._why = "incompressible"
+        """In ``auto``: the codec's quick look found the frame not worth compressing (goes raw)."""
+        self._why = "incompressible"
 
     def record(self, nbytes: int, encoded: int) -> None:
         """Feed back the outcome of compressing *nbytes* into *encoded* bytes."""
@@ -339,18 +339,18 @@ class StreamCompressor:
         n = len(data)
         if codec is None or not self.policy.decide(n, backlogged):
             return data, CODEC_RAW, 0
-        # The policy decided to compress: the encoder tries every run. (Its own "auto" sampling saves
-        # little time - LZ4 gives up on random data at ~5 GB/s anyway - but on memory where random and
-        # text pages interleave it skips compressible pages: 0.69 against 0.60 of the size.)
-        mode = "on" if self.codec.self_adapting else ("on" if self.policy.mode == "on" else "auto")
+        if self.policy.mode == "auto" and not codec.worth_trying(data):
+            self.policy.skipped()
+            return data, CODEC_RAW, 0
+        # The page codec's encoder tries every run once the frame passed its probe. (Its own "auto"
+        # sampling would skip compressible pages where random and text pages interleave: 0.69 against
+        # 0.60 of the size.)
+        mode = "on" if codec.self_adapting or self.policy.mode == "on" else "auto"
         enc = self._encoder
         if enc is None or self._encoder_mode != mode:
             enc = self._encoder = codec.new_encoder(mode)
             self._encoder_mode = mode
         z0 = enc.zero_pages
-        if self.policy.mode == "auto" and not codec.worth_trying(data):
-            self.policy.skipped()
-            return data, CODEC_RAW, 0
         body = enc.encode(data)
         if not codec.self_adapting:
             self.policy.record(n, len(body))

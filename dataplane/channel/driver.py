@@ -35,6 +35,7 @@ import logging
 import os
 import socket
 import ssl
+import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -110,10 +111,9 @@ COMPRESSOR_RATE = 300e6
 RATE_WINDOW = 0.2
 #: ``struct tcp_info`` (linux/tcp.h): the prefix we read and the offsets of the fields we use.
 _TCP_INFO_LEN = 152
-_TCPI_UNACKED = 24
-_TCPI_SND_CWND = 80
-_TCPI_BYTES_ACKED = 120
-_TCPI_NOTSENT = 144
+# struct tcp_info (<linux/tcp.h>): tcpi_unacked at 24, tcpi_snd_cwnd at 80, tcpi_bytes_acked at 120,
+# tcpi_notsent_bytes at 144
+_TCPI_FIELDS = struct.Struct("<24xI52xI36xQ16xI")
 #: Bytes pulled from the core per ``buffers_to_send`` call.
 PULL_BATCH = 1 << 20
 #: Smallest pull while paced (a frame is cut anyway, the bucket absorbs the difference).
@@ -129,15 +129,6 @@ KEEP_CLOSED_STREAMS = 64
 
 class ConnectError(ChannelError):
     """:meth:`ChannelClient.start` could not establish the session; the message says why."""
-
-
-def _getsockopt(fd: int, level: int, option: int, length: int) -> bytes:
-    """``getsockopt`` on a raw descriptor (the transport owns the socket object). Raises OSError."""
-    sock = socket.socket(fileno=fd)
-    try:
-        return sock.getsockopt(level, option, length)
-    finally:
-        sock.detach()
 
 
 def tune_socket(sock: Any, liveness_timeout: float = LIVENESS_TIMEOUT) -> None:
@@ -361,7 +352,7 @@ class _ChannelConnection(asyncio.BufferedProtocol):
         self.closing = False
         self.failed = False  # closed because of an error: stop reading, abort soon
         self.lost: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
-        self._fd = -1  # the TCP socket, for the kernel's send-queue depth
+        self._sock: Any = None  # the transport's TCP socket, for the kernel's send-queue depth (TCP_INFO)
         self._rate: float | None = None  # bytes/s the peer acknowledged over the last RATE_WINDOW
         self._rate_at: float | None = None
         self._rate_acked = 0
@@ -377,8 +368,7 @@ class _ChannelConnection(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             tune_socket(sock, self.liveness_timeout)
-            with contextlib.suppress(OSError, ValueError, AttributeError):
-                self._fd = sock.fileno()
+            self._sock = sock
         transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
         if self.tls is not None:
             try:
@@ -476,19 +466,17 @@ class _ChannelConnection(asyncio.BufferedProtocol):
         the kernel, a full congestion window in flight, or a delivery rate the compressor can keep up
         with (``TCP_INFO``)."""
         queued = tr.get_write_buffer_size()
-        if queued > 0 or self._fd < 0:
+        if queued > 0 or self._sock is None:
             return queued > 0
         try:
-            info = _getsockopt(self._fd, socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
-        except OSError:
-            self._fd = -1  # not a TCP socket (or closed): the transport's queue alone decides
+            info = self._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+        except (OSError, ValueError):
+            self._sock = None  # not a TCP socket (or closed): the transport's queue alone decides
             return False
         if len(info) < _TCP_INFO_LEN:
-            self._fd = -1
+            self._sock = None
             return False
-        unacked, cwnd = (int.from_bytes(info[o:o + 4], "little") for o in (_TCPI_UNACKED, _TCPI_SND_CWND))
-        notsent = int.from_bytes(info[_TCPI_NOTSENT:_TCPI_NOTSENT + 4], "little")
-        acked = int.from_bytes(info[_TCPI_BYTES_ACKED:_TCPI_BYTES_ACKED + 8], "little")
+        unacked, cwnd, acked, notsent = _TCPI_FIELDS.unpack_from(info)
         now = time.monotonic()
         if self._rate_at is None:
             self._rate_at, self._rate_acked = now, acked

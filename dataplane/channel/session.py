@@ -1018,6 +1018,20 @@ class Session:
         st.recv_settled = True
         self._free(st, None)
 
+    def _open_for_sending(self, stream_id: int) -> _Stream:
+        """The stream, if bytes may still be queued on it; raises like :meth:`send`."""
+        st = self._get(stream_id)
+        if st.reset_sent:
+            raise StreamResetError(f"stream {stream_id} was reset")
+        if st.fin_local is not None:
+            raise StreamClosedError(f"stream {stream_id} is closed for sending")
+        return st
+
+    def _mark_blocked(self, st: _Stream) -> None:
+        """*st* has no credit left: it gets :class:`StreamWritable` when it has again."""
+        st.blocked = True
+        self._blocked.add(st.sid)
+
     def send(self, stream_id: int, data: Buffer) -> int:
         """Queue bytes on a stream; return how many were accepted (0..len(data)).
 
@@ -1026,17 +1040,12 @@ class Session:
         :class:`StreamWritable`. Raises StreamResetError, StreamClosedError
         (after ``close_stream``), StreamError (unknown stream), SessionClosedError.
         """
-        st = self._get(stream_id)
-        if st.reset_sent:
-            raise StreamResetError(f"stream {stream_id} was reset")
-        if st.fin_local is not None:
-            raise StreamClosedError(f"stream {stream_id} is closed for sending")
+        st = self._open_for_sending(stream_id)
         data = _as_bytes_view(data)
         total = len(data)
         n = min(self._capacity(st), total)
         if n < total:
-            st.blocked = True
-            self._blocked.add(stream_id)
+            self._mark_blocked(st)
         if n <= 0:
             return 0
         st.sbuf.append(data if n == total else memoryview(data)[:n])
@@ -1053,15 +1062,10 @@ class Session:
         stream then gets :class:`StreamWritable` like after a short ``send``).
         Raises like :meth:`send`.
         """
-        st = self._get(stream_id)
-        if st.reset_sent:
-            raise StreamResetError(f"stream {stream_id} was reset")
-        if st.fin_local is not None:
-            raise StreamClosedError(f"stream {stream_id} is closed for sending")
+        st = self._open_for_sending(stream_id)
         cap = self._capacity(st)
         if cap <= 0:
-            st.blocked = True
-            self._blocked.add(stream_id)
+            self._mark_blocked(st)
             return memoryview(b"")
         return st.sbuf.get_buffer(cap if sizehint <= 0 else min(cap, sizehint))
 
@@ -1072,18 +1076,13 @@ class Session:
         blocked until :class:`StreamWritable`). Raises ValueError if
         *nbytes* exceeds that view, and like :meth:`send`.
         """
-        st = self._get(stream_id)
-        if st.reset_sent:
-            raise StreamResetError(f"stream {stream_id} was reset")
-        if st.fin_local is not None:
-            raise StreamClosedError(f"stream {stream_id} is closed for sending")
+        st = self._open_for_sending(stream_id)
         st.sbuf.commit(nbytes)
         if nbytes > 0:
             self._written(st, nbytes)
         cap = self._capacity(st)
         if cap <= 0:
-            st.blocked = True
-            self._blocked.add(stream_id)
+            self._mark_blocked(st)
         return cap
 
     def _written(self, st: _Stream, n: int) -> None:

@@ -54,7 +54,7 @@ from .errors import MigrationError, PlanRefused, RolledBack
 from .plan import MigrationOptions, MigrationPlan, discover_plan
 from .policy import Decision
 from .source import MigrationProgress, MigrationReport, migrate_source
-from .target import abort_target, finish_target, image_paths, prepare_target
+from .target import abort_target, finish_target, image_paths, postcopy_enabled, prepare_target
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,6 @@ class ControlStream(StreamHandler):
         self._arrived = asyncio.Event()  # set while a message is queued or the stream is lost
         self.lost: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._out = bytearray()
-        self._open = False
         self._closed = False
 
     # -- application side
@@ -150,7 +149,7 @@ class ControlStream(StreamHandler):
         deadline = time.monotonic() + timeout
         while self._out and not self.lost.done() and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        if self.stream is not None and self._open and not self._closed:
+        if self.stream is not None and not self._closed:
             self._closed = True
             with contextlib.suppress(ChannelError):  # already reset: nothing to close
                 self.stream.close()
@@ -169,7 +168,7 @@ class ControlStream(StreamHandler):
         self._arrived.set()
 
     def _flush(self) -> None:
-        if not self._open or self.stream is None or not self._out or self.lost.done():
+        if self.stream is None or not self._out or self.lost.done():
             return
         try:
             n = self.stream.send(bytes(self._out))
@@ -182,14 +181,12 @@ class ControlStream(StreamHandler):
 
     def on_accepted(self, stream: ChannelStream) -> None:
         self.stream = stream
-        self._open = True
         self._flush()
 
     def attach(self, stream: ChannelStream) -> None:
         """Accept a control stream the peer opened."""
         self.stream = stream
         stream.accept(self)
-        self._open = True
         self._flush()
 
     def on_refused(self, stream: ChannelStream, code: int, reason: str) -> None:
@@ -250,8 +247,11 @@ class ChannelFigures:
         return self.raw / self.wire if self.wire else 1.0
 
     @classmethod
-    def from_stats(cls, session: dict[str, Any] | None) -> ChannelFigures:
-        """Sum the per-stream counters of a session's statistics (see docs/channel.md)."""
+    def from_stats(cls, stats: dict[str, Any]) -> ChannelFigures:
+        """Sum the per-stream counters of the (one) session in a channel endpoint's ``stats()``
+        (see docs/channel.md); zeros when it has none."""
+        sessions = stats.get("sessions") or []
+        session = sessions[0] if sessions else None
         if not session:
             return cls()
         sums = {"ram_raw": 0, "ram_wire": 0, "disk_raw": 0, "disk_wire": 0, "zero_pages": 0}
@@ -306,11 +306,6 @@ def progress_event(p: MigrationProgress) -> dict[str, Any]:
     d["event"] = "progress"
     d["elapsed"] = round(p.elapsed, 3)
     return d
-
-
-def _session_stats(stats: dict[str, Any]) -> dict[str, Any] | None:
-    sessions = stats.get("sessions") or []
-    return sessions[0] if sessions else None
 
 
 def _emit(on_event: EventCallback | None, event: dict[str, Any]) -> None:
@@ -378,7 +373,7 @@ async def run_source(client: ChannelClient, src: QemuDriver, *, disks: Iterable[
             raise PlanRefused(f"the destination aborted: {answer.get('reason', 'no reason given')}")
         if answer["type"] != "ready":
             raise PlanRefused(f"unexpected answer to the plan: {answer['type']!r}")
-        if options.postcopy == "auto" and not options.multifd_channels and not answer.get("postcopy"):
+        if postcopy_enabled(options) and not answer.get("postcopy"):
             why = "postcopy disabled: the destination QEMU cannot enable postcopy-ram"
             log.warning("%s", why)
             _emit(on_event, {"event": "decision", "action": "note", "reason": why, "elapsed": 0.0})
@@ -510,7 +505,7 @@ async def _completed(client: ChannelClient, control: ControlStream, report: Migr
         elif msg["type"] == "abort":
             log.error("the destination reports a failure after the switchover: %s", msg.get("reason"))
             break
-    figures = ChannelFigures.from_stats(_session_stats(client.stats()))
+    figures = ChannelFigures.from_stats(client.stats())
     return CclmReport(report, figures, destination)
 
 
@@ -603,8 +598,7 @@ async def run_target(server_factory: Callable[[Callable[[ChannelStream], None]],
     control: ControlStream | None = None
 
     def report(outcome: str, status: str | None, error: str | None = None) -> TargetReport:
-        stats = server.stats().get("sessions") or []
-        figures = ChannelFigures.from_stats(stats[0] if stats else None)
+        figures = ChannelFigures.from_stats(server.stats())
         rep = TargetReport(outcome, status, time.monotonic() - t0, error, postcopy, figures)
         log.info("receive %s%s", outcome, f": {error}" if error else "")
         return rep

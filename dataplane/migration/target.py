@@ -19,7 +19,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from qmp_driver import CommandError, DriverError, QemuDriver
+from qmp_driver import MIGRATION_DONE, CommandError, DriverError, QemuDriver
 
 from .errors import MigrationError, PlanRefused
 from .plan import MigrationOptions, MigrationPlan, memory_size, validate_target
@@ -120,27 +120,30 @@ async def finish_target(dst: QemuDriver, resume: bool = True, timeout: float | N
         within ``timeout`` seconds (None: no limit).
     :raises qmp_driver.DriverError: a QMP command failed.
     """
-    try:
-        status = await dst.wait_migration({"completed", "failed", "cancelled", "postcopy-active"},
-                                          timeout=timeout)
-    except DriverError as exc:
-        raise MigrationError(f"incoming migration did not complete: {exc}") from exc
-    if status in ("failed", "cancelled"):
-        info = await dst.query_migrate()
-        raise MigrationError(f"incoming migration {status}: {info.error_desc or 'no reason given'}")
+    status = await _await_migration(dst, MIGRATION_DONE | {"postcopy-active"}, timeout,
+                                    "incoming migration did not complete", "incoming migration {status}")
     if on_switchover is not None:
         on_switchover(status)
     await dst.nbd_server_stop()
     if resume:
         await dst.cont()
     if status == "postcopy-active":
-        try:
-            status = await dst.wait_migration({"completed", "failed", "cancelled"}, timeout=timeout)
-        except DriverError as exc:
-            raise MigrationError(f"postcopy did not complete: {exc}") from exc
-        if status != "completed":
-            info = await dst.query_migrate()
-            raise MigrationError(f"postcopy {status} on the destination: {info.error_desc or 'no reason'}")
+        await _await_migration(dst, MIGRATION_DONE, timeout, "postcopy did not complete",
+                               "postcopy {status} on the destination")
+
+
+async def _await_migration(dst: QemuDriver, stops: frozenset[str], timeout: float | None, late: str,
+                           failed: str) -> str:
+    """The migration status among *stops* that ``dst`` reached; raises MigrationError (*late*: no
+    status within *timeout*; *failed*, formatted with the status: it failed or was cancelled)."""
+    try:
+        status = await dst.wait_migration(stops, timeout=timeout)
+    except DriverError as exc:
+        raise MigrationError(f"{late}: {exc}") from exc
+    if status in ("failed", "cancelled"):
+        info = await dst.query_migrate()
+        raise MigrationError(f"{failed.format(status=status)}: {info.error_desc or 'no reason given'}")
+    return status
 
 
 async def abort_target(dst: QemuDriver) -> None:

@@ -90,20 +90,20 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, TypeVar
+from typing import IO, Any
 
+from dataplane.testing.commands import ROOT, child_env, cli_has, dataplane_argv, stunnel_binary
 from dataplane.testing.journal import JournalReport, verify_journal
 from dataplane.testing.netns import Link, listening_tcp_ports
 from dataplane.testing.textgen import make_text
-from dataplane.testing.vm import Disk, QemuVM, VMSpec, images_identical, make_disk
+from dataplane.testing.vm import Disk, QemuVM, VMSpec, images_identical, make_disk, run_async
 
 __all__ = [
     "PATHS",
@@ -118,25 +118,19 @@ __all__ = [
     "ScenarioError",
     "StunnelRelay",
     "cli_has",
-    "scenario",
     "dataplane_argv",
     "stunnel_binary",
     "text_bytes",
     "write_disk",
 ]
 
-KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
-ROOT = Path(__file__).resolve().parents[2]
 PATHS = ("direct", "kubevirt-like", "ours")
 SERVER_NAME = "dataplane-server"
 CLIENT_NAME = "dataplane-client"
 JOURNAL_NODE = "jrnl"
 DATA_NODE = "data"
-
-T = TypeVar("T")
-
 
 class ScenarioError(RuntimeError):
     """A step of the scenario failed: a process died or timed out, a migration did not complete,
@@ -144,56 +138,6 @@ class ScenarioError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def dataplane_argv() -> list[str]:
-    """The command that runs the ``dataplane`` CLI (the venv's entry point, else ``python -m dataplane``)."""
-    exe = ROOT / ".venv" / "bin" / "dataplane"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "dataplane"]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-@functools.cache
-def cli_has(*words: str) -> bool:
-    """True if ``dataplane <words...> --help`` succeeds (e.g. ``cli_has("migrate")``). Never raises."""
-    try:
-        proc = subprocess.run([*dataplane_argv(), *words, "--help"], capture_output=True, timeout=60,
-                              cwd=ROOT, env=_env(), check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return proc.returncode == 0
-
-
-def stunnel_binary() -> str | None:
-    """The stunnel executable (``stunnel4`` on Debian), or None if not installed."""
-    return shutil.which("stunnel4") or shutil.which("stunnel")
-
-
-def _run_coro(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """Run a coroutine on a private event loop in a helper thread (works inside a running loop too).
-
-    Raises whatever the coroutine raised.
-    """
-    box: dict[str, Any] = {}
-
-    def runner() -> None:
-        try:
-            box["value"] = asyncio.run(factory())
-        except BaseException as exc:  # noqa: BLE001 - handed back to the caller
-            box["error"] = exc
-
-    t = threading.Thread(target=runner, name="cclm-qmp", daemon=True)
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]  # type: ignore[no-any-return]
 
 
 def _tail(path: Path, lines: int = 20) -> str:
@@ -461,10 +405,6 @@ class Clusters:
         self.certs: Any = None  # dataplane.certs.CertSet once started
 
     @property
-    def addr_a(self) -> str:
-        return self.link.addr_a
-
-    @property
     def addr_b(self) -> str:
         return self.link.addr_b
 
@@ -480,8 +420,8 @@ class Clusters:
                 argv = [*dataplane_argv(), "certs", "init", str(self.certs_dir), "--two-cas",
                         "--server-name", SERVER_NAME, "--server-name", self.addr_b,
                         "--client-name", CLIENT_NAME]
-                proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=ROOT, env=_env(),
-                                      check=False)
+                proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=ROOT,
+                                      env=child_env(), check=False)
                 if proc.returncode != 0:
                     raise ScenarioError(f"`{' '.join(argv)}` failed ({proc.returncode}): "
                                         f"{proc.stderr.strip()}")
@@ -606,8 +546,8 @@ class EventRecorder:
 class RoleProcess:
     """A process started in one namespace: stderr to a log file, stdout read line by line.
 
-    Lines of stdout that are JSON objects are collected in :attr:`json_lines`,
-    every line in :attr:`lines`; ``on_json``, if given, is called with each of
+    Lines of stdout that are JSON objects are collected in :attr:`json_lines`;
+    ``on_json``, if given, is called with each of
     them as it arrives (from the reader thread; its exceptions are ignored).
     The process runs in its own process group with a parent-death signal
     (:meth:`Link.popen`); :meth:`stop` ends it.
@@ -619,13 +559,11 @@ class RoleProcess:
         self.on_json = on_json
         self.argv = list(argv)
         self.log = log
-        self.lines: list[str] = []
         self.json_lines: list[dict[str, Any]] = []
         with open(log, "wb") as err:
             self.popen: subprocess.Popen[bytes] = link.popen(
                 side, self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
-                start_new_session=True, cwd=ROOT, env=_env())
-        self.started = time.time()
+                start_new_session=True, cwd=ROOT, env=child_env())
         self._reader = threading.Thread(target=self._read, args=(self.popen.stdout,), daemon=True,
                                         name=f"stdout-{name}")
         self._reader.start()
@@ -635,7 +573,6 @@ class RoleProcess:
             return
         for raw in out:
             line = raw.decode(errors="replace").rstrip("\n")
-            self.lines.append(line)
             with contextlib.suppress(ValueError):
                 obj = json.loads(line)
                 if isinstance(obj, dict):
@@ -794,7 +731,7 @@ class MigrationRun:
     timestamps; None for a paused destination); ``wire_bytes``: tx bytes of
     both veth ends during the migration; ``report``: the final report (ours:
     its ``report`` JSON line; the library paths: the MigrationReport as a
-    dict); ``lines``: the JSON lines ours printed; ``info``: anything else
+    dict); ``info``: anything else
     worth printing (stunnel cipher, options).
 
     ``started_at``: wall-clock start of the migration; ``switchover_ms``:
@@ -804,8 +741,7 @@ class MigrationRun:
     before ``cont``; ``wire_source``: where ``wire_bytes`` comes from (the
     veth counters, or in loopback mode the channel's report); ``heartbeat``:
     the source's last and the destination's first and last heartbeat
-    counters and the boot id, once verified; ``logs``: the roles' log files
-    (ours).
+    counters and the boot id, once verified.
     """
 
     path: str
@@ -816,7 +752,6 @@ class MigrationRun:
     wire_bytes: int = 0
     wire: dict[str, dict[str, int]] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
-    lines: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
     verified: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
@@ -825,7 +760,6 @@ class MigrationRun:
     held_s: float | None = None
     wire_source: str = "veth"
     heartbeat: dict[str, Any] = field(default_factory=dict)
-    logs: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
         """One line with the figures."""
@@ -1106,7 +1040,7 @@ class Scenario:
                 return dataclasses.asdict(report), t0, before
 
         try:
-            report, t0, before = _run_coro(migrate)
+            report, t0, before = run_async(migrate, None)
         except (MigrationError, DriverError) as exc:
             rep = getattr(exc, "report", None)
             result.report = dataclasses.asdict(rep) if rep is not None else {}
@@ -1140,10 +1074,8 @@ class Scenario:
         mig = RoleProcess(link, "a", "dataplane-migrate", mig_argv, rundir / "migrate.log", on_json=on_event)
         self._procs.append(mig)
         result.info["argv"] = " ".join(mig_argv[len(dp):])
-        result.logs = {"migrate": str(mig.log), "receive": str(recv.log)}
         self._say(f"`dataplane migrate` started in {self._where('a')} (pid {mig.pid}), dialing {listen}")
         rc = mig.wait(timeout)
-        result.lines = list(mig.json_lines)
         reports = [x for x in mig.json_lines if x.get("event") == "report"]
         result.report = reports[-1] if reports else {}
         if rc != 0 or result.report.get("outcome") != "completed":
@@ -1156,7 +1088,6 @@ class Scenario:
         except ScenarioError:
             recv.stop(signal.SIGINT)
             raise
-        result.info["receive_lines"] = list(recv.json_lines)
         if rrc != 0:
             raise ScenarioError(f"`dataplane receive` exit status {rrc}\n{recv.describe()}")
         self._say(f"both roles exited 0: outcome {result.report.get('outcome')}, destination "
@@ -1283,14 +1214,3 @@ class Scenario:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
-
-
-@contextlib.contextmanager
-def scenario(rate: int | float | str | None = "1gbit", recipe: GuestRecipe | None = None,
-             workdir: str | os.PathLike[str] | None = None) -> Iterator[Scenario]:
-    """``with scenario("1gbit", GuestRecipe()) as sc: sc.run("ours")``: clusters and a scenario.
-
-    Everything is cleaned up on exit. Raises what :meth:`Clusters.start` raises.
-    """
-    with Clusters(rate, workdir=workdir) as clusters, Scenario(clusters, recipe or GuestRecipe()) as sc:
-        yield sc

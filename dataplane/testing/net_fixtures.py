@@ -35,7 +35,8 @@ __all__ = ["LinkFactory", "link", "link_factory", "netns_leak_guard"]
 LinkFactory = Callable[..., Link]
 
 
-def _require_netns() -> None:
+def require_netns() -> None:
+    """Skip the calling test when this machine cannot make network namespaces (an error in CI)."""
     reason = netns_unavailable_reason()
     if reason is not None:
         pytest.skip(f"network namespaces unavailable: {reason}")
@@ -48,7 +49,7 @@ def link_factory() -> Iterator[LinkFactory]:
     Raises NetnsError (the failing command and its stderr) if a link cannot
     be built although namespaces are available.
     """
-    _require_netns()
+    require_netns()
     links: list[Link] = []
 
     def factory(rate: int | float | str | None = None, **kwargs: Any) -> Link:

@@ -286,11 +286,12 @@ class _Spawner:
 _SPAWNER = _Spawner()
 
 
-def _run_async(factory: Callable[[], Coroutine[Any, Any, T]], timeout: float) -> T:
+def run_async(factory: Callable[[], Coroutine[Any, Any, T]], timeout: float | None) -> T:
     """Run a coroutine to completion on a private event loop in a helper thread.
 
     Works whether or not the caller is itself inside a running event loop.
-    Raises whatever the coroutine raised, or TimeoutError.
+    Raises whatever the coroutine raised, or TimeoutError (after *timeout*
+    seconds; None: no limit).
     """
     box: dict[str, Any] = {}
 
@@ -302,7 +303,7 @@ def _run_async(factory: Callable[[], Coroutine[Any, Any, T]], timeout: float) ->
 
     t = threading.Thread(target=runner, name="qemu-qmp", daemon=True)
     t.start()
-    t.join(timeout + 5)
+    t.join(None if timeout is None else timeout + 5)
     if t.is_alive():
         raise TimeoutError(f"QMP operation did not finish within {timeout} s")
     if "error" in box:
@@ -490,7 +491,7 @@ class QemuVM:
             time.sleep(0.01)
         while True:
             try:
-                _run_async(
+                run_async(
                     lambda: _qmp(self.ctl_qmp_path, "query-status"), max(1.0, deadline - time.monotonic())
                 )
                 return
@@ -543,7 +544,7 @@ class QemuVM:
             return None
         if self.proc.poll() is None:
             with contextlib.suppress(Exception):
-                _run_async(lambda: _qmp(self.ctl_qmp_path, "quit"), timeout)
+                run_async(lambda: _qmp(self.ctl_qmp_path, "quit"), timeout)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=timeout)
         self.kill()
@@ -570,7 +571,7 @@ class QemuVM:
         the QMP driver for real work. Raises qemu.qmp's ExecuteError/ConnectError
         or TimeoutError.
         """
-        return _run_async(lambda: _qmp(self.ctl_qmp_path, command, args), timeout)
+        return run_async(lambda: _qmp(self.ctl_qmp_path, command, args), timeout)
 
     def __enter__(self) -> QemuVM:
         if self.proc is None:
