@@ -1,8 +1,9 @@
 """Build script for the native kernels.
 
 Every ``ext/<name>.pyx`` is compiled into the extension module
-``dataplane.native.<name>``. The kernels link against the system's liblz4
-(``liblz4-dev``) through its C API.
+``dataplane.native.<name>``. Two kernels link a system library through its C
+API: ``codec`` the system liblz4 (``liblz4-dev``), ``checksum`` the system
+libxxhash (``libxxhash-dev``).
 
 Compiler baseline: ``-O3 -march=x86-64-v2`` on x86-64 (SSE4.2/POPCNT, every
 x86 server CPU since 2009). Wider kernels (AVX2) are chosen at run time by
@@ -34,15 +35,19 @@ def fail(msg: str) -> None:
     raise SystemExit(1)
 
 
-def lz4_flags() -> tuple[list[str], list[str], list[str]]:
-    """Return (include_dirs, library_dirs, libraries) for the system liblz4."""
+#: Extension -> (pkg-config name, Debian package) of the system library it links.
+SYSTEM_LIBS = {"codec": ("liblz4", "liblz4-dev"), "checksum": ("libxxhash", "libxxhash-dev")}
+
+
+def pkg_flags(pkg: str, apt: str) -> tuple[list[str], list[str], list[str]]:
+    """Return (include_dirs, library_dirs, libraries) for the system library *pkg*."""
     if shutil.which("pkg-config") is None:
-        fail("pkg-config is not installed (apt-get install pkg-config liblz4-dev)")
+        fail(f"pkg-config is not installed (apt-get install pkg-config {apt})")
     try:
-        cflags = subprocess.check_output(["pkg-config", "--cflags", "liblz4"], text=True).split()
-        libs = subprocess.check_output(["pkg-config", "--libs", "liblz4"], text=True).split()
+        cflags = subprocess.check_output(["pkg-config", "--cflags", pkg], text=True).split()
+        libs = subprocess.check_output(["pkg-config", "--libs", pkg], text=True).split()
     except subprocess.CalledProcessError:
-        fail("the system liblz4 was not found by pkg-config (apt-get install liblz4-dev)")
+        fail(f"the system {pkg} was not found by pkg-config (apt-get install {apt})")
     inc = [f[2:] for f in cflags if f.startswith("-I")]
     libdirs = [f[2:] for f in libs if f.startswith("-L")]
     names = [f[2:] for f in libs if f.startswith("-l")]
@@ -82,21 +87,20 @@ def extensions() -> list[Extension]:
         from Cython.Build import cythonize
     except ImportError:
         fail("Cython is not installed (pip install 'Cython>=3.0')")
-    inc, libdirs, libs = lz4_flags()
     sources = sorted(EXT_DIR.glob("*.pyx"))
     if not sources:
         fail(f"no Cython sources in {EXT_DIR}")
-    exts = [
-        Extension(
+    exts = []
+    for src in sources:
+        inc, libdirs, libs = pkg_flags(*SYSTEM_LIBS[src.stem]) if src.stem in SYSTEM_LIBS else ([], [], [])
+        exts.append(Extension(
             f"dataplane.native.{src.stem}",
             [str(src.relative_to(ROOT))],
             include_dirs=[str(EXT_DIR), *inc],
             library_dirs=libdirs,
             libraries=libs,
             extra_compile_args=compile_args(),
-        )
-        for src in sources
-    ]
+        ))
     return cythonize(
         exts,
         include_path=[str(EXT_DIR)],

@@ -47,6 +47,8 @@ from dataplane.certs import CertSet, init_certs
 from dataplane.channel.errors import ErrorCode
 from dataplane.channel.frames import (
     HEADER_SIZE,
+    MAX_VERSION,
+    MIN_VERSION,
     PREFACE_SIZE,
     FrameDecoder,
     FrameType,
@@ -439,7 +441,7 @@ def test_random_bytes_after_a_valid_preface(bench: Bench) -> None:
     res = raw.until_closed()
     raw.close()
     assert res.closed and sent < 64 * MiB
-    assert res.preface == (1, 1)
+    assert res.preface == (MIN_VERSION, MAX_VERSION)
     bench.logged_since(mark, r"closing connection from 127\.0\.0\.1:\d+: .*\((PROTOCOL|FRAME_SIZE|CHECKSUM)"
                              r"\)")
     ok.check()
@@ -452,9 +454,9 @@ def test_truncated_frame_then_eof(bench: Bench) -> None:
     if bench.tls is None:
         raw.sock.shutdown(socket.SHUT_WR)  # EOF in the middle of the frame
         res = raw.until_closed()
-        assert res.closed and res.preface == (1, 1) and res.frames == []
+        assert res.closed and res.preface == (MIN_VERSION, MAX_VERSION) and res.frames == []
     else:
-        assert decode_preface(raw.read_some(PREFACE_SIZE)[:PREFACE_SIZE]) == (1, 1)
+        assert decode_preface(raw.read_some(PREFACE_SIZE)[:PREFACE_SIZE]) == (MIN_VERSION, MAX_VERSION)
     raw.close()
     bench.wait_no_pending()
     ok.check()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import random
 import struct
 import zlib
@@ -14,7 +16,6 @@ from dataplane.channel.errors import ChecksumError, FrameSizeError, ProtocolErro
 from dataplane.channel.frames import (
     CODEC_PAGE,
     CODEC_RAW,
-    CRC_IMPL,
     FLAG_JOIN,
     HEADER,
     HEADER_SIZE,
@@ -26,7 +27,6 @@ from dataplane.channel.frames import (
     FrameType,
     HelloParams,
     alloc,
-    crc32,
     decode_ack_entries,
     decode_preface,
     encode_ack_entries,
@@ -35,8 +35,10 @@ from dataplane.channel.frames import (
     encode_text,
     frame_bytes,
     negotiate_version,
+    version_refusal,
 )
 from dataplane.channel.protocol import Connection, ConnState, Role
+from dataplane.native.checksum import frame_checksum, xxh3_64
 
 MAX = 1 << 20
 
@@ -176,7 +178,7 @@ def test_encode_frame_does_not_copy_the_payload():
     assert body is payload
     fields = HEADER.unpack(head)
     assert fields[3] == 10000
-    assert fields[-1] == zlib.crc32(payload, zlib.crc32(head[:28]))
+    assert fields[-1] == xxh3_64(payload, xxh3_64(head[:28])) & 0xFFFFFFFF
 
 
 def test_payload_views_only_for_large_payloads_of_immutable_chunks():
@@ -208,32 +210,56 @@ def test_buffered_protocol_path_reads_large_payloads_in_place():
     assert bytes(frames[0].payload) == payload
 
 
-def test_crc_implementation_is_the_fast_one_when_isal_is_installed():
-    try:
-        import isal  # noqa: F401
-    except ImportError:
-        assert CRC_IMPL == "zlib"
-    else:
-        assert CRC_IMPL == "isal"
+def _libxxhash_xxh3(data: bytes, seed: int) -> int:
+    """XXH3-64 straight from the system library's portable entry point (not the dispatching one we use)."""
+    lib = ctypes.CDLL(ctypes.util.find_library("xxhash") or "libxxhash.so.0")
+    fn = lib.XXH3_64bits_withSeed
+    fn.restype = ctypes.c_uint64
+    fn.argtypes = (ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint64)
+    return fn(data, len(data), seed)
+
+
+def test_xxh3_known_answers():
+    assert xxh3_64(b"") == 0x2D06800538D394C2  # the XXH3-64 of nothing, seed 0 (xxHash's test vector)
+    rng = random.Random(5)
+    for n in (0, 1, 3, 16, 17, 128, 129, 240, 241, 1024, 65535, 65536, (1 << 20) + 3):
+        data = rng.randbytes(n)
+        seed = rng.getrandbits(64)
+        assert xxh3_64(data, seed) == _libxxhash_xxh3(data, seed), n
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=5000), st.integers(0, 0xFFFFFFFF), st.integers(0, 64))
-def test_crc32_has_the_values_of_zlib(data, start, skip):
-    """The wire CRC is zlib's CRC-32, whatever computes it: any data, any start value, unaligned views."""
-    assert crc32(data) == zlib.crc32(data)
-    assert crc32(data, start) == zlib.crc32(data, start)
+@given(st.binary(min_size=28, max_size=28), st.binary(max_size=5000), st.integers(0, 64))
+def test_frame_checksum_covers_header_and_payload(head, data, skip):
+    """Any data, unaligned views: the value is the specified one, and every single-bit flip changes it."""
+    want = xxh3_64(data, xxh3_64(head)) & 0xFFFFFFFF
+    assert frame_checksum(head, data) == want
     view = memoryview(data)[skip:]
-    assert crc32(view, start) == zlib.crc32(view, start)
-    mid = len(data) // 3
-    assert crc32(data[mid:], crc32(data[:mid])) == zlib.crc32(data)
+    assert frame_checksum(memoryview(head), view) == xxh3_64(view, xxh3_64(head)) & 0xFFFFFFFF
+    for blob, where in ((head, 0), (head, 27), (data, 0), (data, len(data) - 1)):
+        if not blob:
+            continue
+        flipped = bytearray(blob)
+        flipped[where] ^= 0x10
+        h, d = (bytes(flipped), data) if blob is head else (head, bytes(flipped))
+        assert frame_checksum(h, d) != want
 
 
-def test_crc32_of_large_buffers_matches_zlib():
-    rng = random.Random(7)
-    for n in (0, 1, 15, 16, 63, 64, 65, 4095, 65536 + 7, (1 << 20) + 3):
-        data = rng.randbytes(n)
-        assert crc32(data, 0x12345678) == zlib.crc32(data, 0x12345678), n
+def test_frame_checksum_rejects_non_buffers():
+    with pytest.raises(TypeError):
+        frame_checksum("text", b"")
+    with pytest.raises(TypeError):
+        frame_checksum(b"", 5)
+
+
+def test_version_refusal_is_readable_by_a_version_1_peer():
+    """Version 1 checked frames with zlib's CRC-32: its refusal carries that checksum, later ones XXH3."""
+    old = version_refusal(b"no common protocol version", 1)
+    fields = HEADER.unpack(old[:HEADER_SIZE])
+    assert fields[0] == FrameType.REFUSE and fields[5] == VersionError.code
+    assert fields[-1] == zlib.crc32(old[HEADER_SIZE:], zlib.crc32(old[:28]))
+    (new,) = FrameDecoder(MAX).feed(version_refusal(b"no common protocol version", 3))
+    assert new.type == FrameType.REFUSE and bytes(new.payload) == b"no common protocol version"
 
 
 def test_alloc_gives_a_fresh_writable_bytearray():
@@ -322,8 +348,8 @@ def test_preface_and_version_negotiation():
 
 def test_connection_version_mismatch_refused_with_reason():
     server = Connection(Role.SERVER, max_frame_payload=MAX)
-    client = Connection(Role.CLIENT, max_frame_payload=MAX, versions=(2, 3))
-    with pytest.raises(VersionError, match="2..3"):
+    client = Connection(Role.CLIENT, max_frame_payload=MAX, versions=(3, 4))
+    with pytest.raises(VersionError, match="3..4"):
         server.receive(b"".join(client.take()))
     out = b"".join(server.take())
     assert out[:PREFACE_SIZE] == encode_preface()

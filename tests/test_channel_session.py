@@ -287,7 +287,7 @@ def test_handshake_creates_one_session_on_both_sides():
     (hc,) = p.c.of(HandshakeComplete)
     (hs,) = p.s.of(HandshakeComplete)
     assert hc.session_id == hs.session_id == p.client.session_id == p.server.session_id
-    assert not hc.joined and hc.version == 1
+    assert not hc.joined and hc.version == 2
     assert p.client.established and p.client.resume_token == p.server.resume_token
     assert p.client.ready_connections == p.server.ready_connections == 1
     assert p.acceptor.sessions == [p.server]
@@ -623,9 +623,9 @@ def test_grace_expiry_resets_streams_on_both_sides():
 
 
 def test_version_mismatch_is_refused_with_a_reason():
-    p = Pair(config=SessionConfig(versions=(2, 3)), sconfig=SessionConfig())
+    p = Pair(config=SessionConfig(versions=(3, 4)), sconfig=SessionConfig())
     (term,) = p.c.of(SessionTerminated)
-    assert isinstance(term.error, VersionError) and "1..1" in term.error.reason
+    assert isinstance(term.error, VersionError) and "2..2" in term.error.reason
     (closed,) = p.s.of(ConnectionClosed)
     assert closed.conn_id is None and isinstance(closed.error, VersionError)
     assert p.acceptor.sessions == []

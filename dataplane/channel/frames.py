@@ -5,14 +5,14 @@ the range of protocol versions it speaks), followed by frames. Every frame is
 a fixed 32-byte header and a payload of ``length`` bytes::
 
     type u8 | flags u8 | reserved u16 | length u32 | stream_id u32 | aux u32 |
-    offset u64 | seq u32 | crc32 u32
+    offset u64 | seq u32 | check u32
 
-all big-endian. ``crc32`` is the CRC-32 of zlib (``zlib.crc32``, polynomial
-0xEDB88320 reflected) over the first 28 header bytes followed by the payload.
-It is computed with ISA-L's folding kernel (``isal.isal_zlib.crc32``, PCLMULQDQ,
-~10 GB/s) when the ``isal`` package is installed, else with ``zlib.crc32``
-(~2-3 GB/s); both give the same values. The complete table of frame types and fields is in
-``docs/wire-format.md``; this module is its executable form.
+all big-endian. ``check`` covers the first 28 header bytes and the payload:
+the low 32 bits of ``XXH3_64(payload, seed=XXH3_64(header[0:28]))``
+(:func:`dataplane.native.checksum.frame_checksum`, the system libxxhash,
+~30 GB/s with AVX2). Version 1 used zlib's CRC-32, three times slower. The
+complete table of frame types and fields is in ``docs/wire-format.md``; this
+module is its executable form.
 
 :class:`FrameDecoder` parses frames incrementally. It checks a header's
 type and length *before* buffering any payload, so a length field from the
@@ -31,17 +31,10 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import NamedTuple
 
-from dataplane.channel.errors import ChecksumError, FrameSizeError, ProtocolError
+from dataplane.channel.errors import ChecksumError, ErrorCode, FrameSizeError, ProtocolError
+from dataplane.native.checksum import frame_checksum
 
 Buffer = bytes | bytearray | memoryview
-
-try:  # same values as zlib.crc32, 3-5x faster (PCLMULQDQ folding)
-    from isal.isal_zlib import crc32
-except ImportError:  # pragma: no cover - isal is a dependency; zlib is the fallback
-    from zlib import crc32
-
-#: Name of the CRC-32 implementation in use (``isal`` or ``zlib``).
-CRC_IMPL = "zlib" if crc32 is zlib.crc32 else "isal"
 
 
 def _uninit_allocator() -> object:
@@ -62,9 +55,9 @@ alloc = _uninit_allocator()
 
 # ------------------------------------------------------------------ preface and versions
 
-#: Lowest and highest protocol version this implementation speaks.
-MIN_VERSION = 1
-MAX_VERSION = 1
+#: Lowest and highest protocol version this implementation speaks (version 1 had CRC-32 checksums).
+MIN_VERSION = 2
+MAX_VERSION = 2
 
 #: First 8 bytes on every connection, from both sides (0x89 catches 7-bit and text mangling).
 MAGIC = b"\x89DPCHAN\n"
@@ -108,9 +101,9 @@ def negotiate_version(ours: tuple[int, int], theirs: tuple[int, int]) -> int | N
 #: The full 32-byte header.
 HEADER = struct.Struct("!BBHIIIQII")
 HEADER_SIZE = HEADER.size
-_HEAD = struct.Struct("!BBHIIIQI")  # the 28 bytes covered first by the CRC
-_CRC = struct.Struct("!I")
-_CRC_AT = _HEAD.size
+_HEAD = struct.Struct("!BBHIIIQI")  # the 28 bytes that seed the checksum
+_CHECK = struct.Struct("!I")
+_CHECK_AT = _HEAD.size
 
 MAX_U32 = 0xFFFFFFFF
 MAX_U64 = 0xFFFFFFFFFFFFFFFF
@@ -210,8 +203,23 @@ def encode_frame(
     of its range.
     """
     head = _HEAD.pack(ftype, flags, 0, len(payload), stream_id, aux, offset, seq)
-    crc = crc32(payload, crc32(head)) if payload else crc32(head)
-    return head + _CRC.pack(crc), payload
+    return head + _CHECK.pack(frame_checksum(head, payload)), payload
+
+
+def version_refusal(reason: bytes, peer_max_version: int) -> bytes:
+    """A REFUSE (code ``VERSION``, payload *reason*) readable by a peer speaking up to *peer_max_version*.
+
+    The header layout and REFUSE are frozen across versions, but the
+    checksum is not: a peer that speaks only version 1 gets the version-1
+    checksum (zlib's CRC-32 over the same bytes), so it can still read why.
+    Raises ValueError if *reason* is longer than a REFUSE allows.
+    """
+    if len(reason) > MAX_REASON:
+        raise ValueError(f"reason of {len(reason)} bytes (limit {MAX_REASON})")
+    if peer_max_version >= 2:
+        return frame_bytes(FrameType.REFUSE, reason, aux=ErrorCode.VERSION)
+    head = _HEAD.pack(FrameType.REFUSE, 0, 0, len(reason), 0, ErrorCode.VERSION, 0, 0)
+    return head + _CHECK.pack(zlib.crc32(reason, zlib.crc32(head))) + reason
 
 
 def frame_bytes(ftype: int, payload: Buffer = b"", **fields: int) -> bytes:
@@ -440,7 +448,7 @@ class FrameDecoder:
                 # ---- header
                 if self._hfill == 0 and n - pos >= HEADER_SIZE:
                     fields = unpack(mv, pos)
-                    head = bytes(mv[pos:pos + _CRC_AT])
+                    head = bytes(mv[pos:pos + _CHECK_AT])
                     pos += HEADER_SIZE
                 else:
                     take = min(HEADER_SIZE - self._hfill, n - pos)
@@ -451,7 +459,7 @@ class FrameDecoder:
                         break
                     self._hfill = 0
                     fields = unpack(self._hdr)
-                    head = bytes(self._hdr[:_CRC_AT])
+                    head = bytes(self._hdr[:_CHECK_AT])
                 length = self._check_header(fields)
                 self._fields = fields
                 self._headbytes = head
@@ -499,8 +507,8 @@ class FrameDecoder:
     def _finish(self, payload: Buffer) -> Frame:
         fields = self._fields
         assert fields is not None
-        ftype, flags, reserved, length, sid, aux, offset, seq, crc = fields
-        if crc32(payload, crc32(self._headbytes)) != crc:
+        ftype, flags, reserved, length, sid, aux, offset, seq, check = fields
+        if frame_checksum(self._headbytes, payload) != check:
             raise ChecksumError(f"{_type_name(ftype)} frame checksum mismatch")
         rule = _RULES[ftype]
         if length < rule.min_len:

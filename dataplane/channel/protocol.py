@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from enum import Enum, IntEnum
 
-from dataplane.channel.errors import ErrorCode, ProtocolError, VersionError
+from dataplane.channel.errors import ProtocolError, VersionError
 from dataplane.channel.frames import (
     MAX_REASON,
     MAX_VERSION,
@@ -35,6 +35,7 @@ from dataplane.channel.frames import (
     encode_preface,
     encode_text,
     negotiate_version,
+    version_refusal,
 )
 
 
@@ -148,7 +149,9 @@ class Connection:
             reason = (f"no common protocol version: {self.role.value} speaks "
                       f"{self.versions[0]}..{self.versions[1]}, peer speaks {lo}..{hi}")
             if self.role == Role.SERVER:
-                self.send_frame(FrameType.REFUSE, encode_text(reason, MAX_REASON), aux=ErrorCode.VERSION)
+                refusal = version_refusal(encode_text(reason, MAX_REASON), hi)
+                self._out.append(refusal)
+                self._out_bytes += len(refusal)
             raise VersionError(reason)
         self.version = version
         self.state = ConnState.HANDSHAKE
