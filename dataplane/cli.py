@@ -529,11 +529,28 @@ def _tune_malloc() -> None:
         log.debug("mallopt is not available: keeping the allocator's defaults")
 
 
+def _tune_gc() -> None:
+    """Keep the cyclic garbage collector off the data path.
+
+    A relay allocates a few short-lived containers per frame, so the default
+    collector (a young collection every 700 allocations, and every so often
+    a full one over every module, class and function loaded) took 4-5 % of a
+    tunnel end's CPU. Everything alive at start-up is frozen out of the
+    collections, and young collections run 50 times less often. Cycles are
+    still collected.
+    """
+    import gc
+
+    gc.freeze()
+    gc.set_threshold(35_000, 20, 100)
+
+
 def _run_loop(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
     """Run coroutine function *main* on uvloop when installed (else the default loop); return its result."""
     import asyncio
 
     _tune_malloc()
+    _tune_gc()
     factory = None
     try:
         import uvloop
