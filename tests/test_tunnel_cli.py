@@ -465,3 +465,23 @@ async def test_streams_refused_by_the_callback_and_server_opened_streams(tmp_pat
     assert reasons == ["this side of the channel accepts no streams"]
     await client.close()
     await server.close()
+
+
+def test_cli_event_loop_keeps_the_cyclic_gc_off_the_data_path():
+    """Start-up objects are frozen out of collections and young collections are rare; cycles still go."""
+    code = (
+        "import gc, sys\n"
+        "from dataplane.cli import _run_loop\n"
+        "class Cycle:\n"
+        "    pass\n"
+        "async def main():\n"
+        "    frozen, threshold = gc.get_freeze_count(), gc.get_threshold()\n"
+        "    c = Cycle(); c.me = c; del c\n"
+        "    return int(not (frozen > 1000 and threshold[0] >= 35_000 and gc.collect() >= 1))\n"
+        "sys.exit(_run_loop(main))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    default = "import gc; print(gc.get_freeze_count(), gc.get_threshold()[0])"
+    plain = subprocess.run([sys.executable, "-c", default], capture_output=True, text=True, timeout=60)
+    assert plain.stdout.split() == ["0", "700"]  # what the test above changes

@@ -94,7 +94,7 @@ DEFAULT_SUBNET = "10.200.0.0/30"
 DEFAULT_LATENCY_MS = 50
 _ALLOWED = ipaddress.ip_network("10.0.0.0/8")
 _NAME_RE = re.compile(r"^dp-[ab]-(\d+)-[0-9a-f]+$")
-_CLONE_NEWNET = 0x40000000
+CLONE_NEWNET = 0x40000000  # setns(2) flag: the fd is a network namespace
 _NFT_TABLE = "dataplane_cut"
 _MIN_BURST = 16 * 1024
 _LOWEST_HZ = 100
@@ -173,7 +173,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _setns(fd: int) -> None:
-    if _libc.setns(fd, _CLONE_NEWNET) != 0:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
         raise NetnsError(f"setns(CLONE_NEWNET) failed: {os.strerror(err)}")
 

@@ -49,6 +49,7 @@ from typing import Any, TypeVar
 
 from dataplane.testing import guest as _guest
 from dataplane.testing.journal import Heartbeat, SerialLog, parse_serial
+from dataplane.testing.netns import CLONE_NEWNET, NETNS_DIR
 
 __all__ = [
     "ACCEL_ENV",
@@ -229,10 +230,6 @@ _STARTED: list[int] = []
 _REG_LOCK = threading.Lock()
 
 
-_CLONE_NEWNET = 0x40000000
-_NETNS_DIR = Path("/run/netns")
-
-
 def _make_preexec(parent: int, netns_fd: int | None = None) -> Callable[[], None]:
     def preexec() -> None:  # runs in the child between fork and exec
         if _libc is not None:
@@ -240,7 +237,7 @@ def _make_preexec(parent: int, netns_fd: int | None = None) -> Callable[[], None
         if os.getppid() != parent:  # the parent already died: do not start at all
             os._exit(127)
         if netns_fd is not None:  # stderr is QEMU's log file here: the reason lands in qemu.stderr
-            if _libc is None or _libc.setns(netns_fd, _CLONE_NEWNET) != 0:
+            if _libc is None or _libc.setns(netns_fd, CLONE_NEWNET) != 0:
                 err = ctypes.get_errno() if _libc is not None else 0
                 os.write(2, f"setns(CLONE_NEWNET) failed: {os.strerror(err)}\n".encode())
                 os._exit(126)
@@ -446,7 +443,7 @@ class QemuVM:
         netns_fd: int | None = None
         if self.spec.netns is not None:
             try:  # O_CLOEXEC: the child uses it before exec, QEMU never sees it
-                netns_fd = os.open(_NETNS_DIR / self.spec.netns, os.O_RDONLY | os.O_CLOEXEC)
+                netns_fd = os.open(NETNS_DIR / self.spec.netns, os.O_RDONLY | os.O_CLOEXEC)
             except OSError as exc:
                 raise VMStartError(f"network namespace {self.spec.netns!r} cannot be opened: "
                                    f"{exc.strerror}") from exc
