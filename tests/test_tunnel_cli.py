@@ -333,6 +333,7 @@ def test_connect_gives_up_after_the_grace_period_when_nobody_listens(procs, tmp_
     procs.append(p)
     assert p.wait() == 1
     assert 1.4 < time.monotonic() - t0 < 10
+    assert p.text().count("retrying for up to 1.5 s") == 1, p.text()  # said once, before giving up
     assert re.search(rf"dataplane tunnel connect: error: cannot connect to 127\.0\.0\.1:{port}: no "
                      r"connection within the grace period; last error: connection refused \(nothing "
                      r"listens at the peer's address\)", p.text()), p.text()

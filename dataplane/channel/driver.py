@@ -1334,8 +1334,14 @@ class ChannelClient:
                 delay = self._backoff(delay)
 
     def _note_failure(self, slot: int, reason: str) -> None:
+        first = self._last_error is None
         self._last_error = reason
         established = self.driver is not None and self.driver.session.established
+        if not established and first:
+            # The peer may simply not listen yet (its pod is starting): say so once, and for how long.
+            log.warning("cannot reach %s yet (%s); retrying for up to %g s (the grace period)", self.target,
+                        reason, self.limits.grace)
+            return
         level = logging.WARNING if established else logging.INFO
         log.log(level, "connection %s to %s failed: %s", slot, self.target, reason)
 
