@@ -1149,6 +1149,20 @@ def test_send_buffer_mixes_copies_references_and_in_place_writes():
         buf.commit(11)
 
 
+def test_frame_ready_says_when_a_full_frame_waits():
+    p = Pair(config=SessionConfig(frame_size=64 * 1024))
+    sid = p.open("x")
+    assert not p.client.frame_ready(sid)
+    p.client.send(sid, bytes(60_000))
+    assert not p.client.frame_ready(sid)
+    p.client.send(sid, bytes(10_000))
+    assert p.client.frame_ready(sid)
+    p.pull()  # frames cut and taken by the connection
+    assert not p.client.frame_ready(sid)
+    with pytest.raises(StreamError):
+        p.client.frame_ready(99)
+
+
 def test_zero_copy_send_round_trip_and_credit():
     limits = Limits(session_memory=4 * MiB, replay_buffer=2 * MiB, stream_window=MiB)
     p = Pair(limits=limits, server_consume=False)

@@ -486,3 +486,48 @@ def test_cli_event_loop_keeps_the_cyclic_gc_off_the_data_path():
     default = "import gc; print(gc.get_freeze_count(), gc.get_threshold()[0])"
     plain = subprocess.run([sys.executable, "-c", default], capture_output=True, text=True, timeout=60)
     assert plain.stdout.split() == ["0", "700"]  # what the test above changes
+
+
+async def test_a_full_frame_read_into_the_send_buffer_is_written_at_once(tmp_path):
+    """Bytes read straight into the send buffer are framed and written in the same callback once a frame
+    is full (still in the CPU cache), not after the event loop has read more."""
+    from dataplane.channel.driver import ChannelClient, ChannelServer, StreamHandler
+
+    got = bytearray()
+    done = asyncio.Event()
+    data = random.Random(8).randbytes(3 << 20)
+
+    class Collect(StreamHandler):
+        def on_data(self, stream, chunk):
+            got.extend(chunk)
+            stream.consumed(len(chunk))
+            if len(got) == len(data):
+                done.set()
+
+    class Opened(StreamHandler):
+        def __init__(self) -> None:
+            self.accepted = asyncio.Event()
+
+        def on_accepted(self, stream):
+            self.accepted.set()
+
+    server = ChannelServer("127.0.0.1", 0, None, plaintext=True, on_stream=lambda st: st.accept(Collect()))
+    _, port = await server.start()
+    client = ChannelClient("127.0.0.1", port, None, plaintext=True)
+    await client.start()
+    opened = Opened()
+    stream = client.open_stream("bulk", opened)
+    await asyncio.wait_for(opened.accepted.wait(), 5)
+    session = stream._drv.session  # the sans-IO core under the driver
+    pos = 0
+    while pos < len(data):  # no await in here: the event loop never runs a scheduled flush
+        view = stream.get_send_buffer(1 << 20)
+        n = min(len(view), len(data) - pos)
+        view[:n] = data[pos:pos + n]
+        stream.send_buffer_updated(n)
+        pos += n
+        assert not session.frame_ready(stream.sid)
+    await asyncio.wait_for(done.wait(), 10)
+    assert bytes(got) == data
+    await client.close()
+    await server.close()

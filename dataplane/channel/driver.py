@@ -288,8 +288,14 @@ class ChannelStream:
 
     def send_buffer_updated(self, n: int) -> int:
         """*n* bytes were written into the last :meth:`get_send_buffer`: queue them; return the credit."""
-        left = self._drv.session.send_buffer_updated(self.sid, n)
+        session = self._drv.session
+        left = session.send_buffer_updated(self.sid, n)
         if n:
+            if session.frame_ready(self.sid):
+                # Cut and write the frame now, while its bytes are in the cache: the event loop may
+                # read the application socket many times before a scheduled flush (the entry end's
+                # checksum went from 11-13 % to 8 % of its CPU on loopback).
+                self._drv.flush_all()
             self._drv.kick()
         return left
 

@@ -1085,6 +1085,18 @@ class Session:
             self._mark_blocked(st)
         return cap
 
+    def frame_ready(self, stream_id: int) -> bool:
+        """True if the stream has at least one full DATA frame of bytes not sent yet.
+
+        A driver that reads an application socket straight into the send
+        buffer flushes at once then, so that frames are cut, checksummed and
+        written while their bytes are still in the CPU cache (an event loop
+        may otherwise read several MiB before its next flush). Raises
+        StreamError for an unknown stream.
+        """
+        st = self._get(stream_id)
+        return st.written - st.next_new >= self._frame_size()
+
     def _written(self, st: _Stream, n: int) -> None:
         st.written += n
         self._sent_total += n
