@@ -925,6 +925,9 @@ class Scenario:
         rundir = rundir or self.workdir / f"run{next(self._runs)}-{path}"
         try:
             src, dst = self.start_vms(rundir)
+            # Write back what earlier runs (and the copy of the source image) left dirty in the page
+            # cache now, not in the kernel's flusher threads during this run's measured window.
+            os.sync()
             result = MigrationRun(path, ok=False)
             try:
                 if path == "ours":
