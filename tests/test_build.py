@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import dataplane.native.bitmap
+import dataplane.native.checksum
 import dataplane.native.codec
 import dataplane.native.zero
 
@@ -17,7 +18,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_kernels_are_compiled_extensions():
-    for mod in (dataplane.native.zero, dataplane.native.bitmap, dataplane.native.codec):
+    native = dataplane.native
+    for mod in (native.zero, native.bitmap, native.codec, native.checksum):
         assert mod.__file__ is not None
         assert mod.__file__.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)), mod.__file__
 
@@ -26,6 +28,12 @@ def test_codec_links_the_system_liblz4():
     so = dataplane.native.codec.__file__
     out = subprocess.run(["ldd", so], capture_output=True, text=True, check=True).stdout
     assert "liblz4.so" in out, out
+
+
+def test_checksum_links_the_system_libxxhash():
+    so = dataplane.native.checksum.__file__
+    out = subprocess.run(["ldd", so], capture_output=True, text=True, check=True).stdout
+    assert "libxxhash.so" in out, out
 
 
 def test_build_without_pkg_config_fails_with_a_clear_message(tmp_path):

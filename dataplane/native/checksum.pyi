@@ -1,0 +1,6 @@
+"""Type stubs for the dataplane.native.checksum extension module."""
+
+from typing_extensions import Buffer
+
+def frame_checksum(head: Buffer, payload: Buffer = b"") -> int: ...
+def xxh3_64(data: Buffer, seed: int = 0) -> int: ...
