@@ -39,19 +39,33 @@ def fail(msg: str) -> None:
 SYSTEM_LIBS = {"codec": ("liblz4", "liblz4-dev"), "checksum": ("libxxhash", "libxxhash-dev")}
 
 
-def pkg_flags(pkg: str, apt: str) -> tuple[list[str], list[str], list[str]]:
-    """Return (include_dirs, library_dirs, libraries) for the system library *pkg*."""
-    if shutil.which("pkg-config") is None:
-        fail(f"pkg-config is not installed (apt-get install pkg-config {apt})")
+def pkg_flags(pkg: str) -> tuple[list[str], list[str], list[str]] | None:
+    """Return (include_dirs, library_dirs, libraries) for the system library *pkg*, or None if not found."""
     try:
-        cflags = subprocess.check_output(["pkg-config", "--cflags", pkg], text=True).split()
-        libs = subprocess.check_output(["pkg-config", "--libs", pkg], text=True).split()
+        cflags = subprocess.check_output(["pkg-config", "--cflags", pkg], text=True,
+                                         stderr=subprocess.DEVNULL).split()
+        libs = subprocess.check_output(["pkg-config", "--libs", pkg], text=True,
+                                       stderr=subprocess.DEVNULL).split()
     except subprocess.CalledProcessError:
-        fail(f"the system {pkg} was not found by pkg-config (apt-get install {apt})")
+        return None
     inc = [f[2:] for f in cflags if f.startswith("-I")]
     libdirs = [f[2:] for f in libs if f.startswith("-L")]
     names = [f[2:] for f in libs if f.startswith("-l")]
     return inc, libdirs, names
+
+
+def system_libs(stems: list[str]) -> dict[str, tuple[list[str], list[str], list[str]]]:
+    """Build flags of the system libraries the kernels *stems* link; fails naming every missing package."""
+    wanted = {stem: SYSTEM_LIBS[stem] for stem in stems if stem in SYSTEM_LIBS}
+    apt = " ".join(sorted(deb for _, deb in wanted.values()))
+    if wanted and shutil.which("pkg-config") is None:
+        fail(f"pkg-config is not installed (apt-get install pkg-config {apt})")
+    found = {stem: pkg_flags(pkg) for stem, (pkg, _) in wanted.items()}
+    missing = sorted(wanted[stem][1] for stem, flags in found.items() if flags is None)
+    if missing:
+        names = ", ".join(sorted(wanted[stem][0] for stem, flags in found.items() if flags is None))
+        fail(f"the system {names} not found by pkg-config (apt-get install {' '.join(missing)})")
+    return {stem: flags for stem, flags in found.items() if flags is not None}
 
 
 def compile_args() -> list[str]:
@@ -90,9 +104,10 @@ def extensions() -> list[Extension]:
     sources = sorted(EXT_DIR.glob("*.pyx"))
     if not sources:
         fail(f"no Cython sources in {EXT_DIR}")
+    flags = system_libs([src.stem for src in sources])
     exts = []
     for src in sources:
-        inc, libdirs, libs = pkg_flags(*SYSTEM_LIBS[src.stem]) if src.stem in SYSTEM_LIBS else ([], [], [])
+        inc, libdirs, libs = flags.get(src.stem, ([], [], []))
         exts.append(Extension(
             f"dataplane.native.{src.stem}",
             [str(src.relative_to(ROOT))],

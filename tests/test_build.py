@@ -48,3 +48,13 @@ def test_build_without_pkg_config_fails_with_a_clear_message(tmp_path):
     assert r.returncode != 0
     assert "cannot build the native kernels" in r.stderr and "pkg-config" in r.stderr, r.stderr
     assert shutil.which("pkg-config"), "the real environment does have pkg-config"
+
+
+def test_build_names_every_missing_library_at_once(tmp_path):
+    # pkg-config is there but finds nothing: both system libraries are reported in one message.
+    env = {**os.environ, "PKG_CONFIG_LIBDIR": str(tmp_path), "PKG_CONFIG_PATH": str(tmp_path)}
+    r = subprocess.run([sys.executable, "setup.py", "build_ext", "--build-temp", str(tmp_path / "b"),
+                        "--build-lib", str(tmp_path / "l")], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode != 0
+    assert "apt-get install liblz4-dev libxxhash-dev" in r.stderr, r.stderr

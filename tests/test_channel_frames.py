@@ -253,6 +253,27 @@ def test_frame_checksum_rejects_non_buffers():
         frame_checksum(b"", 5)
 
 
+def test_server_refuses_a_version_1_client_with_a_crc32_checked_refusal():
+    server = Connection(Role.SERVER, max_frame_payload=MAX)
+    with pytest.raises(VersionError, match="peer speaks 1..1"):
+        server.receive(encode_preface(1, 1))
+    pending = server.pending_output
+    out = b"".join(server.take())
+    assert pending == len(out)  # the refusal is counted like any queued frame
+    refusal = out[PREFACE_SIZE:]
+    fields = HEADER.unpack(refusal[:HEADER_SIZE])
+    assert fields[0] == FrameType.REFUSE and fields[5] == VersionError.code and fields[3] == len(refusal) - 32
+    assert fields[-1] == zlib.crc32(refusal[HEADER_SIZE:], zlib.crc32(refusal[:28]))  # version 1's checksum
+    assert b"no common protocol version" in refusal[HEADER_SIZE:]
+    # a peer speaking 1..3 negotiates 2; one speaking only 3..4 gets a version-2 (XXH3) refusal
+    assert negotiate_version((2, 2), (1, 3)) == 2
+    newer = Connection(Role.SERVER, max_frame_payload=MAX)
+    with pytest.raises(VersionError):
+        newer.receive(encode_preface(3, 4))
+    (refuse,) = FrameDecoder(MAX).feed(b"".join(newer.take())[PREFACE_SIZE:])
+    assert refuse.type == FrameType.REFUSE
+
+
 def test_version_refusal_is_readable_by_a_version_1_peer():
     """Version 1 checked frames with zlib's CRC-32: its refusal carries that checksum, later ones XXH3."""
     old = version_refusal(b"no common protocol version", 1)

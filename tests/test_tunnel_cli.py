@@ -483,9 +483,6 @@ def test_cli_event_loop_keeps_the_cyclic_gc_off_the_data_path():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    default = "import gc; print(gc.get_freeze_count(), gc.get_threshold()[0])"
-    plain = subprocess.run([sys.executable, "-c", default], capture_output=True, text=True, timeout=60)
-    assert plain.stdout.split() == ["0", "700"]  # what the test above changes
 
 
 async def test_a_full_frame_read_into_the_send_buffer_is_written_at_once(tmp_path):
@@ -523,6 +520,7 @@ async def test_a_full_frame_read_into_the_send_buffer_is_written_at_once(tmp_pat
     while pos < len(data):  # no await in here: the event loop never runs a scheduled flush
         view = stream.get_send_buffer(1 << 20)
         n = min(len(view), len(data) - pos)
+        assert n > 0  # 3 MiB is far below the stream's credit: the buffer is never empty here
         view[:n] = data[pos:pos + n]
         stream.send_buffer_updated(n)
         pos += n

@@ -287,7 +287,13 @@ class ChannelStream:
         return self._drv.session.get_send_buffer(self.sid, sizehint)
 
     def send_buffer_updated(self, n: int) -> int:
-        """*n* bytes were written into the last :meth:`get_send_buffer`: queue them; return the credit."""
+        """*n* bytes were written into the last :meth:`get_send_buffer`: queue them; return the credit.
+
+        When a full frame of bytes waits, every connection is flushed before
+        this returns (what is pending is framed, a partial tail included, and
+        written), so a handler calling it must not rely on the write happening
+        later.
+        """
         session = self._drv.session
         left = session.send_buffer_updated(self.sid, n)
         if n:

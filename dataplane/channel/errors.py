@@ -6,7 +6,7 @@ OPEN_FAIL and RESET frames)::
 
     ChannelError
      ├── ProtocolError          the peer broke the protocol
-     │    ├── ChecksumError     a frame's CRC32 did not match
+     │    ├── ChecksumError     a frame's checksum did not match
      │    ├── FrameSizeError    a length field above the configured limits
      │    ├── FlowControlError  the peer sent beyond the credit we advertised
      │    ├── CompressionError  a compressed payload did not decode
@@ -76,7 +76,7 @@ class ProtocolError(ChannelError):
 
 
 class ChecksumError(ProtocolError):
-    """A frame's CRC32 did not match its header and payload."""
+    """A frame's checksum did not match its header and payload."""
 
     code = ErrorCode.CHECKSUM
 

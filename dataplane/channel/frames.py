@@ -211,7 +211,8 @@ def version_refusal(reason: bytes, peer_max_version: int) -> bytes:
 
     The header layout and REFUSE are frozen across versions, but the
     checksum is not: a peer that speaks only version 1 gets the version-1
-    checksum (zlib's CRC-32 over the same bytes), so it can still read why.
+    checksum (zlib's CRC-32 over the same bytes), so a peer that reads on
+    after the preface can still check it and read why.
     Raises ValueError if *reason* is longer than a REFUSE allows.
     """
     if len(reason) > MAX_REASON:

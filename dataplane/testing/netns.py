@@ -73,10 +73,12 @@ from types import TracebackType
 from typing import Any
 
 __all__ = [
+    "CLONE_NEWNET",
     "DEFAULT_LATENCY_MS",
     "DEFAULT_SUBNET",
     "FaultProxy",
     "Link",
+    "NETNS_DIR",
     "NetnsError",
     "close_all",
     "in_netns",
