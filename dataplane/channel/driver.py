@@ -301,8 +301,9 @@ class ChannelStream:
                 # Cut and write the frame now, while its bytes are in the cache: the event loop may
                 # read the application socket many times before a scheduled flush (the entry end's
                 # checksum went from 11-13 % to 8 % of its CPU on loopback).
-                self._drv.flush_all()
-            self._drv.kick()
+                self._drv.service()
+            else:
+                self._drv.kick()
         return left
 
     def consumed(self, n: int) -> None:
@@ -662,9 +663,14 @@ class _SessionDriver:
         """Schedule one service pass (flush every connection, re-arm the timer) for this loop iteration."""
         if not self._kicked:
             self._kicked = True
-            self.loop.call_soon(self._service)
+            self.loop.call_soon(self._kicked_service)
 
-    def _service(self) -> None:
+    def _kicked_service(self) -> None:
+        if self._kicked:  # else a direct service() call did the pass since the kick
+            self.service()
+
+    def service(self) -> None:
+        """Run the service pass now (it also stands for a pending :meth:`kick`)."""
         self._kicked = False
         if self._open_queue and self._opening is None:
             self._pump_opens()
@@ -695,7 +701,7 @@ class _SessionDriver:
         self._timer = None
         self._timer_at = None
         self.handle_events(self.session.tick(max(time.monotonic(), at)))
-        self._service()
+        self.service()
 
     def pace_after(self, delay: float) -> None:
         """Flush again in *delay* seconds (the token bucket is in debt)."""
