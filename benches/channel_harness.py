@@ -23,7 +23,10 @@ Pieces, each usable on its own:
   that carries a TCP stream from an entry address to a target":
   :class:`SocatChain` (two socat relays), :class:`StunnelPair` (stunnel
   client + server, mutual TLS 1.3) and :class:`DataplaneTunnel` (``dataplane
-  tunnel connect`` + ``dataplane tunnel listen``).
+  tunnel connect`` + ``dataplane tunnel listen``), and :class:`FramedFloor`
+  (``python -m benches.channel_harness framed-relay``: the least work a
+  relay can do and still frame and checksum every byte as our wire format
+  does; a calibration of ``channel_plain_vs_socat2``, not a product).
 * :func:`transfer` runs one timed, integrity-checked transfer through a relay
   pair (or directly), sampling the relays' memory (VmRSS every 50 ms, VmHWM at
   the end, from ``/proc/PID/status``) and CPU time (``/proc/PID/stat``).
@@ -58,6 +61,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from dataplane.channel.frames import HEADER, HEADER_SIZE, FrameType, encode_frame
+from dataplane.native.checksum import frame_checksum
 from dataplane.testing.commands import child_env, dataplane_argv, stunnel_binary
 from dataplane.testing.netns import listening_tcp_ports
 from dataplane.testing.textgen import make_text
@@ -67,6 +72,7 @@ KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
 SOCAT_BUFFER = 256 * KiB
+SOCAT_DEFAULT_BUFFER = 8 * KiB  # socat's own -b default
 SINK_SLOT = 4 * MiB
 SINK_SLOTS = 8
 STORE_LIMIT = 4 * GiB
@@ -551,6 +557,34 @@ class SocatChain(RelayPair):
         return f"socat x2 (-b {self.buffer})"
 
 
+class FramedFloor(RelayPair):
+    """Two ends of the minimal framed relay (:func:`run_framed_relay`): what framing and checksums cost.
+
+    Not a product: it only measures, in the same run as socat, how fast a
+    relay goes that does socat's work plus what our wire format demands of
+    every byte (a 32-byte header per frame, an XXH3 checksum on both ends),
+    without flow control, resumption, multiplexing or an event loop.
+    """
+
+    label = "minimal framed relay"
+
+    def start(self, target: tuple[str, int]) -> tuple[str, int]:
+        mid = self.exit.free_port(self.mid_host)
+        entry = self.entry.free_port("127.0.0.1")
+        py = [sys.executable, "-m", "benches.channel_harness", "framed-relay"]
+        b = self.procs.spawn(self.exit, "framed-exit", [
+            *py, "exit", "--bind", f"{self.mid_host}:{mid}", "--to", f"{target[0]}:{target[1]}"])
+        wait_listening(b, mid)
+        a = self.procs.spawn(self.entry, "framed-entry", [
+            *py, "entry", "--bind", f"127.0.0.1:{entry}", "--to", f"{self.mid_host}:{mid}"])
+        self.ends = {"entry": a, "exit": b}
+        wait_listening(a, entry)
+        return "127.0.0.1", entry
+
+    def describe(self) -> str:
+        return f"minimal framed relay ({FLOOR_FRAME // KiB} KiB frames, XXH3)"
+
+
 class StunnelPair(RelayPair):
     """stunnel client (entry) + stunnel server (exit): TLS 1.3 only, mutual auth, names checked.
 
@@ -780,6 +814,77 @@ def transfer(procs: Procs, relay: RelayPair | None, data: Path, size: int, *, sr
     )
 
 
+# --------------------------------------------------------------------------- minimal framed relay
+
+FLOOR_FRAME = 256 * KiB  # socat's -b: one read, one frame
+_FLOOR_HEAD = HEADER_SIZE - 4  # the checksum covers header bytes 0..27
+
+
+def _recv_exactly(sock: socket.socket, view: memoryview) -> bool:
+    """Fill *view* from *sock*; False if the peer closed first (a clean end only before the first byte)."""
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if not n:
+            if got:
+                raise SystemExit(f"framed-relay: peer closed after {got} of {len(view)} bytes")
+            return False
+        got += n
+    return True
+
+
+def run_framed_relay(role: str, bind: str, to: str) -> None:
+    """One end of the minimal framed relay (see :class:`FramedFloor`); returns when the stream has ended.
+
+    ``entry``: accept one application connection on *bind*, dial the exit end
+    at *to*, and send what it reads as DATA frames of our wire format (32-byte
+    header, XXH3 frame checksum), one frame per read of up to FLOOR_FRAME.
+    ``exit``: accept the entry end on *bind*, dial the target at *to*, check
+    every frame's checksum and write its payload. Blocking sockets, one
+    reused page-aligned buffer per end (as socat reuses its ``-b`` buffer),
+    no flow control, no replay buffer, no second stream. Exits with an error
+    on a checksum mismatch or a truncated frame.
+    """
+    host, port = _parse_addr(bind)
+    with socket.create_server((host, port)) as srv:
+        print(f"framed-relay {role} listening on {host}:{port}", file=sys.stderr, flush=True)
+        inbound, _ = srv.accept()
+    outbound = socket.create_connection(_parse_addr(to), timeout=30)
+    outbound.settimeout(None)
+    buf = memoryview(mmap.mmap(-1, FLOOR_FRAME))
+    if role == "entry":
+        offset = 0
+        while n := inbound.recv_into(buf):
+            head, payload = encode_frame(FrameType.DATA, buf[:n], stream_id=1, aux=n, offset=offset)
+            pieces = [memoryview(head), payload]
+            while pieces:  # sendmsg takes part of it when the socket buffer fills
+                sent = outbound.sendmsg(pieces)
+                while pieces and sent >= len(pieces[0]):
+                    sent -= len(pieces.pop(0))
+                if sent:
+                    pieces[0] = pieces[0][sent:]
+            offset += n
+    else:
+        head = memoryview(bytearray(HEADER_SIZE))
+        while _recv_exactly(inbound, head):
+            fields = HEADER.unpack_from(head)
+            length, check = fields[3], fields[8]
+            if length > FLOOR_FRAME:
+                raise SystemExit(f"framed-relay: frame of {length} bytes (limit {FLOOR_FRAME})")
+            payload = buf[:length]
+            if not _recv_exactly(inbound, payload) and length:
+                raise SystemExit("framed-relay: peer closed inside a frame")
+            if frame_checksum(head[:_FLOOR_HEAD], payload) != check:
+                raise SystemExit("framed-relay: frame checksum mismatch")
+            outbound.sendall(payload)
+    outbound.shutdown(socket.SHUT_WR)
+    with contextlib.suppress(OSError):  # the far end closes once it has everything
+        while outbound.recv(65536):
+            pass
+    outbound.close()
+    inbound.close()
+
+
 # --------------------------------------------------------------------------- command line (the processes)
 
 
@@ -793,11 +898,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_sink = sub.add_parser("sink", help="accept one connection on --bind HOST:PORT and receive to EOF")
     p_sink.add_argument("--bind", default="127.0.0.1:0")
     p_sink.add_argument("--expect", type=int, help="announced size: receive into one buffer, hash afterwards")
+    p_relay = sub.add_parser("framed-relay", help="one end of the minimal framed relay (FramedFloor)")
+    p_relay.add_argument("role", choices=("entry", "exit"))
+    p_relay.add_argument("--bind", required=True, help="HOST:PORT to accept one connection on")
+    p_relay.add_argument("--to", required=True, help="HOST:PORT to dial once that connection is in")
     args = parser.parse_args(argv)
     if args.cmd == "source":
         run_source(args.data, args.size)
-    else:
+    elif args.cmd == "sink":
         run_sink(args.bind, args.expect)
+    else:
+        run_framed_relay(args.role, args.bind, args.to)
     return 0
 
 
