@@ -872,7 +872,7 @@ def run_framed_relay(role: str, bind: str, to: str) -> None:
             if length > FLOOR_FRAME:
                 raise SystemExit(f"framed-relay: frame of {length} bytes (limit {FLOOR_FRAME})")
             payload = buf[:length]
-            if not _recv_exactly(inbound, payload) and length:
+            if not _recv_exactly(inbound, payload):
                 raise SystemExit("framed-relay: peer closed inside a frame")
             if frame_checksum(head[:_FLOOR_HEAD], payload) != check:
                 raise SystemExit("framed-relay: frame checksum mismatch")
