@@ -61,10 +61,11 @@ def system_libs(stems: list[str]) -> dict[str, tuple[list[str], list[str], list[
     if wanted and shutil.which("pkg-config") is None:
         fail(f"pkg-config is not installed (apt-get install pkg-config {apt})")
     found = {stem: pkg_flags(pkg) for stem, (pkg, _) in wanted.items()}
-    missing = sorted(wanted[stem][1] for stem, flags in found.items() if flags is None)
+    missing = sorted(wanted[stem] for stem, flags in found.items() if flags is None)
     if missing:
-        names = ", ".join(sorted(wanted[stem][0] for stem, flags in found.items() if flags is None))
-        fail(f"the system {names} not found by pkg-config (apt-get install {' '.join(missing)})")
+        names = ", ".join(pkg for pkg, _ in missing)
+        debs = " ".join(deb for _, deb in missing)
+        fail(f"the system {names} not found by pkg-config (apt-get install {debs})")
     return {stem: flags for stem, flags in found.items() if flags is not None}
 
 

@@ -149,9 +149,7 @@ class Connection:
             reason = (f"no common protocol version: {self.role.value} speaks "
                       f"{self.versions[0]}..{self.versions[1]}, peer speaks {lo}..{hi}")
             if self.role == Role.SERVER:
-                refusal = version_refusal(encode_text(reason, MAX_REASON), hi)
-                self._out.append(refusal)
-                self._out_bytes += len(refusal)
+                self._queue(version_refusal(encode_text(reason, MAX_REASON), hi))
             raise VersionError(reason)
         self.version = version
         self.state = ConnState.HANDSHAKE
@@ -173,8 +171,11 @@ class Connection:
     def send_frame(self, ftype: int, payload: Buffer = b"", *, flags: int = 0, stream_id: int = 0,
                    aux: int = 0, offset: int = 0, seq: int = 0) -> int:
         """Queue one frame; return its size on the wire."""
-        head, body = encode_frame(ftype, payload, flags=flags, stream_id=stream_id, aux=aux, offset=offset,
-                                  seq=seq)
+        return self._queue(*encode_frame(ftype, payload, flags=flags, stream_id=stream_id, aux=aux,
+                                         offset=offset, seq=seq))
+
+    def _queue(self, head: Buffer, body: Buffer = b"") -> int:
+        """Queue encoded bytes (a header, then its payload if any); return how many."""
         out = self._out
         out.append(head)
         size = len(head)
