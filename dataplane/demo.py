@@ -236,8 +236,11 @@ def _figures(run: Any, row: Callable[[str, str], None]) -> None:
         row("", f"  at {float(d.get('elapsed') or 0):.1f} s: {d.get('action')}: {d.get('reason')}")
 
 
-def _report(run: Any, out: Out, loopback: bool, rate: str) -> list[str]:
-    """Print the report block; return the failed checks (empty: all good)."""
+def _report(run: Any, out: Out, loopback: bool, rate: str, ram_checked: bool = True) -> list[str]:
+    """Print the report block; return the failed checks (empty: all good).
+
+    ``ram_checked``: the guest runs its RAM checker (it dirties memory), so its verdict is required.
+    """
     r = run.report
     failed: list[str] = []
     out.line()
@@ -259,6 +262,7 @@ def _report(run: Any, out: Out, loopback: bool, rate: str) -> list[str]:
     hb = run.heartbeat
     checks = [
         ("heartbeat", "heartbeat continued on the destination, same boot id"),
+        *([("every page", "guest RAM verified")] if ram_checked else []),
         ("journal", "journal verified"),
         ("destination disks identical", "disks identical"),
     ]
@@ -273,6 +277,8 @@ def _report(run: Any, out: Out, loopback: bool, rate: str) -> list[str]:
             detail = (f"boot id {hb['boot_id']}; last beat on the source #{hb['source_last']}, "
                       f"first on the destination #{hb['destination_first']} (jump +{jump}), "
                       f"then #{hb['destination_last']}")
+        elif key == "every page":
+            detail = found[0].removeprefix("every page of the guest's ")
         elif key == "destination disks identical":
             detail = (f"{run.info.get('disks_compared', '')} "
                       "(qemu-img compare, source frozen, destination paused)")
@@ -335,7 +341,7 @@ def run(args: argparse.Namespace, out: Out | None = None) -> int:
                      f"journal disk {recipe.journal_mib} MiB, data disk {disk.size / MiB:.0f} MiB holding "
                      f"{disk.data_bytes / MiB:.0f} MiB")
             result = sc.run("ours", compare_then_resume=True, timeout=args.timeout, on_event=Progress(out))
-            failed = _report(result, out, loopback, _fmt_rate(rate_bps))
+            failed = _report(result, out, loopback, _fmt_rate(rate_bps), ram_checked=recipe.dirty_mib > 0)
             if not result.ok or failed:
                 out.line(f"demo FAILED: {result.error or 'verification incomplete: ' + ', '.join(failed)}")
                 _tails(workdir, out)

@@ -10,17 +10,46 @@ ROOT=$PWD
 log() { printf '[setup] %s\n' "$*" >&2; }
 
 # --- 1. system packages ------------------------------------------------------
+# deps/apt.txt from the release's own suite; QEMU and libvirt (deps/apt-backports.txt) from
+# bookworm-backports on bookworm, the primary test platform (QEMU 10, libvirt 11).
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+. /etc/os-release
+BACKPORTS=""
+if [ "${VERSION_CODENAME:-}" = bookworm ]; then
+    BACKPORTS=bookworm-backports
+    if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        log "enabling Debian's bookworm-backports suite (QEMU 10, libvirt 11)"
+        printf '%s\n' "Types: deb" "URIs: http://deb.debian.org/debian" "Suites: bookworm-backports" \
+            "Components: main" "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg" \
+            | $SUDO tee /etc/apt/sources.list.d/dataplane-backports.sources >/dev/null
+        $SUDO apt-get update -q
+    fi
+fi
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
 mapfile -t PKGS < <(grep -vE '^\s*(#|$)' deps/apt.txt)
 missing=()
 for p in "${PKGS[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    installed "$p" || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
-    SUDO=""
-    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     log "installing system packages: ${missing[*]}"
     $SUDO apt-get update -q
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+mapfile -t BPO < <(grep -vE '^\s*(#|$)' deps/apt-backports.txt)
+missing=()
+for p in "${BPO[@]}"; do
+    # on bookworm, the package must be the backports build (a version with ~bpo), not bookworm's own
+    if ! installed "$p" || { [ -n "$BACKPORTS" ] && ! dpkg-query -W -f='${Version}' "$p" | grep -q '~bpo'; }; then
+        missing+=("$p")
+    fi
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    log "installing ${missing[*]}${BACKPORTS:+ from $BACKPORTS}"
+    $SUDO apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends \
+        ${BACKPORTS:+-t "$BACKPORTS"} "${missing[@]}"
 fi
 
 # --- 2. virtualenv with the package --------------------------------------------
@@ -45,6 +74,9 @@ fi
 # set, every `dataplane migrate` would otherwise recompile ~50 modules at start (~0.17 s).
 "$VPY" -m compileall -q dataplane qmp_driver >/dev/null
 
-# --- 3. test guest ----------------------------------------------------------------
+# --- 3. test guest and the QEMU 7.2 floor -------------------------------------------
 "$VPY" -m dataplane.testing.guest build
-log "ready"
+if [ -n "$BACKPORTS" ]; then
+    bash scripts/qemu-floor.sh >/dev/null
+fi
+log "ready: $(qemu-system-x86_64 --version | head -1), libvirt $(libvirtd --version | awk '{print $NF}')"

@@ -22,7 +22,15 @@ import pytest
 from dataplane.testing.cclm import RoleProcess, ScenarioError, dataplane_argv
 from dataplane.testing.journal import verify_journal
 from dataplane.testing.netns import Link
-from dataplane.testing.vm import Disk, QemuVM, disk_sha256, fill_random, images_identical, make_disk
+from dataplane.testing.vm import (
+    Disk,
+    QemuVM,
+    disk_sha256,
+    fill_random,
+    images_identical,
+    make_disk,
+    verify_continued,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -145,22 +153,23 @@ def _source_intact(src: QemuVM) -> None:
     assert not caps["pause-before-switchover"] and not caps["postcopy-ram"] and not caps["multifd"]
     n = len(src.heartbeats())
     src.wait_heartbeat(n + 3, 60)
+    src.verify_ram(len(src.serial().ram_passes) + 1, 60)  # a whole clean pass after the rollback
 
 
 def _continues_on(dst: QemuVM, src: QemuVM) -> str:
-    last = src.heartbeats()[-1]
-    beats = dst.wait_heartbeat(3, 90, newer_than=last.counter)
-    assert {hb.boot_id for hb in beats} == {last.boot_id}, "the guest rebooted instead of migrating"
-    return last.boot_id
+    """The guest runs on at *dst*: heartbeat, same boot id, a clean RAM checker pass, no kernel fault."""
+    return verify_continued(src, dst).boot_id
 
 
 # ------------------------------------------------------------------------------------ happy paths
 
 
-def test_two_disks_raw_qcow2_multifd(vm_factory, link_factory, tmp_path):
+def test_two_disks_raw_qcow2_multifd(qemu_platform, vm_factory, link_factory, tmp_path):
     link = link_factory("1gbit")
     cl = Clusters(link, tmp_path)
     src, dst, paths = _vms(vm_factory, tmp_path)
+    qemu_platform.check(src)
+    qemu_platform.check(dst)
     rcv, port = cl.receive(dst)
     mig = cl.migrate(src, port, "--multifd", "2")
     assert mig.wait() == 0, mig.stderr()[-3000:]
@@ -290,11 +299,12 @@ def test_destination_killed_during_precopy(vm_factory, link_factory, tmp_path):
     assert disk_sha256(paths["s1"], "qcow2") == before
 
 
-def test_ctrl_c_on_source_during_precopy(vm_factory, link_factory, tmp_path):
+def test_ctrl_c_on_source_during_precopy(qemu_platform, vm_factory, link_factory, tmp_path):
     link = link_factory("100mbit")
     cl = Clusters(link, tmp_path)
     src, dst, _ = _vms(vm_factory, tmp_path, data_fill=0,
                        cmdline={"dirty_mib": 48, "dirty_rate": 4, "pattern": "random"})
+    qemu_platform.check(src)
     rcv, port = cl.receive(dst)
     mig = cl.migrate(src, port)
     mig.wait_event(lambda e: e.get("phase") == "precopy" and e.get("ram_done", 0) > 2 * MiB)

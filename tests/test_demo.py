@@ -22,6 +22,7 @@ SMALL = ["--memory", "128", "--dirty-mib", "32", "--dirty-rate", "4",
          "--disk-size", "64", "--disk-data", "16"]
 VERIFIED = (
     "ok      heartbeat continued on the destination, same boot id: boot id ",
+    "ok      guest RAM verified: 32 MiB checked area verified on the destination (2 checker passes of ",
     "ok      journal verified: journal verifies (",
     "ok      disks identical: jrnl 16 MiB, data 64 MiB",
 )
@@ -62,10 +63,12 @@ def _check(rc: int, out: str) -> None:
 
 
 @pytest.mark.e2e
-def test_demo_migrates_between_namespaces(guest) -> None:
+def test_demo_migrates_between_namespaces(qemu_platform, guest) -> None:
     require_netns()
     rc, out = _run_demo("--rate", "1gbit")
     _check(rc, out)
+    assert f"source QEMU {qemu_platform.version} started" in out, out
+    assert f"destination QEMU {qemu_platform.version} started" in out, out
     assert re.search(r"cluster-a = network namespace dp-a-\S+ \(10\.200\.0\.1\), cluster-b = dp-b-\S+ "
                      r"\(10\.200\.0\.2\); veth veth-a/veth-b, both ends shaped to 1 Gbit/s \(tbf\)", out), out
     assert "2 CAs (cluster-a, cluster-b), cross-trusted" in out

@@ -23,7 +23,8 @@ from dataplane.testing.journal import (
     record_offset,
     verify_journal,
 )
-from dataplane.testing.vm import Disk, make_disk
+from dataplane.testing.ramstamp import stamped_pages
+from dataplane.testing.vm import Disk, GuestRamError, make_disk
 
 PAGE = 4096
 
@@ -135,6 +136,71 @@ def test_dirtier_rewrites_guest_ram(vm_factory, tmp_path, pattern):
         assert words > 100 and sample.count(b"page ") > 100
     else:
         assert ratio < 1.1, f"random pages compress {ratio:.2f}:1"
+
+
+# --------------------------------------------------------------------------- RAM checker
+
+
+def _wait_rewritten(mem: mmap.mmap, offset: int, gen: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while int.from_bytes(mem[offset + 8 : offset + 16], "little") <= gen:
+        assert time.monotonic() < deadline, f"the page at {offset:#x} was not rewritten within {timeout} s"
+        time.sleep(0.02)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("pattern", ["random", "text"])
+def test_ram_checker_finds_a_lost_write_and_a_flipped_byte(vm_factory, tmp_path, pattern):
+    """The guest's checker notices what a migration that loses RAM would leave: a page that holds
+    an older generation (a rewrite that never arrived) and a page with a damaged byte."""
+    ram = tmp_path / "guest.ram"
+    vm = vm_factory(memory_mib=128, memory_backend_path=ram,
+                    cmdline={"dirty_mib": 16, "dirty_rate": 8, "pattern": pattern})
+    passes = vm.verify_ram(2, 60)  # clean so far: two whole passes, nothing bad
+    assert passes[-1].pages == 16 * 256 and passes[-1].bad == 0
+    with open(ram, "r+b") as fh, mmap.mmap(fh.fileno(), 0) as mem:
+        pages = stamped_pages(mem)
+        assert len(pages) == 16 * 256, f"found {len(pages)} stamped pages in guest RAM"
+        stale, flipped = pages[100], pages[3000]
+        old = mem[stale.offset : stale.offset + PAGE]
+        _wait_rewritten(mem, stale.offset, stale.generation)  # the dirtier moved it on...
+        mem[stale.offset : stale.offset + PAGE] = old  # ... and that rewrite is "lost"
+        mem[flipped.offset + 2000] ^= 0x10
+    bad = vm.wait_for_serial(
+        rf"^RAMBAD page=100 expected_gen=\d+ found_gen={stale.generation} why=stale by=\w+", 30)
+    assert int(bad.group(0).split("expected_gen=")[1].split()[0]) > stale.generation
+    vm.wait_for_serial(r"^RAMBAD page=3000 expected_gen=\d+ found_gen=\d+ why=checksum by=\w+", 30)
+    with pytest.raises(GuestRamError, match=r"page 100: expected generation \d+, found \d+ \(stale"):
+        vm.verify_ram(2, 30)
+    n = vm.heartbeats()[-1].counter
+    vm.wait_heartbeat(3, 10, newer_than=n)  # the agent reports and keeps running
+    # Once the dirtier has rewritten both pages (every 2 s), whole passes are clean again.
+    seen = len(vm.serial().ram_passes)
+    deadline = time.monotonic() + 20
+    while not [p for p in vm.serial().ram_passes[seen:] if p.bad == 0]:
+        assert time.monotonic() < deadline, vm.serial().ram_passes[-5:]
+        time.sleep(0.1)
+
+
+def test_parse_serial_ram_lines_and_kernel_faults():
+    text = (
+        "HB 1 00000000000000aa 10\r\nRAMCHECK 1 pages=4096 bad=0 raced=1 ms=125\r\n"
+        "RAMBAD page=7 expected_gen=4 found_gen=3 why=stale by=checker\r\n"
+        "RAMBAD page=9 expected_gen=4 found_gen=-1 why=zeroed by=dirtier\r\n"
+        "RAMCHECK 2 pages=4096 bad=2 raced=0 ms=130\r\n"
+        "[   12.5] list_del corruption. prev->next should be ffff8880, but was dead000000000122\r\n"
+        "[   12.5] kernel BUG at lib/list_debug.c:59!\r\n"
+    )
+    log = parse_serial(text)
+    assert [(p.number, p.bad, p.raced, p.ms) for p in log.ram_passes] == [(1, 0, 1, 125), (2, 2, 0, 130)]
+    assert [(b.page, b.expected_gen, b.found_gen, b.why, b.by) for b in log.ram_bad] == [
+        (7, 4, 3, "stale", "checker"), (9, 4, -1, "zeroed", "dirtier")]
+    assert len(log.kernel_faults) == 2 and "kernel BUG at" in log.kernel_faults[1]
+    problems = log.problems()
+    assert problems[0] == "RAM page 7: expected generation 4, found 3 (stale, seen by the checker)"
+    assert any("kernel BUG" in p for p in problems)
+    clean = "HB 1 00000000000000aa 10\r\nRAMCHECK 1 pages=1 bad=0 raced=0 ms=1\r\n"
+    assert parse_serial(clean).problems() == []
 
 
 # --------------------------------------------------------------------------- disk journal

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import mmap
 import os
+import shutil
 import signal
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -25,7 +29,17 @@ from dataplane.migration import (
     validate_target,
 )
 from dataplane.testing.journal import verify_journal
-from dataplane.testing.vm import Disk, disk_sha256, fill_random, images_identical, make_disk, write_bytes
+from dataplane.testing.ramstamp import PAGE, stamped_pages
+from dataplane.testing.vm import (
+    Disk,
+    GuestRamError,
+    disk_sha256,
+    fill_random,
+    images_identical,
+    make_disk,
+    verify_continued,
+    write_bytes,
+)
 from qmp_driver import BlockNode, QemuDriver
 
 MiB = 1 << 20
@@ -127,9 +141,7 @@ async def test_migrate_two_disks_raw_and_qcow2(vm_factory, tmp_path):
     phases = [p.phase for p in samples]
     for phase in ("mirror", "mirror-ready", "precopy", "switchover", "completed"):
         assert phase in phases, phases
-    last_src = src.heartbeats()[-1]
-    beats = await asyncio.to_thread(dst.wait_heartbeat, 3, 60, newer_than=last_src.counter)
-    assert {hb.boot_id for hb in beats} == {last_src.boot_id}, "the guest rebooted instead of migrating"
+    last_src = await asyncio.to_thread(verify_continued, src, dst, timeout=60)  # heartbeat and RAM
     await asyncio.to_thread(dst.wait_acks, src.serial().max_ack + 3, 60)  # journal goes on at the dst
     await asyncio.to_thread(dst.stop)
     src.kill()
@@ -162,6 +174,48 @@ async def test_paused_destination_is_byte_identical(vm_factory, tmp_path):
     src.kill()
     assert images_identical(s0, d0, "raw", "qcow2")
     verify_journal(str(d0), "qcow2", acked_upto=src.serial().max_ack)
+
+
+@pytest.mark.e2e
+async def test_a_page_lost_in_migration_fails_the_ram_check(vm_factory, tmp_path):
+    """The check after a migration can fail: the destination's RAM (a memory-backend-file in /dev/shm)
+    gets one page back as it was before the source rewrote it, exactly what a lost dirty page leaves,
+    and the verification of the migrated guest must say which page and which generations."""
+    shm = Path(tempfile.mkdtemp(prefix="dp-ram-", dir="/dev/shm"))
+    try:
+        src = vm_factory(memory_mib=128, memory_backend_path=shm / "src.ram", name="src",
+                         disks=[Disk(make_disk(tmp_path / "s0.raw", 8 * MiB), "raw")],
+                         cmdline={"hb_ms": 100, "dirty_mib": 16, "dirty_rate": 8, "pattern": "text"})
+        dst = vm_factory(memory_mib=128, memory_backend_path=shm / "dst.ram", incoming="defer", paused=True,
+                         disks=[Disk(make_disk(tmp_path / "d0.raw", 8 * MiB), "raw")], name="dst")
+        await asyncio.to_thread(src.verify_ram, 1, 60)
+        with open(shm / "src.ram", "rb") as fh, mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ) as mem:
+            page = stamped_pages(mem)[1234]
+            old = mem[page.offset : page.offset + PAGE]
+            for _ in range(400):  # until the source has rewritten it (every 2 s)
+                if mem[page.offset + 8 : page.offset + 16] != old[8:16]:
+                    break
+                await asyncio.sleep(0.05)
+        mig = f"unix:{tmp_path / 'mig.sock'}"
+        async with await QemuDriver.connect_socket(src.qmp_path) as s, \
+                await QemuDriver.connect_socket(dst.qmp_path) as d:
+            plan = await discover_plan(s)
+            await prepare_target(d, plan, str(tmp_path / "nbd.sock"), mig)
+            # (the source's page 1234 has moved on since `old` was read: see the loop above)
+            nbd = str(tmp_path / "nbd.sock")
+            report = await migrate_source(s, plan, lambda disk: nbd, mig)
+            await finish_target(d, resume=False)
+            assert report.outcome == "completed"
+            with open(shm / "dst.ram", "r+b") as fh, mmap.mmap(fh.fileno(), 0) as mem:
+                now = stamped_pages(mem)[1234]
+                assert now.offset == page.offset and now.generation > page.generation
+                mem[page.offset : page.offset + PAGE] = old
+            await d.execute("cont")
+        with pytest.raises(GuestRamError, match=rf"page 1234: expected generation {now.generation}, "
+                                                rf"found {page.generation} \(stale"):
+            await asyncio.to_thread(verify_continued, src, dst, timeout=60)
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
 
 
 @pytest.mark.e2e

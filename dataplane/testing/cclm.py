@@ -103,7 +103,17 @@ from dataplane.testing.commands import ROOT, child_env, cli_has, dataplane_argv,
 from dataplane.testing.journal import JournalReport, verify_journal
 from dataplane.testing.netns import Link, listening_tcp_ports
 from dataplane.testing.textgen import make_text
-from dataplane.testing.vm import Disk, QemuVM, VMSpec, images_identical, make_disk, run_async
+from dataplane.testing.vm import (
+    Disk,
+    GuestRamError,
+    QemuVM,
+    VMError,
+    VMSpec,
+    images_identical,
+    make_disk,
+    run_async,
+    verify_continued,
+)
 
 __all__ = [
     "PATHS",
@@ -288,7 +298,7 @@ class GuestRecipe:
 
     def cmdline(self) -> dict[str, object]:
         """The guest agent's ``dp.*`` parameters."""
-        params: dict[str, object] = {"hb_ms": self.hb_ms}
+        params: dict[str, object] = {"hb_ms": self.hb_ms, "dirty_mib": self.dirty_mib}
         if self.dirty_mib:
             params.update(dirty_mib=self.dirty_mib, dirty_rate=self.dirty_rate, pattern=self.pattern)
         if self.journal_rate:
@@ -741,7 +751,8 @@ class MigrationRun:
     before ``cont``; ``wire_source``: where ``wire_bytes`` comes from (the
     veth counters, or in loopback mode the channel's report); ``heartbeat``:
     the source's last and the destination's first and last heartbeat
-    counters and the boot id, once verified.
+    counters and the boot id, once verified; ``ram_check_ms``: how long the
+    guest's RAM checker took for its last full pass on the destination.
     """
 
     path: str
@@ -760,6 +771,7 @@ class MigrationRun:
     held_s: float | None = None
     wire_source: str = "veth"
     heartbeat: dict[str, Any] = field(default_factory=dict)
+    ram_check_ms: int | None = None
 
     def summary(self) -> str:
         """One line with the figures."""
@@ -865,13 +877,15 @@ class Scenario:
                      rundir / "src")
         self._vms.append(src)
         src.start()
-        self._say(f"source QEMU started in {self._where('a')} (pid {src.pid}, {self.recipe.memory_mib} MiB, "
+        self._say(f"source QEMU {src.qemu_version()} started in {self._where('a')} (pid {src.pid}, "
+                  f"{self.recipe.memory_mib} MiB, "
                   f"disks {', '.join(d.node_name or '?' for d in src_disks)})")
         dst = QemuVM(self._spec(dst_disks, dst_ev, "b", incoming="defer", paused=True, name="cclm-dst"),
                      rundir / "dst")
         self._vms.append(dst)
         dst.start()
-        self._say(f"destination QEMU started in {self._where('b')} (pid {dst.pid}): -incoming defer, paused, "
+        self._say(f"destination QEMU {dst.qemu_version()} started in {self._where('b')} (pid {dst.pid}): "
+                  "-incoming defer, paused, "
                   "empty disks of the same sizes")
         self.src, self.dst = src, dst
         self.src_events = EventRecorder(src_ev, "source").start()
@@ -948,7 +962,7 @@ class Scenario:
                         self.verify(result, resume=True, compare_first=True)
                     else:
                         self.verify(result, resume=resume)
-                except (ScenarioError, AssertionError, TimeoutError, OSError) as exc:
+                except (ScenarioError, AssertionError, TimeoutError, OSError, VMError) as exc:
                     result.error = f"verification failed: {type(exc).__name__}: {exc}"
             result.ok = result.error is None
             return result
@@ -1120,7 +1134,9 @@ class Scenario:
         """Check that the migration really happened; append what was checked to ``result.verified``.
 
         With ``resume``: the destination prints heartbeats with the source's
-        boot id and newer counters; the source is stopped (postmigrate). Then
+        boot id and newer counters, and its RAM checker completes two whole
+        passes with no bad page and no kernel fault (when the recipe dirties
+        memory); the source is stopped (postmigrate). Then
         both VMs are stopped and the journal on the destination's journal
         disk verifies up to the last acknowledged record. Without
         ``resume``: the destination stayed paused, both VMs are stopped and
@@ -1133,7 +1149,8 @@ class Scenario:
         ``RESUME`` event; ``result.held_s`` and ``result.downtime_ms``, source
         ``STOP`` to that ``RESUME``, are filled in) and go on as with ``resume``.
 
-        Raises ScenarioError or AssertionError (JournalError) on a failed check.
+        Raises ScenarioError, or AssertionError (JournalError, GuestRamError: a bad RAM page or a kernel
+        fault on the destination) on a failed check.
         """
         src, dst = self.src, self.dst
         assert src is not None and dst is not None
@@ -1158,15 +1175,20 @@ class Scenario:
                 result.downtime_ms = (resumed.timestamp - stop.timestamp) * 1000
         if resume:
             try:
-                beats = dst.wait_heartbeat(3, timeout, newer_than=last.counter)
+                verify_continued(src, dst, ram_passes=2 if self.recipe.dirty_mib else 0, timeout=timeout)
+            except GuestRamError:
+                raise
             except Exception as exc:
-                raise ScenarioError(f"no heartbeat on the destination: {exc}") from exc
-            boots = {hb.boot_id for hb in beats}
-            if boots != {last.boot_id}:
-                raise ScenarioError(f"destination boot ids {boots} != source {last.boot_id}: "
-                                    "the guest rebooted")
+                raise ScenarioError(f"the guest does not run on at the destination: {exc}") from exc
+            beats = [hb for hb in dst.heartbeats() if hb.counter > last.counter]
             result.verified.append(f"heartbeat continues on the destination (#{last.counter} -> "
                                    f"#{beats[-1].counter}, boot {last.boot_id})")
+            if self.recipe.dirty_mib:
+                passes = dst.serial().ram_passes
+                result.verified.append(f"every page of the guest's {self.recipe.dirty_mib} MiB checked area "
+                                       f"verified on the destination ({len(passes)} checker passes of "
+                                       f"{passes[-1].ms} ms, no bad page, no kernel fault)")
+                result.ram_check_ms = passes[-1].ms
             result.heartbeat = {"source_last": last.counter, "destination_first": beats[0].counter,
                                 "destination_last": beats[-1].counter, "boot_id": last.boot_id}
             if self.recipe.journal_rate:

@@ -12,6 +12,10 @@ Made available to the suite by ``tests/conftest.py``
                        it made is killed at teardown, pass or fail
 ``qemu_leak_guard``    session, autouse: at the end of the session, fails if
                        any QEMU started by this process is still running
+``qemu_platform``      function, parametrized ``primary`` / ``floor``: runs the
+                       test once on the primary QEMU and once on the QEMU 7.2
+                       floor (``DATAPLANE_QEMU`` pointed at the unpacked 7.2);
+                       ``qemu_platform.check(vm)`` asserts which QEMU a VM runs
 """
 
 from __future__ import annotations
@@ -25,9 +29,20 @@ import pytest
 
 from dataplane.testing.guest import GuestArtifacts, GuestBuildError
 from dataplane.testing.guest import build as build_guest
-from dataplane.testing.vm import QemuVM, VMSpec, kill_all, pid_alive, qemu_binary, started_pids
+from dataplane.testing.vm import (
+    FLOOR_QEMU_VERSION,
+    QEMU_ENV,
+    QemuVM,
+    VMSpec,
+    binary_version,
+    floor_qemu_binary,
+    kill_all,
+    pid_alive,
+    qemu_binary,
+    started_pids,
+)
 
-__all__ = ["VMFactory", "guest", "qemu_leak_guard", "vm_factory"]
+__all__ = ["QemuPlatform", "VMFactory", "guest", "qemu_leak_guard", "qemu_platform", "vm_factory"]
 
 VMFactory = Callable[..., QemuVM]
 
@@ -95,3 +110,41 @@ def qemu_leak_guard() -> Iterator[None]:
     kill_all()
     if leaked:
         pytest.fail(f"QEMU processes outlived the tests that started them: pids {leaked}", pytrace=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class QemuPlatform:
+    """Which QEMU a test runs on: ``primary`` (PATH or ``DATAPLANE_QEMU``) or ``floor`` (QEMU 7.2)."""
+
+    name: str
+    binary: str
+    version: str  # X.Y.Z, as the binary reports it
+
+    def check(self, vm: QemuVM) -> None:
+        """Assert that *vm* runs this platform's QEMU (so a floor test cannot pass on the primary)."""
+        got = vm.qemu_version()
+        assert got == self.version, f"{vm!r} runs QEMU {got}, not the {self.name} platform's {self.version}"
+
+
+@pytest.fixture(params=["primary", "floor"])
+def qemu_platform(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> QemuPlatform:
+    """Run the test on the primary QEMU and again on the QEMU 7.2 floor.
+
+    The floor is the QEMU of Debian bookworm, unpacked into the cache by ``scripts/qemu-floor.sh``
+    (``scripts/setup.sh`` runs it); the test's QEMUs use it through ``DATAPLANE_QEMU``. Skips (a
+    failure under DATAPLANE_REQUIRE_E2E=1) if it is not there.
+    """
+    if request.param == "floor":
+        binary = floor_qemu_binary()
+        if binary is None:
+            pytest.skip(f"the QEMU {FLOOR_QEMU_VERSION} floor is not unpacked: run scripts/qemu-floor.sh")
+        monkeypatch.setenv(QEMU_ENV, binary)
+    else:
+        found = qemu_binary()
+        if found is None:
+            pytest.skip("qemu-system-x86_64 is not installed")
+        binary = found
+    version = binary_version(binary)
+    if request.param == "floor":
+        assert version.startswith(FLOOR_QEMU_VERSION + "."), f"{binary} is QEMU {version}"
+    return QemuPlatform(request.param, binary, version)

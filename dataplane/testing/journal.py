@@ -30,6 +30,8 @@ __all__ = [
     "Heartbeat",
     "JournalError",
     "JournalReport",
+    "RamBad",
+    "RamCheckPass",
     "SerialLog",
     "encode_header",
     "encode_record",
@@ -82,6 +84,41 @@ class Heartbeat:
     uptime_ms: int
 
 
+@dataclass(frozen=True)
+class RamBad:
+    """One ``RAMBAD page=.. expected_gen=.. found_gen=.. why=.. by=..`` line: a guest page whose
+    content is not what the agent last wrote there (``found_gen`` is -1 when the page holds no stamp)."""
+
+    page: int
+    expected_gen: int
+    found_gen: int
+    why: str
+    by: str
+
+    def __str__(self) -> str:
+        return (f"page {self.page}: expected generation {self.expected_gen}, found {self.found_gen} "
+                f"({self.why}, seen by the {self.by})")
+
+
+@dataclass(frozen=True)
+class RamCheckPass:
+    """One ``RAMCHECK <pass> pages=.. bad=.. raced=.. ms=..`` line: the checker walked the whole area."""
+
+    number: int
+    pages: int
+    bad: int
+    raced: int
+    ms: int
+
+
+#: Console lines of a guest kernel that hit a bug: the guest cannot be trusted after one.
+KERNEL_FAULT_RE = re.compile(
+    r"^.*(?:kernel BUG at|BUG: |Oops|Kernel panic|general protection fault|list_(?:add|del) corruption"
+    r"|Unable to handle kernel|segfault at|invalid opcode:|RIP: 00).*$",
+    re.MULTILINE,
+)
+
+
 @dataclass
 class SerialLog:
     """The agent's lines parsed from a serial console log."""
@@ -92,11 +129,21 @@ class SerialLog:
     dirty: list[tuple[int, int]] = field(default_factory=list)  # (total_bytes, kib_per_s)
     journal: list[str] = field(default_factory=list)  # "JOURNAL ..." lines
     agent_starts: list[str] = field(default_factory=list)  # boot_id of each "DPAGENT" line
+    ram_bad: list[RamBad] = field(default_factory=list)  # "RAMBAD ..." lines
+    ram_passes: list[RamCheckPass] = field(default_factory=list)  # "RAMCHECK ..." lines
+    kernel_faults: list[str] = field(default_factory=list)  # kernel BUG / Oops / panic lines
 
     @property
     def max_ack(self) -> int:
         """Highest acknowledged sequence number (0 if none)."""
         return max(self.acks, default=0)
+
+    def problems(self) -> list[str]:
+        """What this log shows going wrong with the guest's memory or kernel (empty if nothing)."""
+        out = [f"RAM {bad}" for bad in self.ram_bad[:8]]
+        out += [f"checker pass {p.number}: {p.bad} bad page(s)" for p in self.ram_passes if p.bad][:4]
+        out += [f"kernel: {line}" for line in self.kernel_faults[:8]]
+        return out
 
     @property
     def boot_ids(self) -> list[str]:
@@ -112,13 +159,18 @@ _LINE_RE = re.compile(
     r"|(?P<err>ERR [^\r\n]*)"
     r"|(?P<jrnl>JOURNAL [^\r\n]*)"
     r"|DPAGENT (?P<agent>[0-9a-f]{16})(?: [^\r\n]*)?"
+    r"|RAMBAD page=(?P<bpage>\d+) expected_gen=(?P<bexp>\d+) found_gen=(?P<bfound>-?\d+)"
+    r" why=(?P<bwhy>\S+) by=(?P<bby>\S+)"
+    r"|RAMCHECK (?P<cpass>\d+) pages=(?P<cpages>\d+) bad=(?P<cbad>\d+) raced=(?P<craced>\d+)"
+    r" ms=(?P<cms>\d+)"
     r")[ \t]*\r?$",
     re.MULTILINE,
 )
 
 
 def parse_serial(log_text: str) -> SerialLog:
-    """Parse the agent's lines (HB, ACK, DIRTY, ERR, JOURNAL, DPAGENT) out of a serial log.
+    """Parse the agent's lines (HB, ACK, DIRTY, ERR, JOURNAL, DPAGENT, RAMBAD, RAMCHECK) and the
+    kernel's fault lines (BUG, Oops, panic, ...) out of a serial log.
 
     Lines that are incomplete (no line end yet) or garbled by kernel messages
     are ignored. Never raises on malformed input.
@@ -138,6 +190,12 @@ def parse_serial(log_text: str) -> SerialLog:
             out.journal.append(m["jrnl"].strip())
         elif m["agent"] is not None:
             out.agent_starts.append(m["agent"])
+        elif m["bpage"] is not None:
+            out.ram_bad.append(RamBad(int(m["bpage"]), int(m["bexp"]), int(m["bfound"]), m["bwhy"], m["bby"]))
+        elif m["cpass"] is not None:
+            out.ram_passes.append(RamCheckPass(int(m["cpass"]), int(m["cpages"]), int(m["cbad"]),
+                                               int(m["craced"]), int(m["cms"])))
+    out.kernel_faults = [m.group(0).strip() for m in KERNEL_FAULT_RE.finditer(complete)]
     return out
 
 

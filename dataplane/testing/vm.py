@@ -48,18 +48,22 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from dataplane.testing import guest as _guest
-from dataplane.testing.journal import Heartbeat, SerialLog, parse_serial
+from dataplane.testing.journal import Heartbeat, RamCheckPass, SerialLog, parse_serial
 from dataplane.testing.netns import CLONE_NEWNET, NETNS_DIR
 
 __all__ = [
     "ACCEL_ENV",
     "QEMU_ENV",
     "Disk",
+    "GuestRamError",
     "QemuVM",
     "VMError",
     "VMSpec",
     "VMStartError",
+    "FLOOR_QEMU_VERSION",
+    "binary_version",
     "default_accel",
+    "floor_qemu_binary",
     "disk_sha256",
     "fill_random",
     "images_identical",
@@ -68,6 +72,7 @@ __all__ = [
     "make_disk",
     "qemu_binary",
     "started_pids",
+    "verify_continued",
     "write_bytes",
     "write_pattern",
 ]
@@ -87,6 +92,13 @@ class VMStartError(VMError):
     """QEMU exited (or never became ready) during :meth:`QemuVM.start`."""
 
 
+class GuestRamError(AssertionError):
+    """The guest found a page of its RAM that is not what it wrote, or its kernel hit a bug.
+
+    Subclasses AssertionError so that pytest shows it as a test failure.
+    """
+
+
 def default_accel() -> str:
     """Return the accelerator from ``DATAPLANE_ACCEL`` (default ``tcg``)."""
     return os.environ.get(ACCEL_ENV, "").strip() or "tcg"
@@ -98,6 +110,31 @@ def qemu_binary() -> str | None:
     if override:
         return override if os.access(override, os.X_OK) else shutil.which(override)
     return shutil.which("qemu-system-x86_64")
+
+
+#: The oldest QEMU the data plane still supports; its binaries are unpacked beside the primary QEMU.
+FLOOR_QEMU_VERSION = "7.2"
+
+
+def floor_qemu_binary() -> str | None:
+    """Return the QEMU 7.2 floor's wrapper (``scripts/qemu-floor.sh`` unpacks it into the cache), or None."""
+    path = _guest.cache_dir().parent / f"qemu-{FLOOR_QEMU_VERSION}" / "qemu-system-x86_64"
+    return str(path) if os.access(path, os.X_OK) else None
+
+
+def binary_version(binary: str) -> str:
+    """Return the ``X.Y.Z`` version a QEMU binary reports (``--version``).
+
+    Raises VMError if it does not run or says no version.
+    """
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise VMError(f"{binary} --version: {exc}") from exc
+    m = re.search(r"version (\d+\.\d+\.\d+)", out)
+    if m is None:
+        raise VMError(f"{binary} --version says no version: {out.strip()[:200]!r}")
+    return m.group(1)
 
 
 # --------------------------------------------------------------------------- spec
@@ -561,6 +598,11 @@ class QemuVM:
         self._unregister()
         return rc
 
+    def qemu_version(self) -> str:
+        """Return the running QEMU's ``X.Y.Z`` version (QMP ``query-version``). Raises VMError."""
+        q = self.qmp("query-version")["qemu"]
+        return f"{q['major']}.{q['minor']}.{q['micro']}"
+
     def qmp(self, command: str, args: Mapping[str, object] | None = None, timeout: float = 10.0) -> Any:
         """Run one QMP command on the private control socket and return its result.
 
@@ -638,6 +680,38 @@ class QemuVM:
 
         return self._wait(check, timeout, f"{count} heartbeat(s) after #{newer_than}")
 
+    def check_ram(self) -> SerialLog:
+        """Raise GuestRamError if the serial log so far shows a bad RAM page or a kernel fault.
+
+        Returns the parsed log otherwise.
+        """
+        log = self.serial()
+        problems = log.problems()
+        if problems:
+            raise GuestRamError(f"{self.spec.name} ({self.workdir.name}): the guest's memory is corrupt:\n  "
+                                + "\n  ".join(problems) + f"\n{self._diag()}")
+        return log
+
+    def verify_ram(self, passes: int = 2, timeout: float = 60.0) -> list[RamCheckPass]:
+        """Wait for *passes* full passes of the guest's RAM checker in this QEMU's serial log; return them.
+
+        The agent's checker (``dp.check_rate``, on whenever ``dp.dirty_mib`` is set) walks the whole
+        dirtied area and prints ``RAMCHECK`` after each pass. A destination's serial log starts at
+        its resume, so with *passes* >= 2 at least one whole pass ran on the destination. Raises
+        GuestRamError as soon as a bad page or a kernel fault shows, TimeoutError if the passes do
+        not come (no checker in this guest, or it is too slow), VMError if QEMU exits.
+        """
+
+        def check() -> list[RamCheckPass] | None:
+            log = self.check_ram()
+            return log.ram_passes if len(log.ram_passes) >= passes else None
+
+        try:
+            return self._wait(check, timeout, f"{passes} full pass(es) of the guest's RAM checker")
+        except VMError:
+            self.check_ram()  # a guest that panicked and ended QEMU: say why
+            raise
+
     def wait_acks(self, seq: int, timeout: float = 30.0) -> int:
         """Wait until the guest acknowledged journal record *seq*; return the highest ACK seen.
 
@@ -649,6 +723,29 @@ class QemuVM:
             return top if top >= seq else None
 
         return self._wait(check, timeout, f"ACK {seq}")
+
+
+def verify_continued(src: QemuVM, dst: QemuVM, *, beats: int = 3, ram_passes: int = 2,
+                     timeout: float = 90.0) -> Heartbeat:
+    """Check that the guest that ran in *src* now runs in *dst*, whole; return *src*'s last heartbeat.
+
+    The destination prints *beats* heartbeats newer than the source's last one, with the same boot id
+    (not a reboot); its RAM checker completes *ram_passes* full passes with no bad page (with 2, one
+    whole pass ran on the destination); and neither console shows a kernel fault. Raises
+    GuestRamError (lost or corrupt RAM, kernel BUG/Oops/panic), AssertionError (a reboot),
+    TimeoutError or VMError.
+    """
+    src.check_ram()
+    last = src.heartbeats()[-1]
+    got = dst.wait_heartbeat(beats, timeout, newer_than=last.counter)
+    boots = {hb.boot_id for hb in got}
+    if boots != {last.boot_id}:
+        raise AssertionError(f"destination boot ids {sorted(boots)} != source {last.boot_id}: "
+                             "the guest rebooted")
+    if ram_passes:
+        dst.verify_ram(ram_passes, timeout)
+    dst.check_ram()
+    return last
 
 
 # --------------------------------------------------------------------------- disk images

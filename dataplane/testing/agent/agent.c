@@ -7,7 +7,14 @@
  *
  *   heartbeat  every dp.hb_ms ms print  "HB <counter> <boot_id> <uptime_ms>"
  *   dirtier    keep dp.dirty_mib MiB of memory and rewrite it at
- *              dp.dirty_rate MiB/s with dp.pattern (zero|text|random)
+ *              dp.dirty_rate MiB/s with dp.pattern (zero|text|random); every
+ *              text or random page carries its index, its generation (how many
+ *              times it was rewritten) and a checksum, and is verified just
+ *              before it is rewritten
+ *   checker    walk the whole dirtied area at dp.check_rate MiB/s, verify every
+ *              page against the generation the dirtier last gave it, print
+ *              "RAMBAD page=.. expected_gen=.. found_gen=.. why=.." for each
+ *              mismatch and "RAMCHECK <pass> ..." after each full pass
  *   journal    write self-verifying records to the raw block device dp.disk
  *              at dp.disk_rate records/s, print "ACK <seq>" once each record
  *              is durable
@@ -31,6 +38,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/random.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -51,16 +59,18 @@ struct config {
     char disk[128];
     long disk_rate; /* records/s */
     long disk_rec;  /* bytes per record */
+    long check_rate; /* MiB/s the checker verifies; 0 = checker off */
 };
 
 static struct config cfg = {
     .hb_ms = 100,
-    .dirty_mib = 0,
-    .dirty_rate = 0,
+    .dirty_mib = 16,
+    .dirty_rate = 4,
     .pattern = "text",
     .disk = "/dev/vda",
     .disk_rate = 0,
     .disk_rec = 4096,
+    .check_rate = 128,
 };
 
 static uint64_t boot_id;
@@ -188,6 +198,8 @@ static void parse_cmdline(void) {
             cfg.disk_rate = atol(val);
         else if (!strcmp(key, "disk_rec"))
             cfg.disk_rec = atol(val);
+        else if (!strcmp(key, "check_rate"))
+            cfg.check_rate = atol(val);
         else
             emit("ERR cmdline: unknown parameter dp.%s", key);
     }
@@ -277,16 +289,48 @@ static void make_text_pool(uint64_t seed) {
     }
 }
 
-/* Rewrite one 4 KiB page; `gen` counts passes over the area. */
-static void write_page(enum pattern pat, uint8_t *page, uint64_t *rng, uint64_t gen, uint64_t index) {
-    if (pat == PAT_ZERO) {
+/* Every text or random page starts with a 32-byte stamp that makes it checkable on its own:
+ *   0  u32 magic "DPRM"     4  u32 page index     8  u64 generation
+ *   16 u64 checksum of bytes 32..4095, keyed with the index, the generation and the boot id
+ *   24 u64 zero
+ * Write number w (counting from 0 over the whole area, the initial touch included) rewrites page
+ * w % npages with generation w / npages, so the generation every page must hold follows from how
+ * many writes are done. Zero pages carry no stamp: they must stay all zero. */
+#define RAM_MAGIC 0x4D525044u /* "DPRM" little-endian */
+#define STAMP 32u
+
+static enum pattern ram_pat = PAT_TEXT;
+static uint8_t *ram;
+static size_t ram_pages;
+/* Writes started and writes finished (a seqlock in two counters, see check_page). */
+static uint64_t ram_started, ram_done;
+
+static uint64_t page_sum(const uint8_t *page, uint64_t index, uint64_t gen) {
+    uint64_t a = boot_id ^ 0x243F6A8885A308D3ull, b = index ^ 0x13198A2E03707344ull;
+    uint64_t c = gen ^ 0xA4093822299F31D0ull, d = 0x082EFA98EC4E6C89ull;
+    const uint64_t *w = (const uint64_t *)(page + STAMP);
+    for (size_t i = 0; i < (PAGE - STAMP) / 8; i += 4) {
+        a = (a ^ w[i]) * 0x9E3779B97F4A7C15ull;
+        b = (b ^ w[i + 1]) * 0xC2B2AE3D27D4EB4Full;
+        c = (c ^ w[i + 2]) * 0x165667B19E3779F9ull;
+        d = (d ^ w[i + 3]) * 0xD6E8FEB86659FD93ull;
+    }
+    return mix64(a ^ mix64(b ^ mix64(c ^ mix64(d))));
+}
+
+/* Write number w: fill page w % npages with the pattern and stamp it. */
+static void write_page(uint8_t *page, uint64_t *rng, uint64_t gen, uint64_t index) {
+    if (ram_pat == PAT_ZERO) {
         memset(page, 0, PAGE);
-    } else if (pat == PAT_RANDOM) {
-        uint64_t *w = (uint64_t *)page;
-        for (size_t i = 0; i < PAGE / 8; i++)
+        return;
+    }
+    if (ram_pat == PAT_RANDOM) {
+        uint64_t *w = (uint64_t *)(page + STAMP);
+        for (size_t i = 0; i < (PAGE - STAMP) / 8; i++)
             w[i] = xorshift64(rng);
     } else {
-        memcpy(page, text_pool + xorshift64(rng) % (TEXT_POOL - PAGE), PAGE);
+        uint8_t *body = page + STAMP;
+        memcpy(body, text_pool + xorshift64(rng) % (TEXT_POOL - PAGE), PAGE - STAMP);
         char stamp[48];
         size_t n = 0;
         memcpy(stamp, "page ", 5);
@@ -295,18 +339,86 @@ static void write_page(enum pattern pat, uint8_t *page, uint64_t *rng, uint64_t 
         n += 6;
         n += fmt_u64(stamp + n, gen);
         stamp[n++] = '\n';
-        memcpy(page, stamp, n);
+        memcpy(body, stamp, n);
         page[PAGE - 1] = '\n';
     }
+    put_u32(page, RAM_MAGIC);
+    put_u32(page + 4, (uint32_t)index);
+    put_u64(page + 8, gen);
+    put_u64(page + 16, page_sum(page, index, gen));
+    put_u64(page + 24, 0);
+}
+
+static uint64_t get_u64(const uint8_t *p) {
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--)
+        v = v << 8 | p[i];
+    return v;
+}
+
+static uint32_t get_u32(const uint8_t *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+/* NULL if `page` is what write (index, gen) left there, else why not; *found = the generation it holds. */
+static const char *page_fault(const uint8_t *page, uint64_t index, uint64_t gen, int64_t *found) {
+    *found = -1;
+    if (ram_pat == PAT_ZERO) {
+        for (size_t i = 0; i < PAGE; i++)
+            if (page[i])
+                return "nonzero";
+        return NULL;
+    }
+    if (get_u32(page) != RAM_MAGIC) {
+        for (size_t i = 0; i < PAGE; i++)
+            if (page[i])
+                return "no-stamp";
+        return "zeroed";
+    }
+    uint64_t held = get_u64(page + 8);
+    *found = (int64_t)held;
+    if (get_u32(page + 4) != (uint32_t)index)
+        return "wrong-page";
+    if (get_u64(page + 16) != page_sum(page, index, held))
+        return "checksum";
+    if (held != gen)
+        return held < gen ? "stale" : "ahead";
+    return NULL;
+}
+
+static uint64_t bad_pages;      /* mismatches found, by either thread */
+static uint64_t reports_left = 32; /* RAMBAD lines still allowed in this pass of the checker */
+
+static void report_bad(const char *by, uint64_t index, uint64_t gen, int64_t found, const char *why) {
+    __atomic_add_fetch(&bad_pages, 1, __ATOMIC_RELAXED);
+    if (__atomic_load_n(&reports_left, __ATOMIC_RELAXED) == 0)
+        return;
+    __atomic_sub_fetch(&reports_left, 1, __ATOMIC_RELAXED);
+    emit("RAMBAD page=%llu expected_gen=%llu found_gen=%lld why=%s by=%s", (unsigned long long)index,
+         (unsigned long long)gen, (long long)found, why, by);
+}
+
+/* Write number w: verify what the previous write of that page left, then rewrite it. */
+static void rewrite(uint64_t w, uint64_t *rng) {
+    uint64_t index = w % ram_pages, gen = w / ram_pages;
+    uint8_t *page = ram + index * PAGE;
+    if (gen > 0) {
+        int64_t found;
+        const char *why = page_fault(page, index, gen - 1, &found);
+        if (why)
+            report_bad("dirtier", index, gen - 1, found, why);
+    }
+    __atomic_store_n(&ram_started, w + 1, __ATOMIC_SEQ_CST);
+    write_page(page, rng, gen, index);
+    __atomic_store_n(&ram_done, w + 1, __ATOMIC_RELEASE);
 }
 
 static void *dirtier_main(void *arg) {
     (void)arg;
-    enum pattern pat = PAT_TEXT;
     if (!strcmp(cfg.pattern, "zero"))
-        pat = PAT_ZERO;
+        ram_pat = PAT_ZERO;
     else if (!strcmp(cfg.pattern, "random"))
-        pat = PAT_RANDOM;
+        ram_pat = PAT_RANDOM;
     else if (strcmp(cfg.pattern, "text"))
         emit("ERR dirty: unknown pattern '%s', using text", cfg.pattern);
 
@@ -316,12 +428,15 @@ static void *dirtier_main(void *arg) {
         emit("ERR dirty: cannot allocate %ld MiB: %s", cfg.dirty_mib, strerror(errno));
         return NULL;
     }
+    ram = mem;
+    ram_pages = npages;
     uint64_t rng = mix64(boot_id ^ 0x5DEECE66Dull) | 1;
-    if (pat == PAT_TEXT)
+    if (ram_pat == PAT_TEXT)
         make_text_pool(boot_id);
-    /* Touch everything once, so the whole area is resident and holds the pattern. */
-    for (size_t i = 0; i < npages; i++)
-        write_page(pat, mem + i * PAGE, &rng, 0, i);
+    /* Touch everything once, so the whole area is resident and holds the pattern (generation 0). */
+    uint64_t w = 0;
+    for (; w < npages; w++)
+        rewrite(w, &rng);
     emit("DIRTY_READY %ld %s", cfg.dirty_mib, cfg.pattern);
     if (cfg.dirty_rate <= 0)
         return NULL;
@@ -329,19 +444,14 @@ static void *dirtier_main(void *arg) {
     /* Paced in 10 ms slices: each slice rewrites the pages it owes, round robin. */
     const uint64_t slice_ns = 10000000ull;
     const uint64_t per_slice = ((uint64_t)cfg.dirty_rate << 20) / 100;
-    uint64_t owed = 0, total = 0, last_total = 0, gen = 1;
-    size_t cursor = 0;
+    uint64_t owed = 0, total = 0, last_total = 0;
     uint64_t next = now_ns(CLOCK_MONOTONIC), last_report = next;
     for (;;) {
         owed += per_slice;
         while (owed >= PAGE) {
-            write_page(pat, mem + cursor * PAGE, &rng, gen, cursor);
+            rewrite(w++, &rng);
             owed -= PAGE;
             total += PAGE;
-            if (++cursor == npages) {
-                cursor = 0;
-                gen++;
-            }
         }
         uint64_t now = now_ns(CLOCK_MONOTONIC);
         if (now - last_report >= 1000000000ull) {
@@ -354,6 +464,64 @@ static void *dirtier_main(void *arg) {
         if (next + 100 * slice_ns < now) /* fell far behind (paused, or too slow): do not burst */
             next = now;
         sleep_until(next);
+    }
+    return NULL;
+}
+
+/* ------------------------------------------------------------------ checker */
+
+/* Verify page `index` against the write that last finished there. Returns 1 if checked, 0 if the
+ * dirtier rewrote it while it was being read (the caller tries again). The copy is consistent when
+ * no write of this page started between reading `ram_done` before it and `ram_started` after it. */
+static int check_page(uint64_t index, uint8_t *copy) {
+    uint64_t done = __atomic_load_n(&ram_done, __ATOMIC_ACQUIRE);
+    if (done <= index)
+        return 1; /* never written yet */
+    uint64_t last = done - 1 - ((done - 1 - index) % ram_pages); /* last finished write of this page */
+    memcpy(copy, ram + index * PAGE, PAGE);
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    uint64_t started = __atomic_load_n(&ram_started, __ATOMIC_ACQUIRE);
+    if (last + ram_pages < started)
+        return 0; /* the next write of this page began before the copy was complete */
+    int64_t found;
+    uint64_t gen = last / ram_pages;
+    const char *why = page_fault(copy, index, gen, &found);
+    if (why)
+        report_bad("checker", index, gen, found, why);
+    return 1;
+}
+
+static void *checker_main(void *arg) {
+    (void)arg;
+    /* Yield to the heartbeat and the dirtier: the checker only uses spare CPU of the vCPU. */
+    setpriority(PRIO_PROCESS, (id_t)gettid(), 10);
+    while (__atomic_load_n(&ram_done, __ATOMIC_ACQUIRE) < ram_pages || ram_pages == 0)
+        usleep(10000);
+    uint8_t *copy = malloc(PAGE);
+    const uint64_t slice_ns = 10000000ull;
+    const uint64_t per_slice = ((uint64_t)cfg.check_rate << 20) / 100;
+    uint64_t owed = 0, next = now_ns(CLOCK_MONOTONIC);
+    for (uint64_t pass = 1;; pass++) {
+        uint64_t t0 = now_ns(CLOCK_MONOTONIC), raced = 0;
+        uint64_t bad0 = __atomic_load_n(&bad_pages, __ATOMIC_RELAXED);
+        __atomic_store_n(&reports_left, 32, __ATOMIC_RELAXED);
+        for (uint64_t index = 0; index < ram_pages; index++) {
+            while (owed < PAGE) {
+                owed += per_slice;
+                next += slice_ns;
+                uint64_t now = now_ns(CLOCK_MONOTONIC);
+                if (next + 100 * slice_ns < now) /* paused, or too slow: do not burst */
+                    next = now;
+                sleep_until(next);
+            }
+            owed -= PAGE;
+            int tries = 0;
+            while (!check_page(index, copy) && ++tries < 8)
+                raced++;
+        }
+        emit("RAMCHECK %llu pages=%zu bad=%llu raced=%llu ms=%llu", (unsigned long long)pass, ram_pages,
+             (unsigned long long)(__atomic_load_n(&bad_pages, __ATOMIC_RELAXED) - bad0),
+             (unsigned long long)raced, (unsigned long long)((now_ns(CLOCK_MONOTONIC) - t0) / 1000000ull));
     }
     return NULL;
 }
@@ -491,9 +659,10 @@ int main(void) {
     parse_cmdline();
     if (cfg.hb_ms <= 0)
         cfg.hb_ms = 100;
-    emit("DPAGENT %s hb_ms=%ld dirty_mib=%ld dirty_rate=%ld pattern=%s disk=%s disk_rate=%ld disk_rec=%ld",
+    emit("DPAGENT %s hb_ms=%ld dirty_mib=%ld dirty_rate=%ld pattern=%s disk=%s disk_rate=%ld disk_rec=%ld "
+         "check_rate=%ld",
          boot_id_hex, cfg.hb_ms, cfg.dirty_mib, cfg.dirty_rate, cfg.pattern, cfg.disk, cfg.disk_rate,
-         cfg.disk_rec);
+         cfg.disk_rec, cfg.check_rate);
 
     pthread_t t;
     if (pthread_create(&t, NULL, heartbeat_main, NULL)) {
@@ -502,6 +671,8 @@ int main(void) {
     }
     if (cfg.dirty_mib > 0 && pthread_create(&t, NULL, dirtier_main, NULL))
         emit("ERR cannot start the dirtier thread");
+    else if (cfg.dirty_mib > 0 && cfg.check_rate > 0 && pthread_create(&t, NULL, checker_main, NULL))
+        emit("ERR cannot start the checker thread");
     if (cfg.disk_rate > 0 && cfg.disk[0] && pthread_create(&t, NULL, journal_main, NULL))
         emit("ERR cannot start the journal thread");
     for (;;)
