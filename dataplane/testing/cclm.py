@@ -752,7 +752,9 @@ class MigrationRun:
     veth counters, or in loopback mode the channel's report); ``heartbeat``:
     the source's last and the destination's first and last heartbeat
     counters and the boot id, once verified; ``ram_check_ms``: how long the
-    guest's RAM checker took for its last full pass on the destination.
+    guest's RAM checker took for its last full pass on the destination;
+    ``guest_fault``: set when the migrated guest is damaged (a bad RAM page,
+    a kernel fault, or the destination QEMU gone after the switchover).
     """
 
     path: str
@@ -772,6 +774,7 @@ class MigrationRun:
     wire_source: str = "veth"
     heartbeat: dict[str, Any] = field(default_factory=dict)
     ram_check_ms: int | None = None
+    guest_fault: str | None = None
 
     def summary(self) -> str:
         """One line with the figures."""
@@ -789,13 +792,15 @@ class Scenario:
     (written once) and one directory per run. One scenario runs any number of
     migrations, one at a time, each with a fresh pair of VMs (:meth:`run`).
     ``log``, if given, is called with a one-line description of each step as
-    it happens (for a human watching).
+    it happens (for a human watching). ``watch_s``: after a resumed
+    destination verified, keep watching it this long for a bad RAM page or a
+    kernel fault (a kernel that trips over a lost page may take seconds).
     """
 
     def __init__(self, clusters: Clusters, recipe: GuestRecipe, workdir: str | os.PathLike[str] | None = None,
                  *, kernel: str | os.PathLike[str] | None = None,
                  initrd: str | os.PathLike[str] | None = None,
-                 log: Callable[[str], None] | None = None) -> None:
+                 log: Callable[[str], None] | None = None, watch_s: float = 0.0) -> None:
         self.clusters = clusters
         self._log = log
         self.recipe = recipe
@@ -803,6 +808,7 @@ class Scenario:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.kernel = kernel
         self.initrd = initrd
+        self.watch_s = watch_s
         self._sockdir = Path(tempfile.mkdtemp(prefix="dpcc-", dir="/tmp"))  # short: sun_path is 108 bytes
         self._runs = itertools.count()
         self._vm_pairs = itertools.count()
@@ -964,6 +970,8 @@ class Scenario:
                         self.verify(result, resume=resume)
                 except (ScenarioError, AssertionError, TimeoutError, OSError, VMError) as exc:
                     result.error = f"verification failed: {type(exc).__name__}: {exc}"
+                    if isinstance(exc, (GuestRamError, VMError)):  # damaged, or gone after the switchover
+                        result.guest_fault = str(exc)
             result.ok = result.error is None
             return result
         finally:
@@ -1175,8 +1183,9 @@ class Scenario:
                 result.downtime_ms = (resumed.timestamp - stop.timestamp) * 1000
         if resume:
             try:
-                verify_continued(src, dst, ram_passes=2 if self.recipe.dirty_mib else 0, timeout=timeout)
-            except GuestRamError:
+                verify_continued(src, dst, ram_passes=2 if self.recipe.dirty_mib else 0, timeout=timeout,
+                                 watch_s=self.watch_s)
+            except (GuestRamError, VMError):
                 raise
             except Exception as exc:
                 raise ScenarioError(f"the guest does not run on at the destination: {exc}") from exc

@@ -726,12 +726,14 @@ class QemuVM:
 
 
 def verify_continued(src: QemuVM, dst: QemuVM, *, beats: int = 3, ram_passes: int = 2,
-                     timeout: float = 90.0) -> Heartbeat:
+                     timeout: float = 90.0, watch_s: float = 0.0) -> Heartbeat:
     """Check that the guest that ran in *src* now runs in *dst*, whole; return *src*'s last heartbeat.
 
     The destination prints *beats* heartbeats newer than the source's last one, with the same boot id
     (not a reboot); its RAM checker completes *ram_passes* full passes with no bad page (with 2, one
-    whole pass ran on the destination); and neither console shows a kernel fault. Raises
+    whole pass ran on the destination); and neither console shows a kernel fault, also after
+    watching the destination for *watch_s* seconds from that point (a kernel that trips over a lost
+    page may take seconds to show it). Raises
     GuestRamError (lost or corrupt RAM, kernel BUG/Oops/panic), AssertionError (a reboot),
     TimeoutError or VMError.
     """
@@ -744,6 +746,14 @@ def verify_continued(src: QemuVM, dst: QemuVM, *, beats: int = 3, ram_passes: in
                              "the guest rebooted")
     if ram_passes:
         dst.verify_ram(ram_passes, timeout)
+    if watch_s > 0:
+        end = time.monotonic() + watch_s
+
+        def watched() -> bool | None:
+            dst.check_ram()
+            return True if time.monotonic() >= end else None
+
+        dst._wait(watched, watch_s + timeout, f"{watch_s} s of watching the destination")
     dst.check_ram()
     return last
 
