@@ -177,9 +177,15 @@ async def _connect_qemu(what: str, connect: Callable[[], Any]) -> QemuDriver:
     from qmp_driver import DriverError
 
     try:
-        return await connect()
+        drv: QemuDriver = await connect()
+        # What this QEMU can do is read from its schema, never assumed from its version.
+        features = await drv.features()
     except DriverError as exc:
         raise CommandError(f"cannot reach the {what}: {exc}") from exc
+    via = getattr(drv.transport, "libvirt_version", None)
+    cli.log.info("%s: QEMU %s%s; features: %s", what, drv.version, f" under libvirt {via}" if via else "",
+             ", ".join(features.names()) or "none of note")
+    return drv
 
 
 # --------------------------------------------------------------------------- output

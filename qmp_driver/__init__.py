@@ -25,6 +25,7 @@ from .errors import (
     Unsupported,
 )
 from .events import Event, EventHub, Subscription, match
+from .schema import Features, QmpSchema
 from .socket_transport import SocketTransport
 from .transport import Transport
 from .types import (
@@ -57,6 +58,7 @@ __all__ = [
     "DriverError", "CommandError", "ConnectionLost", "DriverTimeout", "Unsupported", "ConnectFailed",
     "DomainNotFound",
     "Event", "EventHub", "Subscription", "match",
+    "Features", "QmpSchema",
     "Transport", "SocketTransport", "LibvirtTransport",
     "BlockDevice", "BlockExport", "BlockJob", "BlockNode", "JobInfo", "MigrationInfo", "RamStats",
     "StatusInfo", "VersionInfo",

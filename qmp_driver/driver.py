@@ -18,6 +18,7 @@ from typing import Any
 
 from .errors import CommandError, ConnectionLost, DriverTimeout, Unsupported
 from .events import Event, Predicate, Subscription, match
+from .schema import Features, QmpSchema
 from .socket_transport import SocketTransport
 from .transport import Transport
 from .types import (
@@ -97,6 +98,7 @@ class QemuDriver:
         self.version = VersionInfo(0, 0, 0)
         self.commands: frozenset[str] = frozenset()
         self.migration_capabilities: frozenset[str] = frozenset()
+        self._features: Features | None = None
 
     # ------------------------------------------------------------------ setup
 
@@ -141,6 +143,23 @@ class QemuDriver:
         if "query-migrate-capabilities" in self.commands:
             caps = await self.execute("query-migrate-capabilities")
             self.migration_capabilities = frozenset(c["capability"] for c in caps)
+
+    async def schema(self) -> QmpSchema:
+        """This QEMU's QMP schema (``query-qmp-schema``), for questions a version number cannot answer.
+
+        :raises ConnectionLost, DriverTimeout, CommandError: from the query.
+        """
+        return QmpSchema(await self.execute("query-qmp-schema"))
+
+    async def features(self) -> Features:
+        """What this QEMU can do that the data plane's behaviour depends on (read once, then cached).
+
+        Found in its schema and its migration capabilities, never assumed from its version.
+        :raises ConnectionLost, DriverTimeout, CommandError: from the query.
+        """
+        if self._features is None:
+            self._features = Features.detect(await self.schema(), self.migration_capabilities)
+        return self._features
 
     async def close(self) -> None:
         """Close the monitor connection. Idempotent; never raises."""

@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-?([0-9a-fA-F]{4}-?){3}[0-9a-fA-F]{12}$")
 
 
+def _version_text(number: int) -> str:
+    """libvirt's packed version (``major * 1000000 + minor * 1000 + micro``) as ``X.Y.Z``."""
+    return f"{number // 1000000}.{number // 1000 % 1000}.{number % 1000}"
+
+
 def _silence_libvirt_stderr(_ctx: object, _err: object) -> None:
     """libvirt prints every error to stderr by default; the driver raises instead."""
 
@@ -82,9 +87,11 @@ class LibvirtTransport(Transport):
         self._dom = dom
         self._loop = loop
         self._callback_ids: list[tuple[str, int]] = []
+        #: the libvirt daemon's version, ``X.Y.Z`` (what its migration API offers depends on it)
+        self.libvirt_version = _version_text(conn.getLibVersion())
 
     def describe(self) -> str:
-        return f"libvirt domain {self.domain_name} on {self.uri}"
+        return f"libvirt {self.libvirt_version} domain {self.domain_name} on {self.uri}"
 
     @classmethod
     async def connect(cls, uri: str, domain: str, *, timeout: float = 10.0) -> LibvirtTransport:
