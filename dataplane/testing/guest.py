@@ -72,13 +72,15 @@ AGENT_NAME = "dp-agent"
 STAMP_NAME = "guest.json"
 
 #: Kernel command line shared by every boot; ``dp.*`` parameters are appended.
+#: ``loglevel=5`` lets errors, warnings and the body of an Oops reach the console (a handful of lines
+#: at boot), so that a kernel that trips over lost RAM says so where the host watches.
 #: ``pti=on`` works around a QEMU 7.2 TCG defect: guest writes through TLB entries cached before a
 #: migration's dirty-bitmap sync are not always logged, so a guest that keeps writing memory while
 #: its RAM is copied in several passes arrives corrupted (it oopses right after the switchover).
 #: Page-table isolation switches page tables on every kernel entry, which flushes QEMU's software
 #: TLB, and the dirty log becomes exact (see docs/test-guest.md). KVM hosts do not need it.
 BASE_CMDLINE = (
-    "console=ttyS0,115200 quiet loglevel=3 panic=-1 rdinit=/init "
+    "console=ttyS0,115200 quiet loglevel=5 panic=-1 rdinit=/init "
     "mitigations=off pti=on nokaslr no_timer_check tsc=unstable noapic_timer_check "
     "i8042.noaux i8042.nokbd i8042.nopnp cryptomgr.notests random.trust_cpu=on"
 )

@@ -114,7 +114,7 @@ class RamCheckPass:
 #: Console lines of a guest kernel that hit a bug: the guest cannot be trusted after one.
 KERNEL_FAULT_RE = re.compile(
     r"^.*(?:kernel BUG at|BUG: |Oops|Kernel panic|general protection fault|list_(?:add|del) corruption"
-    r"|Unable to handle kernel|segfault at|invalid opcode:|RIP: 00).*$",
+    r"|Unable to handle kernel|segfault at|invalid opcode:|RIP: 00|WARNING: CPU: ).*$",
     re.MULTILINE,
 )
 
