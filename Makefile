@@ -19,6 +19,7 @@ bench: setup
 
 lint: setup
 	$(PY) -m ruff check dataplane qmp_driver tests benches setup.py
+	$(PY) -m mypy
 
 clean:
 	rm -rf build .pytest_cache .benchmarks dataplane/native/*.so dataplane/native/*.c ext/*.c

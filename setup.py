@@ -120,15 +120,7 @@ def extensions() -> list[Extension]:
     return cythonize(
         exts,
         include_path=[str(EXT_DIR)],
-        language_level=3,
-        compiler_directives={
-            "boundscheck": False,
-            "wraparound": False,
-            "cdivision": True,
-            "initializedcheck": False,
-            "embedsignature": True,
-        },
-        quiet=True,
+        quiet=True,  # the compiler directives are in each .pyx file's header
     )
 
 

@@ -27,6 +27,8 @@ from benches.ram_study import LINK_RATE, PLATFORMS, Tally, platform_binary, stud
 from benches.terminal import say
 
 RUNS = 20
+#: The study takes about 14 minutes; the suite's default per-test timeout (300 s) would cut it short.
+pytestmark = pytest.mark.timeout(3600)
 
 
 @pytest.fixture(scope="module")

@@ -47,17 +47,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from dataplane.cli_migration import format_bytes
+from dataplane.progress import progress_line, terminal_width
+from dataplane.units import format_bytes, format_link_rate
 
 MiB = 1 << 20
 
 __all__ = ["Progress", "main", "run"]
-
-
-def _fmt_rate(bps: int | None) -> str:
-    if not bps:
-        return "unshaped"
-    return f"{bps / 1e9:g} Gbit/s" if bps >= 1e9 else f"{bps / 1e6:g} Mbit/s"
 
 
 class Out:
@@ -132,27 +127,11 @@ class Progress:
         now = time.monotonic()
         if not (self.out.tty or changed or now - self.last >= self.every):
             return
-        ram_total = int(e.get("ram_total") or 0)
-        disk_phase = phase in ("mirror", "mirror-ready", "preparing")
-        if not (disk_phase or ram_total):
+        text = progress_line(e, (terminal_width() if self.out.tty else 100) - 11)  # after the indent
+        if text is None:
             return  # RAM migration not started yet: nothing new to show
         self.last = now
-        if disk_phase:
-            total, done, rate, what = int(e.get("disk_total") or 0), int(e.get("disk_done") or 0), \
-                float(e.get("disk_rate") or 0), "disks"
-        else:
-            total, rate, what = ram_total, float(e.get("ram_rate") or 0), "RAM"
-            done = max(0, total - int(e.get("ram_remaining") or 0))
-        pct = 100.0 * done / total if total else 0.0
-        fill = int(24 * min(pct, 100.0) / 100)
-        extra = ""
-        if what == "RAM" and e.get("dirty_rate"):
-            extra += f", guest dirties {format_bytes(float(e['dirty_rate']))}/s"
-        if e.get("cpu_throttle"):
-            extra += f", vCPU throttle {e['cpu_throttle']}%"
-        self.out.bar(f"{phase:<12} [{'#' * fill}{'.' * (24 - fill)}] {pct:5.1f}% {what} "
-                     f"{format_bytes(done)} / {format_bytes(total)} at {format_bytes(rate)}/s{extra} "
-                     f"({float(e.get('elapsed') or 0):.0f} s)")
+        self.out.bar(text)
 
 
 # --------------------------------------------------------------------------- the demo
@@ -192,7 +171,7 @@ def _describe_clusters(clusters: Any, out: Out, loopback: bool, why: str) -> Non
                  "receive listens on 127.0.0.1, no rate limit, no veth (wire bytes from the channel)")
     else:
         link = clusters.link
-        rate = _fmt_rate(link.rate)
+        rate = format_link_rate(link.rate)
         out.step(f"cluster-a = network namespace {link.ns_a} ({link.addr_a}), cluster-b = {link.ns_b} "
                  f"({link.addr_b}); veth {link.dev_a}/{link.dev_b}, both ends shaped to {rate} (tbf)")
     certs = clusters.certs
@@ -307,12 +286,12 @@ def run(args: argparse.Namespace, out: Out | None = None) -> int:
     """Run the demo with parsed *args*; return the exit status (0: migrated and verified)."""
     from dataplane.testing import guest as guest_mod
     from dataplane.testing.cclm import Clusters, Scenario, cli_has
-    from dataplane.testing.netns import parse_rate
+    from dataplane.units import parse_link_rate
 
     out = out or Out()
     loopback, why = _mode(args)
     try:
-        rate_bps = parse_rate(args.rate)
+        rate_bps = parse_link_rate(args.rate)
     except ValueError as exc:
         print(f"demo: --rate: {exc}", file=sys.stderr)
         return 2
@@ -341,7 +320,8 @@ def run(args: argparse.Namespace, out: Out | None = None) -> int:
                      f"journal disk {recipe.journal_mib} MiB, data disk {disk.size / MiB:.0f} MiB holding "
                      f"{disk.data_bytes / MiB:.0f} MiB")
             result = sc.run("ours", compare_then_resume=True, timeout=args.timeout, on_event=Progress(out))
-            failed = _report(result, out, loopback, _fmt_rate(rate_bps), ram_checked=recipe.dirty_mib > 0)
+            failed = _report(result, out, loopback, format_link_rate(rate_bps),
+                             ram_checked=recipe.dirty_mib > 0)
             if not result.ok or failed:
                 out.line(f"demo FAILED: {result.error or 'verification incomplete: ' + ', '.join(failed)}")
                 _tails(workdir, out)

@@ -1,4 +1,5 @@
-# cython: language_level=3
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+# cython: embedsignature=True
 """Dirty bitmaps: one bit per block of ``granularity`` bytes.
 
 The bitmap covers ``size`` bytes with ``nbits = ceil(size / granularity)``

@@ -1,4 +1,5 @@
-# cython: language_level=3
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+# cython: embedsignature=True
 """Frame checksum of the channel's wire format (version 2): XXH3 through the system libxxhash.
 
 ``frame_checksum(head, payload)`` is the low 32 bits of

@@ -1,4 +1,5 @@
-# cython: language_level=3
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+# cython: embedsignature=True
 """Page codec: zero-page elision plus adaptive LZ4 (system liblz4).
 
 A buffer is cut into pages; consecutive pages of the same kind become one

@@ -1,4 +1,5 @@
-# cython: language_level=3
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+# cython: embedsignature=True
 """Zero-page detection.
 
 ``is_zero`` and ``zero_pages`` read any buffer-protocol object in place (no

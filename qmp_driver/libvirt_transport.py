@@ -215,7 +215,7 @@ class LibvirtTransport(Transport):
     async def close(self) -> None:
         if self._conn is None:
             return
-        conn, self._conn = self._conn, None  # type: ignore[assignment]
+        conn, self._conn = self._conn, None
         events = LibvirtEventThread.ensure()
 
         async def unregister() -> None:

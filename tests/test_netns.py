@@ -19,10 +19,10 @@ from dataplane.testing.netns import (
     FaultProxy,
     Link,
     in_netns,
-    parse_rate,
     sweep_stale,
     tbf_burst,
 )
+from dataplane.units import parse_link_rate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -265,12 +265,12 @@ def test_link_refuses_addresses_outside_10_8() -> None:
 
 
 def test_parse_rate_and_burst() -> None:
-    assert parse_rate("50mbit") == 50_000_000
-    assert parse_rate("1.5Gbit") == 1_500_000_000
-    assert parse_rate(8000) == 8000
+    assert parse_link_rate("50mbit") == 50_000_000
+    assert parse_link_rate("1.5Gbit") == 1_500_000_000
+    assert parse_link_rate(8000) == 8000
     for bad in ("50mbps", "fast", "-1mbit", "1"):
         with pytest.raises(ValueError):
-            parse_rate(bad)
+            parse_link_rate(bad)
     assert tbf_burst(50_000_000) == 62_500  # 10 ms worth: one tick at HZ=100
     assert tbf_burst(1_000_000) == 16 * 1024  # floor
     assert tbf_burst(1_000_000, mtu=9000) == 4 * 9014

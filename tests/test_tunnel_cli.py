@@ -28,15 +28,9 @@ from typing import Any
 import pytest
 
 from dataplane.certs import CertSet, init_certs
-from dataplane.channel.addr import (
-    Endpoint,
-    format_rate,
-    parse_endpoint,
-    parse_hostport,
-    parse_mapping,
-    parse_rate,
-)
+from dataplane.channel.addr import Endpoint, parse_endpoint, parse_hostport, parse_mapping
 from dataplane.cli import main
+from dataplane.units import format_rate, parse_rate
 
 MiB = 1 << 20
 READY = re.compile(r"dataplane: tunnel (?:listening on|connected to) \S+:(\d+)")
@@ -472,14 +466,14 @@ def test_cli_event_loop_keeps_the_cyclic_gc_off_the_data_path():
     """Start-up objects are frozen out of collections and young collections are rare; cycles still go."""
     code = (
         "import gc, sys\n"
-        "from dataplane.cli import _run_loop\n"
+        "from dataplane.cli.common import run_loop\n"
         "class Cycle:\n"
         "    pass\n"
         "async def main():\n"
         "    frozen, threshold = gc.get_freeze_count(), gc.get_threshold()\n"
         "    c = Cycle(); c.me = c; del c\n"
         "    return int(not (frozen > 1000 and threshold[0] >= 35_000 and gc.collect() >= 1))\n"
-        "sys.exit(_run_loop(main))\n"
+        "sys.exit(run_loop(main))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr

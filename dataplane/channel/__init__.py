@@ -33,6 +33,7 @@ from dataplane.channel.errors import (
     ChannelTimeout,
     ChecksumError,
     CompressionError,
+    ConnectError,
     ErrorCode,
     FlowControlError,
     FrameSizeError,
@@ -42,6 +43,7 @@ from dataplane.channel.errors import (
     RemoteError,
     ResumeRefused,
     SessionClosedError,
+    StateError,
     StreamClosedError,
     StreamError,
     StreamResetError,
@@ -70,7 +72,6 @@ _LAZY = {
     "ChannelClient": "dataplane.channel.driver",
     "ChannelServer": "dataplane.channel.driver",
     "ChannelStream": "dataplane.channel.driver",
-    "ConnectError": "dataplane.channel.driver",
     "StreamHandler": "dataplane.channel.driver",
     "Bridge": "dataplane.channel.relay",
     "DestinationRelay": "dataplane.channel.relay",
@@ -79,7 +80,6 @@ _LAZY = {
     "parse_endpoint": "dataplane.channel.addr",
     "parse_hostport": "dataplane.channel.addr",
     "parse_mapping": "dataplane.channel.addr",
-    "parse_rate": "dataplane.channel.addr",
 }
 
 
@@ -98,11 +98,12 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "Acceptor", "Bridge", "ChannelClient", "ChannelServer", "ChannelStream", "ConnectError",
     "DestinationRelay", "Endpoint", "SourceRelay", "StreamHandler", "parse_endpoint", "parse_hostport",
-    "parse_mapping", "parse_rate",
+    "parse_mapping",
     "AuthError", "ChannelError", "ChannelTimeout", "ChecksumError", "CompressionError",
     "ConnectionClosed", "ConnectionHandle", "DataReceived", "ErrorCode", "Event", "FlowControlError",
     "FrameSizeError", "GraceExpired", "HandshakeComplete", "LimitExceeded", "Limits", "PongReceived",
     "ProtocolError", "RemoteError", "ResumeRefused", "Session", "SessionClosedError", "SessionConfig",
+    "StateError",
     "SessionStats", "SessionTerminated", "StreamAccepted", "StreamClosed", "StreamClosedError", "StreamEnded",
     "StreamError", "StreamOpened", "StreamRefused", "StreamReset", "StreamResetError", "StreamStats",
     "StreamWritable", "TokenBucket", "VersionError",

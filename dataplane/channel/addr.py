@@ -1,4 +1,4 @@
-"""Parsing of the tunnel's command-line values: addresses, endpoints, forward specs, rates.
+"""Parsing of the tunnel's command-line values: addresses, endpoints, forward specs.
 
 Pure functions (no I/O) that raise ValueError with a message fit for a
 command-line error line:
@@ -7,11 +7,9 @@ command-line error line:
   every interface) for ``--bind`` and ``--to``;
 * :func:`parse_endpoint` ``unix:/path`` or ``tcp:HOST:PORT``, the local side
   of a relay (:class:`Endpoint`);
-* :func:`parse_mapping` ``NAME=ENDPOINT`` for ``--forward`` / ``--expose``;
-* :func:`parse_rate` a bandwidth cap, in bits per second (``200M``,
-  ``1G``, ``500kbit``) or bytes per second (``100MiB/s``, ``50MB/s``),
-  returned in **bytes per second** (the unit of
-  :class:`~dataplane.channel.shaping.TokenBucket`).
+* :func:`parse_mapping` ``NAME=ENDPOINT`` for ``--forward`` / ``--expose``.
+
+Rates and sizes are :mod:`dataplane.units`.
 """
 
 from __future__ import annotations
@@ -20,8 +18,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-__all__ = ["Endpoint", "format_hostport", "format_rate", "parse_endpoint", "parse_hostport",
-           "parse_mapping", "parse_rate"]
+__all__ = ["Endpoint", "format_hostport", "parse_endpoint", "parse_hostport", "parse_mapping"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,254}$")
 
@@ -138,62 +135,3 @@ def parse_mapping(text: str, *, listen: bool = False) -> tuple[str, Endpoint]:
             f"invalid stream name {name!r} in {text!r}: use 1..255 letters, digits and ._:@+- "
             "(starting with a letter or digit)")
     return name, parse_endpoint(ep, listen=listen)
-
-
-_RATE_RE = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z/]*)$")
-_SI = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
-_BIN = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_UNLIMITED = {"0", "off", "none", "unlimited"}
-MIN_RATE = 1000  # bytes per second
-
-
-def parse_rate(text: str) -> float | None:
-    """A bandwidth cap in **bytes per second**, or None for no cap.
-
-    Two notations, told apart by the capital ``B/s``:
-
-    * bits per second (network style): a number with an optional SI prefix
-      and an optional ``bit``, ``bit/s`` or ``b/s`` suffix: ``200M``,
-      ``1G``, ``1.5g``, ``500kbit``, ``200Mb/s`` (k/M/G/T are powers of 1000);
-    * bytes per second (storage style): ``100MiB/s``, ``1GiB/s`` (powers of
-      1024) or ``50MB/s``, ``10kB/s`` (powers of 1000), and ``B/s``; the
-      prefix is case-sensitive here (``k``/``K``, ``M``, ``G``, ``T``).
-
-    ``0``, ``off``, ``none`` and ``unlimited`` mean no cap. ``bps``-style
-    units are refused (``mbps`` means megabytes/s to tc but megabits/s to
-    most people). Raises ValueError for anything else or below 1000 bytes/s.
-    """
-    raw = text.strip()
-    if raw.lower() in _UNLIMITED:
-        return None
-    m = _RATE_RE.match(raw)
-    if m is None:
-        raise ValueError(f"invalid rate {text!r}: use bits/s like 200M or 1G, or bytes/s like 100MiB/s")
-    value = float(m.group(1))
-    unit = m.group(2)
-    bm = re.fullmatch(r"([kKMGT]?)(i?)B/s", unit)
-    if bm is not None:
-        prefix = bm.group(1).lower()
-        rate = value * (_BIN if bm.group(2) else _SI)[prefix]
-    else:
-        um = re.fullmatch(r"([kKmMgGtT]?)(bit|bit/s|b/s)?", unit)
-        if um is None:
-            raise ValueError(
-                f"invalid rate {text!r}: unknown unit {unit!r} (bits/s: 200M, 1G, 500kbit; "
-                "bytes/s: 100MiB/s, 50MB/s)")
-        rate = value * _SI[um.group(1).lower()] / 8
-    if rate == 0:
-        return None
-    if rate < MIN_RATE:
-        raise ValueError(f"rate {text!r} is too low (minimum {MIN_RATE} bytes/s = 8kbit)")
-    return rate
-
-
-def format_rate(rate: float | None) -> str:
-    """A bytes-per-second rate for humans: ``25.0 MB/s (200 Mbit/s)``, or ``unlimited``."""
-    if not rate:
-        return "unlimited"
-    for unit, scale in (("GB/s", 1e9), ("MB/s", 1e6), ("kB/s", 1e3)):
-        if rate >= scale:
-            return f"{rate / scale:.1f} {unit} ({rate * 8 / 1e6:g} Mbit/s)"
-    return f"{rate:.0f} B/s"

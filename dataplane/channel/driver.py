@@ -39,23 +39,25 @@ import struct
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
-from dataplane.channel.addr import format_hostport, format_rate
+from dataplane.aio import first_done
+from dataplane.channel.addr import format_hostport
 from dataplane.channel.errors import (
     AuthError,
     ChannelError,
+    ConnectError,
     ErrorCode,
     GraceExpired,
     LimitExceeded,
     SessionClosedError,
+    StateError,
 )
 from dataplane.channel.events import (
     ConnectionClosed,
     DataReceived,
     Event,
     HandshakeComplete,
-    PongReceived,
     SessionTerminated,
     StreamAccepted,
     StreamClosed,
@@ -78,6 +80,7 @@ from dataplane.channel.tls import (
     server_context,
     warn_plaintext,
 )
+from dataplane.units import format_rate
 
 __all__ = [
     "ChannelClient",
@@ -125,10 +128,6 @@ ERROR_LINGER = 1.0
 #: Recently ended sessions / closed streams kept for the statistics.
 KEEP_ENDED_SESSIONS = 16
 KEEP_CLOSED_STREAMS = 64
-
-
-class ConnectError(ChannelError):
-    """:meth:`ChannelClient.start` could not establish the session; the message says why."""
 
 
 def tune_socket(sock: Any, liveness_timeout: float = LIVENESS_TIMEOUT) -> None:
@@ -376,19 +375,19 @@ class _ChannelConnection(asyncio.BufferedProtocol):
 
     def _setup(self, transport: asyncio.BaseTransport) -> bool:
         """Common connection_made work; False if the peer identity cannot be read (transport aborted)."""
-        self.transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio.Transport
-        self.peer = _peer_label(transport)
-        sock = transport.get_extra_info("socket")
+        tr = self.transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport
+        self.peer = _peer_label(tr)
+        sock = tr.get_extra_info("socket")
         if sock is not None:
             tune_socket(sock, self.liveness_timeout)
             self._sock = sock
-        transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
+        tr.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
         if self.tls is not None:
             try:
-                self.identity = peer_fingerprint(transport)
+                self.identity = peer_fingerprint(tr)
             except (ssl.SSLError, TypeError) as exc:
                 log.warning("connection from %s has no usable TLS identity: %s", self.peer, exc)
-                transport.abort()
+                tr.abort()
                 return False
         return True
 
@@ -533,7 +532,7 @@ class _ServerConnection(_ChannelConnection):
             return
         srv = self.server
         if srv.closing:
-            transport.abort()
+            cast(asyncio.Transport, transport).abort()
             return
         srv.pending.add(self)
         now = time.monotonic()
@@ -591,11 +590,11 @@ class _ClientConnection(_ChannelConnection):
         except AuthError:
             log.error("the listener at %s presents another certificate than when the session started; "
                       "dropping this connection", self.client.target)
-            transport.abort()
+            cast(asyncio.Transport, transport).abort()
             return
         except (SessionClosedError, LimitExceeded) as exc:
             log.debug("connection %s not used: %s", self.slot, exc)
-            transport.abort()
+            cast(asyncio.Transport, transport).abort()
             return
         self.driver = drv
         drv.add_connection(self)
@@ -779,92 +778,94 @@ class _SessionDriver:
     # ---------------------------------------------------------------- events
 
     def handle_events(self, events: list[Event]) -> None:
-        streams = self.streams
+        """Act on the core's events, each through its handler in :data:`_HANDLERS` (by exact type)."""
+        handlers = _HANDLERS
         for ev in events:
-            t = type(ev)
-            if t is DataReceived:
-                assert isinstance(ev, DataReceived)
-                st = streams.get(ev.stream_id)
-                if st is not None:
-                    self._call(st, "on_data", ev.data)
-            elif t is StreamWritable:
-                assert isinstance(ev, StreamWritable)
-                st = streams.get(ev.stream_id)
-                if st is not None:
-                    self._call(st, "on_writable")
-            else:
-                self._other_event(ev)
+            handler = handlers.get(type(ev))
+            if handler is not None:
+                handler(self, ev)
 
-    def _other_event(self, ev: Event) -> None:
-        streams = self.streams
-        if isinstance(ev, StreamOpened):
-            st = ChannelStream(self, ev.stream_id, ev.name, local=False)
-            st.core_stats = self.session.stream_stats(ev.stream_id)
-            streams[ev.stream_id] = st
-            if self.on_stream is None:
-                st.refuse("this side of the channel accepts no streams")
-                return
-            try:
-                self.on_stream(st)
-            except Exception:
-                log.exception("%s: the stream-open callback failed for %r", self.label, ev.name)
-                if st.state == "pending":
-                    st.refuse("internal error", ErrorCode.INTERNAL)
-        elif isinstance(ev, StreamAccepted):
-            st = streams.get(ev.stream_id)
-            if st is not None:
-                st.state = "open"
-                if self._opening is st:
-                    self._opening = None
-                self._call(st, "on_accepted")
-        elif isinstance(ev, StreamRefused):
-            st = streams.pop(ev.stream_id, None)
-            if st is not None:
-                st.state = "refused"
-                if self._opening is st:
-                    self._opening = None
-                self._record(st, None)
-                self._call(st, "on_refused", ev.code, ev.reason)
-        elif isinstance(ev, StreamEnded):
-            st = streams.get(ev.stream_id)
-            if st is not None:
-                self._call(st, "on_eof")
-        elif isinstance(ev, StreamReset):
-            st = streams.get(ev.stream_id)
-            if st is not None:
-                st.state = "reset"
-                if self._opening is st:
-                    self._opening = None
-                self._call(st, "on_reset", ev.code, ev.reason, ev.remote)
-        elif isinstance(ev, StreamClosed):
-            st = streams.pop(ev.stream_id, None)
-            if st is not None:
-                if st.state not in ("reset", "refused"):
-                    st.state = "closed"
-                if self._opening is st:
-                    self._opening = None
-                self._record(st, ev.stats)
-                self._call(st, "on_closed", ev.stats)
-        elif isinstance(ev, HandshakeComplete):
-            conn = self.conns.get(ev.conn_id)
-            if conn is not None:
-                conn.ready = True
-            if not self._pinged:
-                self._pinged = True
-                self.session.ping(time.monotonic())  # a first RTT sample for the statistics
-            if self.on_ready is not None and conn is not None:
-                self.on_ready(conn, ev)
-        elif isinstance(ev, ConnectionClosed):
-            conn = self.conns.get(ev.conn_id) if ev.conn_id is not None else None
-            log.warning("%s: closing the connection with %s: %s", self.label,
-                        conn.peer if conn else "?", _describe(ev.error))
-            if conn is not None:
-                conn.failed = ev.error is not None
-                conn.flush()
-        elif isinstance(ev, SessionTerminated):
-            self._terminated(ev)
-        elif isinstance(ev, PongReceived):
-            pass
+    def _on_data(self, ev: DataReceived) -> None:
+        st = self.streams.get(ev.stream_id)
+        if st is not None:
+            self._call(st, "on_data", ev.data)
+
+    def _on_writable(self, ev: StreamWritable) -> None:
+        st = self.streams.get(ev.stream_id)
+        if st is not None:
+            self._call(st, "on_writable")
+
+    def _on_opened(self, ev: StreamOpened) -> None:
+        st = ChannelStream(self, ev.stream_id, ev.name, local=False)
+        st.core_stats = self.session.stream_stats(ev.stream_id)
+        self.streams[ev.stream_id] = st
+        if self.on_stream is None:
+            st.refuse("this side of the channel accepts no streams")
+            return
+        try:
+            self.on_stream(st)
+        except Exception:
+            log.exception("%s: the stream-open callback failed for %r", self.label, ev.name)
+            if st.state == "pending":
+                st.refuse("internal error", ErrorCode.INTERNAL)
+
+    def _on_accepted(self, ev: StreamAccepted) -> None:
+        st = self.streams.get(ev.stream_id)
+        if st is not None:
+            st.state = "open"
+            if self._opening is st:
+                self._opening = None
+            self._call(st, "on_accepted")
+
+    def _on_refused(self, ev: StreamRefused) -> None:
+        st = self.streams.pop(ev.stream_id, None)
+        if st is not None:
+            st.state = "refused"
+            if self._opening is st:
+                self._opening = None
+            self._record(st, None)
+            self._call(st, "on_refused", ev.code, ev.reason)
+
+    def _on_ended(self, ev: StreamEnded) -> None:
+        st = self.streams.get(ev.stream_id)
+        if st is not None:
+            self._call(st, "on_eof")
+
+    def _on_reset(self, ev: StreamReset) -> None:
+        st = self.streams.get(ev.stream_id)
+        if st is not None:
+            st.state = "reset"
+            if self._opening is st:
+                self._opening = None
+            self._call(st, "on_reset", ev.code, ev.reason, ev.remote)
+
+    def _on_closed(self, ev: StreamClosed) -> None:
+        st = self.streams.pop(ev.stream_id, None)
+        if st is not None:
+            if st.state not in ("reset", "refused"):
+                st.state = "closed"
+            if self._opening is st:
+                self._opening = None
+            self._record(st, ev.stats)
+            self._call(st, "on_closed", ev.stats)
+
+    def _on_handshake(self, ev: HandshakeComplete) -> None:
+        conn = self.conns.get(ev.conn_id)
+        if conn is not None:
+            conn.ready = True
+        if not self._pinged:
+            self._pinged = True
+            self.session.ping(time.monotonic())  # a first RTT sample for the statistics
+        if self.on_ready is not None and conn is not None:
+            self.on_ready(conn, ev)
+
+    def _on_connection_closed(self, ev: ConnectionClosed) -> None:
+        conn = self.conns.get(ev.conn_id) if ev.conn_id is not None else None
+        log.warning("%s: closing the connection with %s: %s", self.label,
+                    conn.peer if conn else "?", _describe(ev.error))
+        if conn is not None:
+            conn.failed = ev.error is not None
+            conn.flush()
 
     def _terminated(self, ev: SessionTerminated) -> None:
         self.error = ev.error
@@ -961,6 +962,21 @@ class _SessionDriver:
 # =============================================================================== server
 
 
+#: The driver's handler of each core event, by exact type (PongReceived needs none).
+_HANDLERS: dict[type, Callable[[_SessionDriver, Any], None]] = {
+    DataReceived: _SessionDriver._on_data,
+    StreamWritable: _SessionDriver._on_writable,
+    StreamOpened: _SessionDriver._on_opened,
+    StreamAccepted: _SessionDriver._on_accepted,
+    StreamRefused: _SessionDriver._on_refused,
+    StreamEnded: _SessionDriver._on_ended,
+    StreamReset: _SessionDriver._on_reset,
+    StreamClosed: _SessionDriver._on_closed,
+    HandshakeComplete: _SessionDriver._on_handshake,
+    ConnectionClosed: _SessionDriver._on_connection_closed,
+    SessionTerminated: _SessionDriver._terminated,
+}
+
 class ChannelServer:
     """The listening side: accepts connections (TLS or explicit plaintext) and drives their sessions.
 
@@ -1020,7 +1036,7 @@ class ChannelServer:
         """The bound ``(host, port)`` (the host as given). Raises RuntimeError before :meth:`start`."""
         if self._bound is None:
             if self._server is None or not self._server.sockets:
-                raise RuntimeError("the server is not listening")
+                raise StateError("the server is not listening")
             self._bound = (self.host, int(self._server.sockets[0].getsockname()[1]))
         return self._bound
 
@@ -1153,7 +1169,7 @@ class ChannelClient:
         """
         loop = asyncio.get_running_loop()
         if self._slots:
-            raise RuntimeError("the client is already started")
+            raise StateError("the client is already started")
         if self.tls is not None:
             self._ctx = client_context(self.tls)
         else:
@@ -1163,7 +1179,7 @@ class ChannelClient:
         self._slots = [asyncio.create_task(self._slot(k + 1)) for k in range(self.connections)]
         self.driver.kick()
         waiters: list[asyncio.Future[Any]] = [self._established, self._fatal, self.driver.terminated]
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        await first_done(*waiters)
         if not self._established.done() or self.driver.terminated.done():
             if self._fatal.done():
                 err: ChannelError = self._fatal.result()
@@ -1195,7 +1211,7 @@ class ChannelClient:
     def done(self) -> asyncio.Future[ChannelError | None]:
         """Resolves when the session ends: None (orderly close) or the error. RuntimeError before start."""
         if self.driver is None:
-            raise RuntimeError("the client is not started")
+            raise StateError("the client is not started")
         return self.driver.terminated
 
     @property
@@ -1331,16 +1347,16 @@ class ChannelClient:
                 self._note_failure(slot, reason)
                 delay = self._backoff(delay)
                 continue
-            exc = await conn.lost
+            lost = await conn.lost
             was_ready = conn.ready
             if self._closing or drv.session.terminated:
                 return
             if not drv.session.established and not conn.got_bytes and conn.handle is not None:
-                why = describe_tls_error(exc or EOFError(), self.tls) if self.tls is not None else (
+                why = describe_tls_error(lost or EOFError(), self.tls) if self.tls is not None else (
                     "the listener closed the connection before the channel handshake (is it a TLS listener?)")
                 self._set_fatal(ConnectError(f"{self.target} refused the connection: {why}"))
                 return
-            reason = lost_reason(exc)
+            reason = lost_reason(lost)
             if was_ready:
                 if self._lost_at is None:
                     self._lost_at = time.monotonic()

@@ -17,6 +17,8 @@ OPEN_FAIL and RESET frames)::
      ├── ChannelTimeout         handshake or keepalive deadline passed
      ├── GraceExpired          no connection for the whole grace period
      ├── RemoteError            the peer closed the session or refused with this code
+     ├── ConnectError           the client could not establish its session (the message says why)
+     ├── StateError             a call the endpoint's state does not allow (start twice, ...)
      ├── StreamError            misuse of a stream by the local application
      │    ├── StreamResetError  the stream was reset (by either side)
      │    └── StreamClosedError the stream's sending half is closed
@@ -67,6 +69,16 @@ class ChannelError(Exception):
             except ValueError:
                 self.code = ErrorCode.INTERNAL
                 self.raw_code = code
+
+
+class ConnectError(ChannelError):
+    """:meth:`~dataplane.channel.driver.ChannelClient.start` could not establish the session; the
+    message says why."""
+
+
+class StateError(ChannelError, RuntimeError):
+    """A call that the endpoint's state does not allow (a client started twice, a server asked for
+    its address before it listens, ...): a bug in the caller, not a fault of the peer."""
 
 
 class ProtocolError(ChannelError):

@@ -15,9 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dataplane.channel.errors import ChannelError
+from dataplane.channel.frames import Buffer
 from dataplane.channel.stats import StreamStats
-
-Buffer = bytes | bytearray | memoryview
 
 
 class Event:

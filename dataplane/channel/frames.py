@@ -27,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import NamedTuple
@@ -37,7 +38,7 @@ from dataplane.native.checksum import frame_checksum
 Buffer = bytes | bytearray | memoryview
 
 
-def _uninit_allocator() -> object:
+def _uninit_allocator() -> Callable[[int], bytearray]:
     try:
         fn = ctypes.pythonapi.PyByteArray_FromStringAndSize
         fn.restype = ctypes.py_object

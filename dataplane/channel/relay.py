@@ -31,6 +31,7 @@ import os
 import socket
 import stat
 from collections.abc import Callable, Mapping
+from typing import cast
 
 from dataplane.channel.addr import Endpoint
 from dataplane.channel.driver import ChannelClient, ChannelStream, StreamHandler, os_error_text
@@ -69,7 +70,7 @@ def _errtext(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-async def connect_endpoint(ep: Endpoint, factory: Callable[[], asyncio.Protocol],
+async def connect_endpoint(ep: Endpoint, factory: Callable[[], asyncio.BaseProtocol],
                            timeout: float = TARGET_CONNECT_TIMEOUT) -> asyncio.BaseTransport:
     """Connect to *ep* (unix or TCP) with protocol *factory*; return the transport.
 
@@ -84,7 +85,7 @@ async def connect_endpoint(ep: Endpoint, factory: Callable[[], asyncio.Protocol]
     return transport
 
 
-async def listen_endpoint(ep: Endpoint, factory: Callable[[], asyncio.Protocol]) -> asyncio.Server:
+async def listen_endpoint(ep: Endpoint, factory: Callable[[], asyncio.BaseProtocol]) -> asyncio.Server:
     """Listen on *ep*; a stale unix socket file is replaced. Raises OSError (in use, not a socket, ...)."""
     loop = asyncio.get_running_loop()
     if ep.kind == "unix":
@@ -131,14 +132,14 @@ class Bridge(asyncio.BufferedProtocol, StreamHandler):
     # ---------------------------------------------------------------- the application socket
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio.Transport
-        sock = transport.get_extra_info("socket")
+        tr = self.transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport
+        sock = tr.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        transport.set_write_buffer_limits(high=APP_WRITE_HIGH, low=APP_WRITE_LOW)
+        tr.set_write_buffer_limits(high=APP_WRITE_HIGH, low=APP_WRITE_LOW)
         if not self.is_open:
-            transport.pause_reading()  # nothing may be sent before the stream is accepted
+            tr.pause_reading()  # nothing may be sent before the stream is accepted
 
     def get_buffer(self, sizehint: int) -> memoryview:
         st = self.stream
@@ -442,8 +443,8 @@ class SourceRelay:
             await self.close()
             raise
 
-    def _factory(self, name: str, ep: Endpoint) -> Callable[[], asyncio.Protocol]:
-        def make() -> asyncio.Protocol:
+    def _factory(self, name: str, ep: Endpoint) -> Callable[[], asyncio.BaseProtocol]:
+        def make() -> asyncio.BaseProtocol:
             self._counts[name] = self._counts.get(name, 0) + 1
             return _SourceBridge(self, name, self._counts[name], ep)
         return make

@@ -303,10 +303,11 @@ def _checked_handshake(obj: ssl.SSLObject | ssl.SSLSocket, handshake: Callable[[
     except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
         raise
     except ssl.SSLError as exc:
-        hook = ctx.dataplane_on_refusal if isinstance(ctx, _PinnedContext) else None
-        if hook is not None:
+        pinned = ctx if isinstance(ctx, _PinnedContext) else None
+        hook = pinned.dataplane_on_refusal if pinned is not None else None
+        if pinned is not None and hook is not None:
             try:
-                hook(describe_tls_error(exc, ctx.dataplane_config), exc)  # type: ignore[union-attr]
+                hook(describe_tls_error(exc, pinned.dataplane_config), exc)
             except Exception:  # noqa: BLE001 - a logging hook must not change the handshake's outcome
                 logging.getLogger(__name__).exception("the TLS refusal hook failed")
         raise
@@ -396,7 +397,7 @@ def _ssl_object(obj: Any) -> ssl.SSLObject | ssl.SSLSocket:
     sslobj = get_extra_info("ssl_object")
     if sslobj is None:
         raise NoPeerCertificate("the connection is not TLS: there is no peer certificate")
-    return sslobj  # type: ignore[no-any-return]
+    return sslobj
 
 
 def peer_names(cert: dict[str, Any]) -> list[str]:
@@ -497,7 +498,8 @@ def peer_identity(conn: Any) -> PeerIdentity:
     cert = sslobj.getpeercert()
     if not cert:
         raise NoPeerCertificate()
-    issuer = next((v for rdn in cert.get("issuer", ()) for k, v in rdn if k == "commonName"), "?")
+    rdns: Any = cert.get("issuer", ())  # ((("commonName", "x"),), ...)
+    issuer = next((v for rdn in rdns for k, v in rdn if k == "commonName"), "?")
     return PeerIdentity(
         fingerprint=peer_fingerprint(sslobj),
         names=tuple(peer_names(cert)),

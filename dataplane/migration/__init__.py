@@ -7,19 +7,30 @@ The orchestration drives two QEMUs through :class:`qmp_driver.QemuDriver`:
 - :mod:`.target` — :func:`prepare_target`, :func:`finish_target`, :func:`abort_target`;
 - :mod:`.source` — :func:`migrate_source`: NBD mirrors, RAM precopy,
   pause-before-switchover, switchover, and rollback on any failure before it;
-- :mod:`.errors` — :class:`MigrationError`, :class:`PlanRefused`, :class:`RolledBack`.
+- :mod:`.report` — :class:`MigrationProgress` samples and the final :class:`MigrationReport`;
+- :mod:`.errors` — :class:`MigrationError` and its subclasses.
 
 Where the sockets between the QEMUs lead (same host, or relays into the
 cross-cluster channel) is the caller's business. See ``docs/migration.md``.
 """
 
-from .errors import MigrationError, PlanRefused, RolledBack
+from .errors import (
+    ControlError,
+    ControlLost,
+    Interrupted,
+    MigrationError,
+    PeerAborted,
+    PlanRefused,
+    RolledBack,
+)
 from .plan import DiskPlan, MigrationOptions, MigrationPlan, discover_plan, validate_target
-from .source import PHASES, MigrationProgress, MigrationReport, migrate_source
+from .report import PHASES, MigrationProgress, MigrationReport
+from .source import migrate_source
 from .target import abort_target, finish_target, image_paths, prepare_target
 
 __all__ = [
-    "MigrationError", "PlanRefused", "RolledBack",
+    "MigrationError", "PlanRefused", "RolledBack", "ControlError", "ControlLost", "PeerAborted",
+    "Interrupted",
     "DiskPlan", "MigrationOptions", "MigrationPlan", "discover_plan", "validate_target",
     "PHASES", "MigrationProgress", "MigrationReport", "migrate_source",
     "abort_target", "finish_target", "image_paths", "prepare_target",

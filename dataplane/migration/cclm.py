@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dataplane.aio import cancel_and_collect, first_done
 from dataplane.channel.addr import Endpoint
 from dataplane.channel.driver import ChannelClient, ChannelServer, ChannelStream, StreamHandler
 from dataplane.channel.errors import ChannelError
@@ -46,14 +47,28 @@ from .control import (
     CONTROL_VERSION,
     MIGRATION_STREAM,
     NBD_STREAM,
+    Abort,
     ControlDecoder,
-    ControlError,
+    Done,
+    Hello,
+    Message,
+    Ready,
+    Refused,
     encode,
 )
-from .errors import MigrationError, PlanRefused, RolledBack
+from .errors import (
+    ControlError,
+    ControlLost,
+    Interrupted,
+    MigrationError,
+    PeerAborted,
+    PlanRefused,
+    RolledBack,
+)
 from .plan import MigrationOptions, MigrationPlan, discover_plan
 from .policy import Decision
-from .source import MigrationProgress, MigrationReport, migrate_source
+from .report import MigrationProgress, MigrationReport
+from .source import migrate_source
 from .target import abort_target, finish_target, image_paths, postcopy_enabled, prepare_target
 
 log = logging.getLogger(__name__)
@@ -64,14 +79,6 @@ PLAN_TIMEOUT = 60.0
 DONE_TIMEOUT = 30.0
 
 EventCallback = Callable[[dict[str, Any]], object]
-
-
-class ControlLost(MigrationError):
-    """The control stream ended (the peer went away, or the session failed)."""
-
-
-class PeerAborted(MigrationError):
-    """The peer sent ``abort``."""
 
 
 # =============================================================================== control stream
@@ -89,7 +96,7 @@ class ControlStream(StreamHandler):
     def __init__(self) -> None:
         self.stream: ChannelStream | None = None
         self.decoder = ControlDecoder()
-        self._inbox: deque[dict[str, Any]] = deque()
+        self._inbox: deque[Message] = deque()
         self._arrived = asyncio.Event()  # set while a message is queued or the stream is lost
         self.lost: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._out = bytearray()
@@ -97,9 +104,9 @@ class ControlStream(StreamHandler):
 
     # -- application side
 
-    def send(self, msg_type: str, **members: Any) -> None:
+    def send(self, msg: Message) -> None:
         """Queue one message (sent as soon as the stream allows). Never raises for a dead stream."""
-        self._out += encode(msg_type, **members)
+        self._out += encode(msg)
         self._flush()
 
     async def wait(self, timeout: float | None = None) -> None:
@@ -112,7 +119,7 @@ class ControlStream(StreamHandler):
         except TimeoutError:
             raise TimeoutError(f"no control message within {timeout:g} s") from None
 
-    def poll(self) -> dict[str, Any] | None:
+    def poll(self) -> Message | None:
         """The next queued message, or None when none is queued yet.
 
         :raises ControlLost: none is queued and the stream ended.
@@ -126,12 +133,12 @@ class ControlStream(StreamHandler):
             raise ControlLost(f"control stream lost: {self.lost.result()}")
         return None
 
-    def unread(self, msg: dict[str, Any]) -> None:
+    def unread(self, msg: Message) -> None:
         """Put ``msg`` back at the head of the queue (for the next :meth:`recv`)."""
         self._inbox.appendleft(msg)
         self._arrived.set()
 
-    async def recv(self, timeout: float | None = None) -> dict[str, Any]:
+    async def recv(self, timeout: float | None = None) -> Message:
         """The next message.
 
         :raises ControlLost: the stream ended before one arrived.
@@ -365,15 +372,15 @@ async def run_source(client: ChannelClient, src: QemuDriver, *, disks: Iterable[
         plan = await discover_plan(src, disks, options)
         _emit(on_event, {"event": "phase", "phase": "plan", "disks": [asdict(d) for d in plan.disks],
                          "memory_size": plan.memory_size})
-        control.send("hello", version=CONTROL_VERSION, plan=plan.to_dict())
+        control.send(Hello(CONTROL_VERSION, plan.to_dict()))
         answer = await _await_answer(control, client)
-        if answer["type"] == "refused":
-            raise PlanRefused(f"the destination refused the plan: {answer.get('reason', 'no reason given')}")
-        if answer["type"] == "abort":
-            raise PlanRefused(f"the destination aborted: {answer.get('reason', 'no reason given')}")
-        if answer["type"] != "ready":
-            raise PlanRefused(f"unexpected answer to the plan: {answer['type']!r}")
-        if postcopy_enabled(options) and not answer.get("postcopy"):
+        if isinstance(answer, Refused):
+            raise PlanRefused(f"the destination says: {answer.reason}")
+        if isinstance(answer, Abort):
+            raise PlanRefused(f"the destination aborted: {answer.reason}")
+        if not isinstance(answer, Ready):
+            raise PlanRefused(f"unexpected answer to the plan: {answer.type!r}")
+        if postcopy_enabled(options) and not answer.postcopy:
             why = "postcopy disabled: the destination QEMU cannot enable postcopy-ram"
             log.warning("%s", why)
             _emit(on_event, {"event": "decision", "action": "note", "reason": why, "elapsed": 0.0})
@@ -392,36 +399,32 @@ async def run_source(client: ChannelClient, src: QemuDriver, *, disks: Iterable[
             on_decision=on_decision, on_report=final.append))
         watch = asyncio.ensure_future(_watch_peer(control, client, interrupt))
         try:
-            await asyncio.wait([mig, watch], return_when=asyncio.FIRST_COMPLETED)
+            await first_done(mig, watch)
             if not mig.done():
-                why = watch.exception() if not watch.cancelled() else None
-                log.warning("stopping the migration: %s", why)
-                mig.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.gather(mig, return_exceptions=True)
+                cause = watch.exception() if not watch.cancelled() else None
+                log.warning("stopping the migration: %s", cause)
+                await cancel_and_collect(mig)
                 report = final[0] if final else None
                 if report is not None and report.outcome == "completed":
                     return await _completed(client, control, report, on_event)
                 if report is None:
-                    raise MigrationError(f"migration stopped: {why}")
-                # the rollback saw a cancellation; the report names its cause instead
-                rest = (report.error or "").removeprefix("cancelled")
-                report = dataclasses.replace(report, error=f"{why}{rest}")
+                    raise MigrationError(f"migration stopped: {cause}")
+                # the rollback saw a cancellation: its cause comes first, then what else it noted
+                error = report.error or ""
+                rest = error.removeprefix("cancelled") if error.startswith("cancelled") else f"; {error}"
+                report = dataclasses.replace(report, error=f"{cause}{rest}" if error else str(cause))
                 final[0] = report
                 if report.switched_over:
-                    raise MigrationError(f"migration failed after the switchover: {report.error}") from why
-                raise RolledBack(report) from why
+                    raise MigrationError(f"migration failed after the switchover: {report.error}") from cause
+                raise RolledBack(report) from cause
             watch.cancel()
             report = mig.result()  # raises RolledBack / MigrationError
             return await _completed(client, control, report, on_event)
         finally:
-            for t in (mig, watch):
-                if not t.done():
-                    t.cancel()
-            await asyncio.gather(mig, watch, return_exceptions=True)
+            await cancel_and_collect(mig, watch)
     except BaseException as exc:
         if not (final and final[0].switched_over):
-            control.send("abort", reason=_reason(exc))
+            control.send(Abort(_reason(exc)))
         raise
     finally:
         await control.drain()
@@ -437,21 +440,16 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-async def _await_answer(control: ControlStream, client: ChannelClient) -> dict[str, Any]:
+async def _await_answer(control: ControlStream, client: ChannelClient) -> Message:
     recv = asyncio.ensure_future(control.recv(PLAN_TIMEOUT))
     try:
-        await asyncio.wait([recv, client.done], return_when=asyncio.FIRST_COMPLETED)
+        await first_done(recv, client.done)
         if recv.done():
             return recv.result()
         err = client.done.result()
         raise ControlLost(f"the session ended before the destination answered: {err or 'closed'}")
     finally:
-        recv.cancel()
-        await asyncio.gather(recv, return_exceptions=True)
-
-
-class Interrupted(MigrationError):
-    """The operator interrupted the migration (SIGINT / SIGTERM)."""
+        await cancel_and_collect(recv)
 
 
 async def _watch_peer(control: ControlStream, client: ChannelClient, interrupt: asyncio.Event | None) -> None:
@@ -460,27 +458,22 @@ async def _watch_peer(control: ControlStream, client: ChannelClient, interrupt: 
     try:
         while True:
             msg = await _next_message(control, client, intr)
-            if msg["type"] == "abort":
-                raise PeerAborted(f"the destination aborted: {msg.get('reason', 'no reason given')}")
-            if msg["type"] == "done":
+            if isinstance(msg, Abort):
+                raise PeerAborted(f"the destination aborted: {msg.reason}")
+            if isinstance(msg, Done):
                 control.unread(msg)  # for _completed
                 await intr
                 raise Interrupted("interrupted")
-            log.warning("control: ignoring an unexpected %r message", msg["type"])
+            log.warning("control: ignoring an unexpected %r message", msg.type)
     finally:
         intr.cancel()
 
 
 async def _next_message(control: ControlStream, client: ChannelClient,
-                        intr: asyncio.Future[Any]) -> dict[str, Any]:
+                        intr: asyncio.Future[Any]) -> Message:
     while (msg := control.poll()) is None:
-        arrived = asyncio.ensure_future(control.wait())
-        try:
-            await asyncio.wait([arrived, client.done, intr], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            arrived.cancel()
-            await asyncio.gather(arrived, return_exceptions=True)
-        if arrived.done() and not arrived.cancelled():
+        done = await first_done(control.wait(), client.done, intr)
+        if done - {client.done, intr}:
             continue  # a message (or the end of the stream) is there: poll() takes it
         if intr.done():
             raise Interrupted("interrupted by the operator")
@@ -500,10 +493,10 @@ async def _completed(client: ChannelClient, control: ControlStream, report: Migr
         except (TimeoutError, ControlLost) as exc:
             log.warning("the destination did not confirm that it took over: %s", exc)
             break
-        if msg["type"] == "done":
-            destination = str(msg.get("status", "running"))
-        elif msg["type"] == "abort":
-            log.error("the destination reports a failure after the switchover: %s", msg.get("reason"))
+        if isinstance(msg, Done):
+            destination = msg.status
+        elif isinstance(msg, Abort):
+            log.error("the destination reports a failure after the switchover: %s", msg.reason)
             break
     figures = ChannelFigures.from_stats(client.stats())
     return CclmReport(report, figures, destination)
@@ -557,6 +550,198 @@ class _TargetSession:
         self.relay.on_stream(stream)
 
 
+class _Ended(Exception):
+    """A phase of the target ended the migration; ``report`` is the destination's final word."""
+
+    def __init__(self, report: TargetReport) -> None:
+        super().__init__(report.outcome)
+        self.report = report
+
+
+class _TargetRole:
+    """The destination's side of one migration, one method per phase (see :func:`run_target`):
+    :meth:`control` (a session and its plan), :meth:`prepare` (validate, export, ``ready``),
+    :meth:`switchover` (until the destination QEMU takes over) and :meth:`finish` (``done``)."""
+
+    def __init__(self, server_factory: Callable[[Callable[[ChannelStream], None]], ChannelServer],
+                 dst: QemuDriver, *, paused: bool, workdir: str | Path | None,
+                 on_listening: Callable[[tuple[str, int]], object] | None, on_event: EventCallback | None,
+                 interrupt: asyncio.Event | None) -> None:
+        self.dst = dst
+        self.paused = paused
+        self.on_listening = on_listening
+        self.on_event = on_event
+        self.t0 = time.monotonic()
+        self.wd = _workdir(workdir, "dpmig-dst-")
+        self.nbd_sock, self.mig_sock = self.wd / "nbd.sock", self.wd / "mig.sock"
+        self.relay = DestinationRelay({NBD_STREAM: Endpoint("unix", path=str(self.nbd_sock)),
+                                       MIGRATION_STREAM: Endpoint("unix", path=str(self.mig_sock))})
+        self.routing = _TargetSession(self.relay)
+        self.server = server_factory(self.routing.on_stream)
+        self.control: ControlStream | None = None
+        self.switched: list[str] = []  # the QEMU status at which the destination took over
+        self.postcopy = False
+        self.intr: asyncio.Future[Any] = asyncio.ensure_future(
+            interrupt.wait() if interrupt is not None else asyncio.get_running_loop().create_future())
+
+    def report(self, outcome: str, status: str | None, error: str | None = None) -> TargetReport:
+        figures = ChannelFigures.from_stats(self.server.stats())
+        rep = TargetReport(outcome, status, time.monotonic() - self.t0, error, self.postcopy, figures)
+        log.info("receive %s%s", outcome, f": {error}" if error else "")
+        return rep
+
+    async def run(self) -> TargetReport:
+        """All the phases; the report of the first that ends the run. Raises OSError (cannot listen)
+        or CancelledError (after telling the source to abort, unless the destination took over)."""
+        try:
+            await self.server.start()
+        except BaseException:
+            await self._close()
+            raise
+        try:
+            if self.on_listening is not None:
+                self.on_listening(self.server.address)
+            control = await self.control_phase()
+            plan = await self.plan_phase(control)
+            await self.prepare(control, plan)
+            await self.switchover(control, plan)
+            return await self.finish(control, plan)
+        except _Ended as ended:
+            return ended.report
+        except asyncio.CancelledError:
+            if self.control is not None and not self.switched:
+                self.control.send(Abort("the destination was interrupted"))
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(abort_target(self.dst))
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self.control.drain())
+            raise
+        finally:
+            await self._close()
+
+    async def _close(self) -> None:
+        self.intr.cancel()
+        await self.server.close()
+        await self.relay.close()
+        shutil.rmtree(self.wd, ignore_errors=True)
+
+    # -- phases
+
+    async def control_phase(self) -> ControlStream:
+        """Wait for the migrating session's control stream. Ends the run if interrupted first."""
+        await first_done(self.routing.arrived, self.intr)
+        if not self.routing.arrived.done():
+            raise _Ended(self.report("aborted", None, "interrupted before a migration arrived"))
+        self.control = control = self.routing.arrived.result()
+        _emit(self.on_event, {"event": "phase", "phase": "connected", "session": self.routing.session})
+        return control
+
+    async def plan_phase(self, control: ControlStream) -> MigrationPlan:
+        """Wait for the source's ``hello`` and read its plan. Ends the run if it does not come, is
+        not this protocol's, or the destination is interrupted first."""
+        hello_task = asyncio.ensure_future(control.recv(PLAN_TIMEOUT))
+        await first_done(hello_task, self.intr)
+        if not hello_task.done():
+            await cancel_and_collect(hello_task)
+            control.send(Abort("the destination was interrupted"))
+            await control.drain()
+            raise _Ended(self.report("aborted", None, "interrupted before the plan arrived"))
+        try:
+            hello = hello_task.result()
+        except (TimeoutError, ControlLost) as exc:
+            raise _Ended(self.report("failed", None, f"no plan from the source: {exc}")) from None
+        try:
+            if not isinstance(hello, Hello) or hello.version != CONTROL_VERSION:
+                got = f"version {hello.version}" if isinstance(hello, Hello) else f"a {hello.type!r} message"
+                raise PlanRefused(f"expected a hello of control version {CONTROL_VERSION}, got {got}")
+            return MigrationPlan.from_dict(hello.plan)
+        except PlanRefused as exc:
+            raise await self._refused(control, exc.reason) from None
+
+    async def _refused(self, control: ControlStream, reason: str) -> _Ended:
+        """Tell the source its plan is refused; return the end of the run to raise."""
+        log.warning("refusing the plan: %s", reason)
+        control.send(Refused(reason))
+        await control.drain()
+        return _Ended(self.report("refused", None, reason))
+
+    async def prepare(self, control: ControlStream, plan: MigrationPlan) -> None:
+        """Validate the plan against the destination QEMU, export its disks, start the incoming
+        migration and answer ``ready``; a refusal (nothing changed) ends the run."""
+        try:
+            caps = await prepare_target(self.dst, plan, str(self.nbd_sock), f"unix:{self.mig_sock}")
+        except (PlanRefused, DriverError) as exc:
+            reason = exc.reason if isinstance(exc, PlanRefused) else f"destination QEMU: {exc}"
+            raise await self._refused(control, reason) from None
+        _emit(self.on_event, {"event": "phase", "phase": "ready", "disks": [d.node_name for d in plan.disks]})
+        self.routing.ready = True
+        control.send(Ready(plan.options.multifd_channels, bool(caps.get("postcopy-ram"))))
+
+    def _on_switchover(self, status: str) -> None:
+        self.postcopy = status == "postcopy-active"
+        self.switched.append(status)
+        _emit(self.on_event, {"event": "phase", "phase": "switched-over", "status": status})
+
+    async def switchover(self, control: ControlStream, plan: MigrationPlan) -> None:
+        """Wait until the destination QEMU took over and the guest resumed (unless paused). An abort
+        from the source, the session ending, an interrupt or the destination QEMU failing before
+        the switchover ends the run: the exports are dropped and the source told."""
+        # the mirror's READY flush then finds the images mostly written back already
+        try:
+            paths = await image_paths(self.dst, plan)
+        except DriverError as exc:
+            log.debug("no early writeback: %s", exc)
+            paths = []
+        writeback = EarlyWriteback(paths)
+        writeback.start()
+        finish = asyncio.ensure_future(finish_target(self.dst, resume=not self.paused, timeout=None,
+                                                     on_switchover=self._on_switchover))
+        watch = asyncio.ensure_future(_watch_source(control))
+        try:
+            await first_done(finish, watch, self.intr)
+            if not finish.done() and not self.switched:
+                if self.intr.done():
+                    why: BaseException | None = MigrationError("the destination was interrupted")
+                    control.send(Abort(str(why)))
+                else:
+                    why = watch.exception() if not watch.cancelled() else None
+                await cancel_and_collect(finish)
+                await abort_target(self.dst)
+                await control.drain()
+                outcome = "aborted" if isinstance(why, PeerAborted) or self.intr.done() else "failed"
+                raise _Ended(self.report(outcome, None, str(why)))
+            if self.intr.done() and not finish.done():
+                log.warning("interrupted after the switchover: the destination is authoritative; "
+                            "finishing first")
+            try:
+                await finish
+            except (MigrationError, DriverError) as exc:
+                if self.switched:
+                    raise _Ended(self.report("failed", None, f"after the switchover: {exc}")) from None
+                # QEMU ends an incoming migration the source cancelled: did the source abort?
+                await asyncio.wait([watch], timeout=1.0)
+                await abort_target(self.dst)
+                if watch.done() and isinstance(watch.exception(), PeerAborted):
+                    await control.drain()
+                    raise _Ended(self.report("aborted", None,
+                                             f"{watch.exception()} (destination QEMU: {exc})")) from None
+                control.send(Abort(f"destination failed: {exc}"))
+                await control.drain()
+                raise _Ended(self.report("failed", None, str(exc))) from None
+        finally:
+            await cancel_and_collect(finish, watch)
+            await writeback.stop()
+
+    async def finish(self, control: ControlStream, plan: MigrationPlan) -> TargetReport:
+        """Tell the source the destination took over (``done``) and end the conversation."""
+        status = "paused" if self.paused else "running"
+        control.send(Done(status))
+        await control.drain()
+        total = plan.memory_size + sum(d.size for d in plan.disks)
+        log.info("migration of %.1f GiB received; guest %s", total / (1 << 30), status)
+        return self.report("completed", status)
+
+
 async def run_target(server_factory: Callable[[Callable[[ChannelStream], None]], ChannelServer],
                      dst: QemuDriver, *, paused: bool = False, workdir: str | Path | None = None,
                      on_listening: Callable[[tuple[str, int]], object] | None = None,
@@ -585,147 +770,19 @@ async def run_target(server_factory: Callable[[Callable[[ChannelStream], None]],
     :raises asyncio.CancelledError: cancelled (the source is told to abort
         unless the destination had taken over).
     """
-    intr = asyncio.ensure_future(interrupt.wait() if interrupt is not None else asyncio.Future())
-    t0 = time.monotonic()
-    wd = _workdir(workdir, "dpmig-dst-")
-    nbd_sock, mig_sock = wd / "nbd.sock", wd / "mig.sock"
-    relay = DestinationRelay({NBD_STREAM: Endpoint("unix", path=str(nbd_sock)),
-                              MIGRATION_STREAM: Endpoint("unix", path=str(mig_sock))})
-    routing = _TargetSession(relay)
-    server = server_factory(routing.on_stream)
-    switched: list[str] = []
-    postcopy = False
-    control: ControlStream | None = None
-
-    def report(outcome: str, status: str | None, error: str | None = None) -> TargetReport:
-        figures = ChannelFigures.from_stats(server.stats())
-        rep = TargetReport(outcome, status, time.monotonic() - t0, error, postcopy, figures)
-        log.info("receive %s%s", outcome, f": {error}" if error else "")
-        return rep
-
-    await server.start()
-    try:
-        if on_listening is not None:
-            on_listening(server.address)
-        await asyncio.wait([routing.arrived, intr], return_when=asyncio.FIRST_COMPLETED)
-        if not routing.arrived.done():
-            return report("aborted", None, "interrupted before a migration arrived")
-        control = routing.arrived.result()
-        _emit(on_event, {"event": "phase", "phase": "connected", "session": routing.session})
-        hello_task = asyncio.ensure_future(control.recv(PLAN_TIMEOUT))
-        await asyncio.wait([hello_task, intr], return_when=asyncio.FIRST_COMPLETED)
-        if not hello_task.done():
-            hello_task.cancel()
-            control.send("abort", reason="the destination was interrupted")
-            await control.drain()
-            return report("aborted", None, "interrupted before the plan arrived")
-        try:
-            hello = hello_task.result()
-        except (TimeoutError, ControlLost) as exc:
-            return report("failed", None, f"no plan from the source: {exc}")
-        try:
-            if hello["type"] != "hello" or hello.get("version") != CONTROL_VERSION:
-                raise PlanRefused(f"expected a hello of control version {CONTROL_VERSION}, got "
-                                  f"{hello['type']!r} version {hello.get('version')!r}")
-            plan = MigrationPlan.from_dict(hello.get("plan") or {})
-            caps = await prepare_target(dst, plan, str(nbd_sock), f"unix:{mig_sock}")
-        except (PlanRefused, DriverError) as exc:
-            reason = str(exc) if isinstance(exc, PlanRefused) else f"destination QEMU: {exc}"
-            log.warning("refusing the plan: %s", reason)
-            control.send("refused", reason=reason)
-            await control.drain()
-            return report("refused", None, reason)
-        can_postcopy = bool(caps.get("postcopy-ram"))
-        _emit(on_event, {"event": "phase", "phase": "ready", "disks": [d.node_name for d in plan.disks]})
-        routing.ready = True
-        control.send("ready", multifd=plan.options.multifd_channels, postcopy=can_postcopy)
-
-        def on_switchover(status: str) -> None:
-            nonlocal postcopy
-            postcopy = status == "postcopy-active"
-            switched.append(status)
-            _emit(on_event, {"event": "phase", "phase": "switched-over", "status": status})
-
-        total = plan.memory_size + sum(d.size for d in plan.disks)
-        # the mirror's READY flush then finds the images mostly written back already
-        try:
-            paths = await image_paths(dst, plan)
-        except DriverError as exc:
-            log.debug("no early writeback: %s", exc)
-            paths = []
-        writeback = EarlyWriteback(paths)
-        writeback.start()
-        finish = asyncio.ensure_future(finish_target(dst, resume=not paused, timeout=None,
-                                                     on_switchover=on_switchover))
-        watch = asyncio.ensure_future(_watch_source(control))
-        try:
-            await asyncio.wait([finish, watch, intr], return_when=asyncio.FIRST_COMPLETED)
-            if not finish.done() and not switched:
-                if intr.done():
-                    why: BaseException | None = MigrationError("the destination was interrupted")
-                    control.send("abort", reason=str(why))
-                else:
-                    why = watch.exception() if not watch.cancelled() else None
-                finish.cancel()
-                await asyncio.gather(finish, return_exceptions=True)
-                await abort_target(dst)
-                await control.drain()
-                outcome = "aborted" if isinstance(why, PeerAborted) or intr.done() else "failed"
-                return report(outcome, None, str(why))
-            if intr.done() and not finish.done():
-                log.warning("interrupted after the switchover: the destination is authoritative; "
-                            "finishing first")
-            try:
-                await finish
-            except (MigrationError, DriverError) as exc:
-                if not switched:
-                    # QEMU ends an incoming migration the source cancelled: did the source abort?
-                    await asyncio.wait([watch], timeout=1.0)
-                    await abort_target(dst)
-                    if watch.done() and isinstance(watch.exception(), PeerAborted):
-                        await control.drain()
-                        return report("aborted", None, f"{watch.exception()} (destination QEMU: {exc})")
-                    control.send("abort", reason=f"destination failed: {exc}")
-                    await control.drain()
-                    return report("failed", None, str(exc))
-                return report("failed", None, f"after the switchover: {exc}")
-            finally:
-                watch.cancel()
-            status = "paused" if paused else "running"
-            control.send("done", status=status)
-            await control.drain()
-            log.info("migration of %.1f GiB received; guest %s", total / (1 << 30), status)
-            return report("completed", status)
-        finally:
-            for t in (finish, watch):
-                if not t.done():
-                    t.cancel()
-            await asyncio.gather(finish, watch, return_exceptions=True)
-            await writeback.stop()
-    except asyncio.CancelledError:
-        if control is not None and not switched:
-            control.send("abort", reason="the destination was interrupted")
-            with contextlib.suppress(Exception):
-                await asyncio.shield(abort_target(dst))
-            with contextlib.suppress(Exception):
-                await asyncio.shield(control.drain())
-        raise
-    finally:
-        intr.cancel()
-        await server.close()
-        await relay.close()
-        shutil.rmtree(wd, ignore_errors=True)
+    role = _TargetRole(server_factory, dst, paused=paused, workdir=workdir, on_listening=on_listening,
+                       on_event=on_event, interrupt=interrupt)
+    return await role.run()
 
 
 async def _watch_source(control: ControlStream) -> None:
     """Raise when the source aborts or the control stream ends."""
     while True:
         msg = await control.recv()
-        if msg["type"] == "abort":
-            raise PeerAborted(f"the source aborted: {msg.get('reason', 'no reason given')}")
-        log.warning("control: ignoring an unexpected %r message", msg["type"])
+        if isinstance(msg, Abort):
+            raise PeerAborted(f"the source aborted: {msg.reason}")
+        log.warning("control: ignoring an unexpected %r message", msg.type)
 
 
-__all__ = ["CclmReport", "ChannelFigures", "ControlLost", "ControlStream", "Interrupted", "PeerAborted",
-           "TargetReport",
-           "progress_event", "run_source", "run_target"]
+__all__ = ["CclmReport", "ChannelFigures", "ControlStream", "TargetReport", "progress_event", "run_source",
+           "run_target"]

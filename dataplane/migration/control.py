@@ -1,11 +1,15 @@
-"""The control stream of a cross-cluster migration: small JSON messages, one per line.
+"""The control stream of a cross-cluster migration: small typed messages, one JSON line each.
 
 Sans-IO: :class:`ControlDecoder` turns received bytes into messages and
 :func:`encode` turns a message into bytes; the asyncio side lives in
-:mod:`dataplane.migration.cclm`. A message is a JSON object with a ``type``
-member, terminated by ``\\n``; a line longer than :data:`MAX_LINE` bytes, a
-line that is not a JSON object or an unknown ``type`` ends the conversation
-with :class:`ControlError` (the peer is not speaking this protocol).
+:mod:`dataplane.migration.cclm`. Each message is a frozen dataclass
+(:class:`Hello`, :class:`Ready`, :class:`Refused`, :class:`Abort`,
+:class:`Done`); on the wire it is a JSON object with a ``type`` member and its
+fields, terminated by ``\\n``. A line longer than :data:`MAX_LINE` bytes, a
+line that is not a JSON object, an unknown ``type``, or a field missing or of
+the wrong type ends the conversation with :class:`ControlError` (the peer is
+not speaking this protocol). Members this version does not know are ignored
+(a newer peer may add some).
 
 Messages (``→`` source to destination, ``←`` destination to source):
 
@@ -24,7 +28,10 @@ done       ←    ``status`` (``running`` or ``paused``): the destination took o
 from __future__ import annotations
 
 import json
-from typing import Any
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
+
+from .errors import ControlError
 
 CONTROL_VERSION = 1
 #: Longest accepted message line in bytes (a plan with hundreds of disks fits easily).
@@ -34,21 +41,85 @@ CONTROL_STREAM = "cclm-control"
 NBD_STREAM = "cclm-nbd"
 MIGRATION_STREAM = "cclm-migration"
 
-MESSAGE_TYPES = frozenset({"hello", "ready", "refused", "abort", "done"})
+
+@dataclass(frozen=True)
+class Hello:
+    """source → destination: the protocol version and the plan (see :class:`~.plan.MigrationPlan`)."""
+
+    version: int
+    plan: dict[str, Any]
+    type: ClassVar[str] = "hello"
 
 
-class ControlError(Exception):
-    """The control stream carried something that is not this protocol."""
+@dataclass(frozen=True)
+class Ready:
+    """destination → source: the plan is validated, the exports and ``migrate-incoming`` wait."""
+
+    multifd: int
+    postcopy: bool
+    type: ClassVar[str] = "ready"
 
 
-def encode(msg_type: str, **members: Any) -> bytes:
-    """One message as a line of bytes. Raises ValueError for an unknown type."""
-    if msg_type not in MESSAGE_TYPES:
-        raise ValueError(f"unknown control message type {msg_type!r}")
-    line = json.dumps({"type": msg_type, **members}, sort_keys=True, separators=(",", ":")).encode()
+@dataclass(frozen=True)
+class Refused:
+    """destination → source: the plan cannot be received; nothing was changed."""
+
+    reason: str
+    type: ClassVar[str] = "refused"
+
+
+@dataclass(frozen=True)
+class Abort:
+    """either way: the sender gave up before the switchover."""
+
+    reason: str
+    type: ClassVar[str] = "abort"
+
+
+@dataclass(frozen=True)
+class Done:
+    """destination → source: the destination took over; ``status`` is ``running`` or ``paused``."""
+
+    status: str
+    type: ClassVar[str] = "done"
+
+
+Message = Hello | Ready | Refused | Abort | Done
+MESSAGE_CLASSES: dict[str, type[Message]] = {cls.type: cls for cls in (Hello, Ready, Refused, Abort, Done)}
+MESSAGE_TYPES = frozenset(MESSAGE_CLASSES)
+#: What each field must be on the wire (bool is not an int here).
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {"version": (int,), "plan": (dict,), "multifd": (int,),
+                                             "postcopy": (bool,), "reason": (str,), "status": (str,)}
+
+
+def encode(msg: Message) -> bytes:
+    """One message as a line of bytes. Raises ValueError if it is longer than :data:`MAX_LINE`."""
+    line = json.dumps({"type": msg.type, **asdict(msg)}, sort_keys=True, separators=(",", ":")).encode()
     if len(line) >= MAX_LINE:
         raise ValueError(f"control message of {len(line)} bytes exceeds {MAX_LINE}")
     return line + b"\n"
+
+
+def parse(obj: Any) -> Message:
+    """The message a decoded JSON value stands for.
+
+    :raises ControlError: not an object with a known ``type``, or a field missing or of the wrong type.
+    """
+    if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
+        raise ControlError("control message is not a JSON object with a 'type'")
+    cls = MESSAGE_CLASSES.get(obj["type"])
+    if cls is None:
+        raise ControlError(f"unknown control message type {obj['type']!r}")
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name not in obj:
+            raise ControlError(f"control message {cls.type!r} lacks {f.name!r}")
+        value, want = obj[f.name], _FIELD_TYPES[f.name]
+        if not isinstance(value, want) or (bool not in want and isinstance(value, bool)):
+            raise ControlError(f"control message {cls.type!r}: {f.name!r} must be {want[0].__name__}, "
+                               f"got {type(value).__name__}")
+        values[f.name] = value
+    return cls(**values)
 
 
 class ControlDecoder:
@@ -57,13 +128,13 @@ class ControlDecoder:
     def __init__(self) -> None:
         self._buf = bytearray()
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list[dict[str, Any]]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
         """Add received bytes; return the complete messages.
 
-        :raises ControlError: a line too long, not a JSON object, or of an unknown type.
+        :raises ControlError: a line too long, not JSON, or not a valid message (see :func:`parse`).
         """
         self._buf += data
-        out: list[dict[str, Any]] = []
+        out: list[Message] = []
         while True:
             end = self._buf.find(b"\n")
             if end < 0:
@@ -72,19 +143,11 @@ class ControlDecoder:
                 return out
             line = bytes(self._buf[:end])
             del self._buf[:end + 1]
-            out.append(self._parse(line))
-
-    @staticmethod
-    def _parse(line: bytes) -> dict[str, Any]:
-        try:
-            msg = json.loads(line)
-        except ValueError as exc:
-            raise ControlError(f"control message is not JSON: {exc}") from None
-        if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
-            raise ControlError("control message is not a JSON object with a 'type'")
-        if msg["type"] not in MESSAGE_TYPES:
-            raise ControlError(f"unknown control message type {msg['type']!r}")
-        return msg
+            try:
+                obj = json.loads(line)
+            except ValueError as exc:
+                raise ControlError(f"control message is not JSON: {exc}") from None
+            out.append(parse(obj))
 
     @property
     def pending(self) -> int:

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from qmp_driver import BlockNode, QemuDriver
+from qmp_driver import BlockDevice, BlockNode, QemuDriver
 
 from .errors import PlanRefused
 
@@ -223,13 +223,13 @@ async def discover_plan(src: QemuDriver, disks: Iterable[str] | None = None,
                 chosen.append(plan_for(dev.node_name))
     else:
         for name in disks:
-            dev = next((d for d in devices if d.node_name and (
+            found: BlockDevice | None = next((d for d in devices if d.node_name and (
                 name in (d.node_name, d.qdev, d.device) or f"/machine/peripheral/{name}/" in d.qdev)), None)
-            if dev is None or dev.node_name is None:
+            if found is None or found.node_name is None:
                 raise PlanRefused(f"disk {name!r}: no guest block device with that node name or id")
-            if dev.read_only:
+            if found.read_only:
                 raise PlanRefused(f"disk {name!r} is read-only; it is not migrated as a writable disk")
-            chosen.append(plan_for(dev.node_name))
+            chosen.append(plan_for(found.node_name))
     if not chosen:
         raise PlanRefused("the source has no writable guest disk to migrate")
     return MigrationPlan(tuple(chosen), await memory_size(src), options or MigrationOptions())

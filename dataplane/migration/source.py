@@ -20,7 +20,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from qmp_driver import CommandError, DriverError, DriverTimeout, Event, QemuDriver, match
@@ -37,12 +36,10 @@ from .policy import (
     PolicySettings,
     completion_timeout,
 )
+from .report import MigrationProgress, MigrationReport
 from .target import postcopy_enabled
 
 log = logging.getLogger(__name__)
-
-#: Phases, in order. A rolled-back report names the phase that was reached.
-PHASES = ("preparing", "mirror", "mirror-ready", "precopy", "switchover", "completed")
 
 NBD_NODE_PREFIX = "dpmig-nbd"
 MIRROR_JOB_PREFIX = "dpmig-mirror"
@@ -52,53 +49,6 @@ _MIGRATION_ACTIVE = frozenset({"setup", "active", "pre-switchover", "device", "p
 _MIGRATION_END = frozenset({"completed", "failed", "cancelled"})
 
 NbdAddress = str | Mapping[str, Any]
-
-
-@dataclass(frozen=True)
-class MigrationProgress:
-    """One progress sample. Bytes and bytes/s; ``elapsed`` in seconds since the start."""
-
-    phase: str
-    elapsed: float
-    disk_done: int = 0  # mirror offsets, summed over the disks
-    disk_total: int = 0  # mirror lengths (grows while the guest dirties mirrored areas)
-    disk_rate: float = 0.0
-    ram_done: int = 0  # RAM bytes transferred
-    ram_total: int = 0
-    ram_remaining: int = 0
-    ram_rate: float = 0.0
-    dirty_rate: float = 0.0  # bytes/s the guest dirties (QEMU's estimate)
-    cpu_throttle: int = 0  # auto-converge's vCPU throttle, percent
-
-
-@dataclass(frozen=True)
-class MigrationReport:
-    """How a migration ended.
-
-    ``outcome`` is ``completed`` (the destination is authoritative),
-    ``rolled-back`` (the source runs on its original disks) or
-    ``failed-after-switchover`` (postcopy had started: the destination is
-    authoritative, but the migration did not finish); ``phase`` is the
-    last phase reached (see :data:`PHASES`); ``total_time`` in seconds;
-    ``downtime_ms`` as QEMU reports it (None unless completed);
-    ``ram_transferred`` and ``disk_bytes`` in bytes; ``error`` the reason of a
-    rollback, plus any clean-up step that failed.
-    """
-
-    outcome: str
-    phase: str
-    total_time: float
-    downtime_ms: int | None
-    ram_transferred: int
-    disk_bytes: int
-    error: str | None = None
-    postcopy: bool = False  # the switchover happened in postcopy mode
-    decisions: tuple[Decision, ...] = ()
-
-    @property
-    def switched_over(self) -> bool:
-        """True when the destination is authoritative (the source must not be resumed)."""
-        return self.outcome != "rolled-back"
 
 
 ProgressCallback = Callable[[MigrationProgress], object]
@@ -604,7 +554,7 @@ async def migrate_source(src: QemuDriver, plan: MigrationPlan, nbd_uri_for: Call
     finally:
         final = mig.final
         if final is not None:
-            log.info("migration %s: %s", final.outcome, final)
+            log.info("%s", final.summary())
             if on_report is not None:
                 try:
                     on_report(final)

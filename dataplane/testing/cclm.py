@@ -305,13 +305,6 @@ class GuestRecipe:
             params.update(disk="/dev/vda", disk_rate=self.journal_rate)
         return params
 
-    def disk_sizes(self) -> list[tuple[str, int]]:
-        """``(node name, size)`` of each disk, in guest order."""
-        out = [(JOURNAL_NODE, self.journal_mib * MiB)]
-        if self.disk is not None:
-            out.append((DATA_NODE, self.disk.size))
-        return out
-
 
 # --------------------------------------------------------------------------- clusters
 

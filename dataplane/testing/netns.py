@@ -72,6 +72,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from dataplane.units import parse_link_rate
+
 __all__ = [
     "CLONE_NEWNET",
     "DEFAULT_LATENCY_MS",
@@ -84,7 +86,6 @@ __all__ = [
     "in_netns",
     "listening_tcp_ports",
     "netns_unavailable_reason",
-    "parse_rate",
     "popen",
     "run",
     "sweep_stale",
@@ -94,7 +95,7 @@ __all__ = [
 NETNS_DIR = Path("/run/netns")
 DEFAULT_SUBNET = "10.200.0.0/30"
 DEFAULT_LATENCY_MS = 50
-_ALLOWED = ipaddress.ip_network("10.0.0.0/8")
+_ALLOWED = ipaddress.IPv4Network("10.0.0.0/8")
 _NAME_RE = re.compile(r"^dp-[ab]-(\d+)-[0-9a-f]+$")
 CLONE_NEWNET = 0x40000000  # setns(2) flag: the fd is a network namespace
 _NFT_TABLE = "dataplane_cut"
@@ -214,32 +215,6 @@ def in_netns(netns: str) -> Iterator[None]:
 # --------------------------------------------------------------------------- rates
 
 
-_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(bit|kbit|mbit|gbit|tbit)?\s*$", re.IGNORECASE)
-_RATE_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "tbit": 10**12}
-
-
-def parse_rate(rate: int | float | str) -> int:
-    """A rate in bits per second: a number, or text like ``"50mbit"`` (SI units bit/kbit/mbit/gbit, as tc).
-
-    tc's byte units (``mbps`` = megabytes/s) are refused to avoid an 8x
-    mistake. Raises ValueError for anything else or a rate below 8 bit/s.
-    """
-    if isinstance(rate, bool):
-        raise ValueError(f"invalid rate {rate!r}")
-    if isinstance(rate, int | float):
-        bits = float(rate)
-    else:
-        m = _RATE_RE.match(rate)
-        if m is None:
-            raise ValueError(
-                f"invalid rate {rate!r}: use bits per second or e.g. '500kbit', '50mbit', '1gbit'"
-            )
-        bits = float(m.group(1)) * _RATE_UNITS[(m.group(2) or "bit").lower()]
-    if bits < 8:
-        raise ValueError(f"rate {rate!r} is too low (minimum 8 bit/s)")
-    return int(bits)
-
-
 def tbf_burst(rate_bps: int, mtu: int = 1500) -> int:
     """The tbf bucket size in bytes for *rate_bps*: ``max(rate/100 Hz, 16 KiB, 4 full frames)``."""
     return max(rate_bps // 8 // _LOWEST_HZ, _MIN_BURST, 4 * (mtu + 14))
@@ -340,7 +315,7 @@ atexit.register(close_all)
 class Link:
     """Two network namespaces joined by a veth pair, optionally rate-limited; a pair of "clusters".
 
-    ``rate``: None (unshaped) or a rate for :func:`parse_rate`, applied to
+    ``rate``: None (unshaped) or a rate for :func:`~dataplane.units.parse_link_rate`, applied to
     both directions. ``subnet``: a /30 (or wider) inside 10.0.0.0/8; side A
     gets its first host address, side B the second. ``latency_ms``: tbf's
     queue bound. ``mtu``: of both veth ends (default: the kernel's, 1500).
@@ -371,7 +346,7 @@ class Link:
         self.prefixlen = net.prefixlen
         self.latency_ms = int(latency_ms)
         self.mtu = mtu
-        self._initial_rate = None if rate is None else parse_rate(rate)
+        self._initial_rate = None if rate is None else parse_link_rate(rate)
         self.rate: int | None = None
         self.cut_mode: str | None = None
         self._procs: list[subprocess.Popen[Any]] = []
@@ -470,9 +445,6 @@ class Link:
             return self.ns_b
         raise ValueError(f"unknown side {side!r}: use 'a', 'b', {self.ns_a!r} or {self.ns_b!r}")
 
-    def _dev(self, side: str) -> str:
-        return self.dev_a if self.netns(side) == self.ns_a else self.dev_b
-
     @property
     def namespaces(self) -> tuple[str, str]:
         """``(ns_a, ns_b)``."""
@@ -481,7 +453,7 @@ class Link:
     # -- shaping
 
     def set_rate(self, rate: int | float | str | None) -> None:
-        """Rate-limit both directions to *rate* (see :func:`parse_rate`), or remove the limit with None.
+        """Rate-limit both directions to *rate* (:func:`~dataplane.units.parse_link_rate`), or unshape (None).
 
         Changes a running link in place (``tc qdisc replace``). Raises
         ValueError for a bad rate, NetnsError if tc fails.
@@ -491,7 +463,7 @@ class Link:
                 _cmd(["tc", "-n", ns, "qdisc", "del", "dev", dev, "root"], check=False)
             self.rate = None
             return
-        bps = parse_rate(rate)
+        bps = parse_link_rate(rate)
         burst = tbf_burst(bps, self.mtu or 1500)
         for ns, dev in ((self.ns_a, self.dev_a), (self.ns_b, self.dev_b)):
             _cmd(["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf",

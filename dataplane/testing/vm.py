@@ -314,7 +314,7 @@ class _Spawner:
         ok, value = reply.get()
         if not ok:
             raise value
-        return value  # type: ignore[no-any-return]
+        return value
 
 
 _SPAWNER = _Spawner()
@@ -342,7 +342,7 @@ def run_async(factory: Callable[[], Coroutine[Any, Any, T]], timeout: float | No
         raise TimeoutError(f"QMP operation did not finish within {timeout} s")
     if "error" in box:
         raise box["error"]
-    return box["value"]  # type: ignore[no-any-return]
+    return box["value"]
 
 
 async def _qmp(path: Path, command: str, args: Mapping[str, object] | None = None) -> Any:

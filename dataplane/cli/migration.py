@@ -1,10 +1,8 @@
 """``dataplane migrate`` and ``dataplane receive``: the two roles of a cross-cluster live migration.
 
-Registered into the command line by :func:`dataplane.cli.register_migration`.
-The work is done by :mod:`dataplane.migration.cclm`; this module parses
-options, opens the QMP connection and the channel, prints progress (text or
-JSON lines) and maps outcomes to exit statuses (0 completed, 1 failed or
-rolled back, 2 wrong command line).
+The work is done by :mod:`dataplane.migration.cclm`; this module parses options, opens the QMP
+connection and the channel, prints progress (text or JSON lines) and maps outcomes to exit statuses
+(0 completed, 1 failed or rolled back, 2 wrong command line).
 """
 
 from __future__ import annotations
@@ -17,22 +15,38 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from dataplane import cli
-from dataplane.cli import (
-    CommandError,
+from dataplane.cli.common import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    CommandFailed,
     Commands,
+    StatsWriter,
     UsageError,
     add_command,
+    arg_type,
+    channel_client,
+    channel_options,
+    channel_server,
     check_connections,
+    check_stats_path,
+    log,
     non_negative_int,
+    parse_bind,
+    parse_to,
+    positive_float,
     positive_int,
+    ready,
+    run_loop,
     stop_event,
+    tls_config,
 )
+from dataplane.progress import progress_line, terminal_width
+from dataplane.units import format_bytes
 
 if TYPE_CHECKING:
     from qmp_driver import QemuDriver
 
-EXIT_OK, EXIT_FAILURE = cli.EXIT_OK, cli.EXIT_FAILURE
+__all__ = ["register_migration"]
 
 
 # --------------------------------------------------------------------------- options
@@ -55,7 +69,7 @@ def _output_options(parser: argparse.ArgumentParser) -> None:
                         help="where the local unix sockets of the relays are made (default: /tmp)")
 
 
-def register(commands: Commands) -> None:
+def register_migration(commands: Commands) -> None:
     """Add ``migrate`` and ``receive``."""
     mig = add_command(
         commands,
@@ -71,7 +85,8 @@ def register(commands: Commands) -> None:
             "Convergence (docs/migration.md): the downtime limit, auto-converge (vCPU throttling when\n"
             "the guest dirties faster than the link), stall detection (remaining RAM not shrinking by\n"
             "--stall-shrink over --stall-window), postcopy when stalled (--postcopy auto), and a\n"
-            "completion timeout of --timeout-base plus --timeout-per-gib per GiB of RAM and disks.\n"
+            "completion timeout of --timeout-base plus --timeout-per-gib per GiB of RAM and disks\n"
+            "(a smaller VM counts as one GiB).\n"
             "\n"
             "Any failure or interruption (SIGINT/SIGTERM) before the switchover rolls back: migration\n"
             "cancelled, mirrors cancelled, NBD nodes deleted, settings restored; the VM keeps running\n"
@@ -90,7 +105,7 @@ def register(commands: Commands) -> None:
         ],
     )
     _qemu_options(mig, "source")
-    mig.add_argument("--to", metavar="HOST:PORT", required=True, type=cli._arg_type(cli._parse_to),
+    mig.add_argument("--to", metavar="HOST:PORT", required=True, type=arg_type(parse_to),
                      help="the destination's `dataplane receive --listen` address")
     mig.add_argument("--disk", metavar="NODE", action="append", dest="disks",
                      help="a disk to migrate, by block node name or device id; repeat (default: every "
@@ -104,18 +119,19 @@ def register(commands: Commands) -> None:
     mig.add_argument("--auto-converge", choices=["auto", "on", "off"], default="auto",
                      help="throttle the guest's vCPUs when it dirties memory faster than the link; auto "
                           "and on enable it (QEMU throttles only when needed) (default: auto)")
-    mig.add_argument("--stall-window", metavar="SECONDS", type=cli._arg_type(cli._positive_float),
+    mig.add_argument("--stall-window", metavar="SECONDS", type=arg_type(positive_float),
                      default=10.0, help="stall detection window (default: 10)")
     mig.add_argument("--stall-shrink", metavar="FRACTION", type=float, default=0.05,
                      help="how much the remaining RAM must shrink over the window (default: 0.05)")
-    mig.add_argument("--timeout-base", metavar="SECONDS", type=cli._arg_type(cli._positive_float),
+    mig.add_argument("--timeout-base", metavar="SECONDS", type=arg_type(positive_float),
                      default=120.0, help="completion timeout: fixed part (default: 120)")
-    mig.add_argument("--timeout-per-gib", metavar="SECONDS", type=cli._arg_type(cli._positive_float),
-                     default=120.0, help="completion timeout: per GiB of RAM and disks (default: 120)")
+    mig.add_argument("--timeout-per-gib", metavar="SECONDS", type=arg_type(positive_float),
+                     default=120.0, help="completion timeout: per GiB of RAM and disks, counting at least "
+                                         "one GiB (default: 120)")
     mig.add_argument("--connections", metavar="N", type=positive_int, default=1,
                      help="TCP connections of the channel session, 1..16 (default: 1)")
     _output_options(mig)
-    cli._tunnel_common(mig, side="client")
+    channel_options(mig, side="client")
     mig.set_defaults(handler=_cmd_migrate)
 
     rcv = add_command(
@@ -144,13 +160,13 @@ def register(commands: Commands) -> None:
         ],
     )
     _qemu_options(rcv, "destination")
-    rcv.add_argument("--listen", metavar="HOST:PORT", required=True, type=cli._arg_type(cli._parse_bind),
+    rcv.add_argument("--listen", metavar="HOST:PORT", required=True, type=arg_type(parse_bind),
                      help="where the channel listens ([IPv6]:PORT; :PORT for every interface; port 0 picks "
                           "one and prints it)")
     rcv.add_argument("--paused", action="store_true",
                      help="leave the guest paused on the destination after the migration")
     _output_options(rcv)
-    cli._tunnel_common(rcv, side="server")
+    channel_options(rcv, side="server")
     rcv.set_defaults(handler=_cmd_receive)
 
 
@@ -181,23 +197,14 @@ async def _connect_qemu(what: str, connect: Callable[[], Any]) -> QemuDriver:
         # What this QEMU can do is read from its schema, never assumed from its version.
         features = await drv.features()
     except DriverError as exc:
-        raise CommandError(f"cannot reach the {what}: {exc}") from exc
+        raise CommandFailed(f"cannot reach the {what}: {exc}") from exc
     via = getattr(drv.transport, "libvirt_version", None)
-    cli.log.info("%s: QEMU %s%s; features: %s", what, drv.version, f" under libvirt {via}" if via else "",
+    log.info("%s: QEMU %s%s; features: %s", what, drv.version, f" under libvirt {via}" if via else "",
              ", ".join(features.names()) or "none of note")
     return drv
 
 
 # --------------------------------------------------------------------------- output
-
-
-def format_bytes(n: float) -> str:
-    """``n`` bytes for people: ``"512 B"``, ``"1.5 MiB"`` ... up to TiB."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 class _Printer:
@@ -231,23 +238,10 @@ class _Printer:
         self.out.flush()
 
     def _progress(self, e: dict[str, Any]) -> None:
-        phase = e["phase"]
-        if phase in ("mirror", "mirror-ready") or not e.get("ram_total"):
-            total, done, rate = e["disk_total"], e["disk_done"], e["disk_rate"]
-            what = "disks"
-        else:
-            total = e["ram_total"]
-            done = max(0, total - e["ram_remaining"])
-            rate = e["ram_rate"]
-            what = "RAM"
-        pct = 100.0 * done / total if total else 0.0
-        eta = f"{(total - done) / rate:.0f} s" if rate > 0 and total > done else "-"
-        width = 30
-        fill = int(width * min(pct, 100.0) / 100)
-        extra = f" throttle {e['cpu_throttle']}%" if e.get("cpu_throttle") else ""
-        text = (f"{phase:<12} [{'#' * fill}{'.' * (width - fill)}] {pct:5.1f}% {what} "
-                f"{format_bytes(done)}/{format_bytes(total)} {format_bytes(rate)}/s ETA {eta}{extra} "
-                f"({e['elapsed']:.0f} s)")
+        # one column less than the terminal: a line that fills the last column wraps on some terminals
+        text = progress_line(e, terminal_width() - 1 if self.tty else 100)
+        if text is None:
+            return
         if self.tty:
             self.out.write("\r\033[K" + text)
             self.out.flush()
@@ -278,7 +272,7 @@ def _source_summary(r: dict[str, Any]) -> list[str]:
     out.append(f"disk {format_bytes(r['disk_raw'])} raw, {format_bytes(r['disk_wire'])} on the wire")
     out.append(f"compression ratio {r['compression_ratio']:.2f}, {r['zero_pages']} zero pages elided, "
                f"{r['reconnects']} reconnects")
-    if r.get("error"):
+    if r.get("error") and r["outcome"] != "rolled-back":  # a rollback's cause is the error line on stderr
         out.append(f"error: {r['error']}")
     return out
 
@@ -304,31 +298,26 @@ def _options(args: argparse.Namespace) -> Any:
 def _cmd_migrate(args: argparse.Namespace) -> int:
     what, connect = _qemu_target(args)
     options = _options(args)
-    tls = cli._tunnel_tls(args, "client")
-    cli._check_stats_path(args.stats_json)
+    tls = tls_config(args, "client")
+    check_stats_path(args.stats_json)
     printer = _Printer(args.output)
 
     async def run() -> int:
         import asyncio
 
         from dataplane.channel.addr import format_hostport
-        from dataplane.channel.driver import ChannelClient, ConnectError
-        from dataplane.channel.errors import ChannelError
-        from dataplane.channel.session import Limits, SessionConfig
+        from dataplane.channel.errors import ChannelError, ConnectError
         from dataplane.migration import MigrationError, PlanRefused, RolledBack
         from dataplane.migration.cclm import run_source
 
-        host, port = args.to
-        target = format_hostport(host, port)
-        client = ChannelClient(host, port, tls, plaintext=tls is None, connections=args.connections,
-                               limits=Limits(grace=args.grace),
-                               config=SessionConfig(compression=args.compress), bandwidth=args.bandwidth)
-        stats = cli._StatsWriter(args.stats_json, client.stats)
+        target = format_hostport(*args.to)
+        client = channel_client(args, tls)
+        stats = StatsWriter(args.stats_json, client.stats)
         try:
             await client.start()
         except (ConnectError, ChannelError) as exc:
-            raise CommandError(str(getattr(exc, "reason", None) or exc)) from exc
-        cli._ready(f"migrate connected to {target} ({client.ready_connections} connections)")
+            raise CommandFailed(str(getattr(exc, "reason", None) or exc)) from exc
+        ready(f"migrate connected to {target} ({client.ready_connections} connections)")
         writer = asyncio.create_task(stats.run())
         stop = stop_event("rolling back unless the switchover already happened")
         try:
@@ -343,14 +332,15 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
                     figures = ChannelFigures.from_stats(client.stats())
                     d = CclmReport(exc.report, figures).as_dict()
                     printer.report(d, _source_summary(d))
-                    return EXIT_FAILURE
+                    raise CommandFailed(f"rolled back in phase {exc.report.phase}: {exc.report.error}; "
+                                        "the VM keeps running here on its untouched disks") from None
                 except PlanRefused as exc:
                     if args.output == "json":
                         printer({"event": "report", "outcome": "refused", "switched_over": False,
                                  "error": str(exc)})
-                    raise CommandError(f"refused: {exc}") from exc
+                    raise CommandFailed(str(exc)) from exc
                 except MigrationError as exc:
-                    raise CommandError(str(exc)) from exc
+                    raise CommandFailed(str(exc)) from exc
                 d = rep.as_dict()
                 printer.report(d, _source_summary(d))
                 return EXIT_OK if rep.outcome == "completed" else EXIT_FAILURE
@@ -361,13 +351,13 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
             stats.write()
             await client.close()
 
-    return cli._run_loop(run)
+    return run_loop(run)
 
 
 def _cmd_receive(args: argparse.Namespace) -> int:
     what, connect = _qemu_target(args)
-    tls = cli._tunnel_tls(args, "server")
-    cli._check_stats_path(args.stats_json)
+    tls = tls_config(args, "server")
+    check_stats_path(args.stats_json)
     printer = _Printer(args.output)
 
     async def run() -> int:
@@ -375,7 +365,6 @@ def _cmd_receive(args: argparse.Namespace) -> int:
 
         from dataplane.channel.addr import format_hostport
         from dataplane.channel.driver import ChannelServer, os_error_text
-        from dataplane.channel.session import Limits, SessionConfig
         from dataplane.migration.cclm import run_target
 
         host, port = args.listen
@@ -384,33 +373,31 @@ def _cmd_receive(args: argparse.Namespace) -> int:
         server_box: list[ChannelServer] = []
 
         def make_server(on_stream: Callable[[Any], None]) -> ChannelServer:
-            server = ChannelServer(host, port, tls, plaintext=tls is None, limits=Limits(grace=args.grace),
-                                   config=SessionConfig(compression=args.compress), bandwidth=args.bandwidth,
-                                   on_stream=on_stream, max_sessions=4)
+            server = channel_server(args, tls, args.listen, on_stream=on_stream, max_sessions=4)
             server_box.append(server)
             return server
 
-        stats = cli._StatsWriter(args.stats_json, lambda: server_box[0].stats() if server_box else {})
+        stats = StatsWriter(args.stats_json, lambda: server_box[0].stats() if server_box else {})
         writer = asyncio.create_task(stats.run())
         try:
             try:
                 rep = await run_target(
                     make_server, dst, paused=args.paused, workdir=args.workdir,
-                    on_listening=lambda a: cli._ready(f"receive listening on {format_hostport(*a)}"),
+                    on_listening=lambda a: ready(f"receive listening on {format_hostport(*a)}"),
                     on_event=printer, interrupt=stop)
             except OSError as exc:
-                raise CommandError(f"cannot listen on {format_hostport(host, port)}: "
+                raise CommandFailed(f"cannot listen on {format_hostport(host, port)}: "
                                    f"{os_error_text(exc)}") from exc
             d = rep.as_dict()
             lines = [f"outcome: {rep.outcome}" + (f" (guest {rep.status})" if rep.status else ""),
                      f"total time {rep.total_time:.1f} s" + (", postcopy" if rep.postcopy else "")]
-            if rep.error:
-                lines.append(f"error: {rep.error}")
             printer.report(d, lines)
-            return EXIT_OK if rep.outcome == "completed" else EXIT_FAILURE
+            if rep.outcome != "completed":  # the cause, as the one error line on stderr
+                raise CommandFailed(f"{rep.outcome}: {rep.error or 'no reason given'}")
+            return EXIT_OK
         finally:
             writer.cancel()
             stats.write()
             await dst.close()
 
-    return cli._run_loop(run)
+    return run_loop(run)
