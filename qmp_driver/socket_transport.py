@@ -23,6 +23,26 @@ log = logging.getLogger(__name__)
 #: graph is the largest real reply; anything past this is treated as garbage).
 MAX_MESSAGE = 16 * 1024 * 1024
 
+#: How qemu.qmp's reader reports that QEMU closed the socket (it exited, e.g. a destination whose
+#: incoming migration was cancelled): the driver already turns that into ConnectionLost.
+_PEER_CLOSED = ("ConnectionResetError", "EOFError", "BrokenPipeError", "IncompleteReadError")
+
+
+class _PeerClosedIsInfo(logging.Filter):
+    """Demote qemu.qmp's ERROR for a monitor socket that QEMU closed to INFO: an expected event (the
+    driver raises ConnectionLost to whoever waits), not a fault that needs an operator."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            text = record.getMessage()
+            if "Task.Reader" in text and any(name in text for name in _PEER_CLOSED):
+                record.levelno, record.levelname = logging.INFO, "INFO"
+                record.msg, record.args = "QEMU closed its QMP socket (%s)", (text.rsplit(": ", 1)[-1],)
+        return True
+
+
+_PEER_CLOSED_FILTER = _PeerClosedIsInfo()
+
 
 class SocketTransport(Transport):
     """A QMP client connection to one QEMU monitor socket."""
@@ -31,6 +51,7 @@ class SocketTransport(Transport):
         super().__init__()
         self.path = path
         self._client = QMPClient(f"qmp:{path}", readbuflen=MAX_MESSAGE)
+        self._client.logger.addFilter(_PEER_CLOSED_FILTER)  # one logger per connection: filter it
         self._listener = EventListener()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False

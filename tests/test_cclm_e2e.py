@@ -221,6 +221,10 @@ def test_smaller_destination_disk_is_refused_before_any_mirror(vm_factory, link,
     assert mig.wait() == 1
     assert rcv.wait() == 1
     assert "destination is smaller than the source" in mig.stderr()
+    errors = [ln for ln in mig.stderr().splitlines() if ln.startswith("dataplane migrate: error: ")]
+    assert len(errors) == 1 and errors[0].count("refused") == 1, errors  # said once, the reason after it
+    assert errors[0].startswith("dataplane migrate: error: migration plan refused: the destination says: "
+                                "disk 'data': destination is smaller"), errors
     assert rcv.report()["outcome"] == "refused"
     assert mig.report()["outcome"] == "refused"
     assert "dpmig" not in mig.stderr() and "mirroring" not in mig.stderr()
@@ -311,6 +315,10 @@ def test_ctrl_c_on_source_during_precopy(qemu_platform, vm_factory, link_factory
     mig.popen.send_signal(signal.SIGINT)
     rep = _rolled_back(mig, rcv, src)
     assert "interrupt" in rep["error"], rep
+    # one error line on stderr, the cause first
+    errors = [ln for ln in mig.stderr().splitlines() if ln.startswith("dataplane migrate: error: ")]
+    assert len(errors) == 1 and errors[0].startswith(
+        "dataplane migrate: error: rolled back in phase precopy: interrupted"), errors
     assert rcv.report()["outcome"] == "aborted"
     assert "the source" in rcv.report()["error"]
     cl.assert_workdirs_clean()

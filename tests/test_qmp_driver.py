@@ -490,3 +490,19 @@ async def test_bad_reply_mid_session_is_connection_lost(tmp_path, mode):
             await asyncio.wait_for(waiter, 5)
         assert time.monotonic() - t0 < 10
         await tr.close()
+
+
+def test_qemu_closing_its_socket_is_logged_at_info_not_error(caplog):
+    """QEMU exits (a destination whose incoming migration was cancelled): qemu.qmp's reader error is
+    an expected event, logged at INFO; other reader errors stay errors."""
+    import logging
+
+    from qmp_driver.socket_transport import SocketTransport
+
+    logger = SocketTransport("/nonexistent/qmp.sock")._client.logger
+    with caplog.at_level(logging.INFO):
+        logger.error("%s: %s", "Task.Reader", "ConnectionResetError: [Errno 104] Connection reset by peer")
+        logger.error("Task.Reader: ValueError: garbage")
+    levels = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert levels == [("INFO", "QEMU closed its QMP socket ([Errno 104] Connection reset by peer)"),
+                      ("ERROR", "Task.Reader: ValueError: garbage")]

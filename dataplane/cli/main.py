@@ -37,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog=PROG,
         description=(
-            "dataplane: live migration of running QEMU/KVM VMs and their disks, across clusters (CCLM)\n"
-            "and storage backends (SLM)."
+            "dataplane: live migration of running QEMU/KVM VMs and their non-shared disks across\n"
+            "clusters (CCLM). Storage migration and a node daemon are not there yet."
         ),
         epilog=(
             "examples:\n"

@@ -10,18 +10,26 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+#: A ``dataplane`` executable to run instead of the checkout's (an installed wheel's, say).
+CLI_ENV = "DATAPLANE_CLI"
 
 
 def dataplane_argv() -> list[str]:
-    """The command that runs the ``dataplane`` CLI (the venv's entry point, else ``python -m dataplane``)."""
+    """The command that runs the ``dataplane`` CLI: ``$DATAPLANE_CLI`` if set, else the venv's entry
+    point, else ``python -m dataplane``."""
+    installed = os.environ.get(CLI_ENV)
+    if installed:
+        return [installed]
     exe = ROOT / ".venv" / "bin" / "dataplane"
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "dataplane"]
 
 
 def child_env() -> dict[str, str]:
-    """This process's environment plus the checkout on ``PYTHONPATH`` and unbuffered output."""
+    """This process's environment with unbuffered output and the checkout on ``PYTHONPATH`` (not
+    with ``$DATAPLANE_CLI``: an installed command must run its own installed package)."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    if not env.get(CLI_ENV):
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -42,4 +50,4 @@ def stunnel_binary() -> str | None:
     return shutil.which("stunnel4") or shutil.which("stunnel")
 
 
-__all__ = ["ROOT", "child_env", "cli_has", "dataplane_argv", "stunnel_binary"]
+__all__ = ["CLI_ENV", "ROOT", "child_env", "cli_has", "dataplane_argv", "stunnel_binary"]
