@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dataplane.channel import events as ev
+from dataplane.channel.acceptor import Acceptor
 from dataplane.channel.errors import ChannelError, ProtocolError
 from dataplane.channel.frames import (
     ACK_ENTRY,
@@ -27,7 +28,7 @@ from dataplane.channel.frames import (
     encode_frame,
     frame_bytes,
 )
-from dataplane.channel.session import Acceptor, ConnectionHandle, Limits, Session, SessionConfig
+from dataplane.channel.session import ConnectionHandle, Limits, Session, SessionConfig
 
 EXAMPLES = int(os.environ.get("DATAPLANE_FUZZ_EXAMPLES", "200"))
 fuzz = settings(max_examples=EXAMPLES, deadline=None,

@@ -1100,7 +1100,7 @@ if __name__ == "__main__":
 
 
 def test_send_buffer_mixes_copies_references_and_in_place_writes():
-    from dataplane.channel.session import _SendBuffer
+    from dataplane.channel.buffers import _SendBuffer
 
     rng = random.Random(9)
     buf = _SendBuffer()
@@ -1205,7 +1205,7 @@ def test_zero_copy_send_round_trip_and_credit():
 
 
 def test_zero_copy_frames_never_straddle_chunks(monkeypatch):
-    from dataplane.channel.session import _SendBuffer
+    from dataplane.channel.buffers import _SendBuffer
 
     cut = []
     orig = _SendBuffer.view

@@ -4,8 +4,8 @@ Parsing and usage errors run ``dataplane.cli.main`` in-process. Lifecycle
 tests run both ends as processes on 127.0.0.1 (no namespaces needed):
 ready lines, SIGINT/SIGTERM shutdown with exit 0 and a final ``--stats-json``,
 connection failures worded on one line with exit 1. The last tests drive
-:class:`~dataplane.channel.driver.ChannelServer` and
-:class:`~dataplane.channel.driver.ChannelClient` directly (bandwidth cap
+:class:`~dataplane.channel.server.ChannelServer` and
+:class:`~dataplane.channel.client.ChannelClient` directly (bandwidth cap
 changed at run time, stream callbacks).
 """
 
@@ -363,7 +363,9 @@ def test_tls_refusals_are_fatal_and_worded(procs, tmp_path, pki):
 
 
 async def test_bandwidth_cap_can_change_while_streaming(tmp_path):
-    from dataplane.channel.driver import ChannelClient, ChannelServer, StreamHandler
+    from dataplane.channel.client import ChannelClient
+    from dataplane.channel.server import ChannelServer
+    from dataplane.channel.stream import StreamHandler
 
     got = bytearray()
 
@@ -426,8 +428,10 @@ async def test_bandwidth_cap_can_change_while_streaming(tmp_path):
 
 
 async def test_streams_refused_by_the_callback_and_server_opened_streams(tmp_path):
-    from dataplane.channel.driver import ChannelClient, ChannelServer, StreamHandler
+    from dataplane.channel.client import ChannelClient
     from dataplane.channel.errors import ErrorCode
+    from dataplane.channel.server import ChannelServer
+    from dataplane.channel.stream import StreamHandler
 
     refused: list[tuple[str, int, str]] = []
     done = asyncio.Event()
@@ -482,7 +486,9 @@ def test_cli_event_loop_keeps_the_cyclic_gc_off_the_data_path():
 async def test_a_full_frame_read_into_the_send_buffer_is_written_at_once(tmp_path):
     """Bytes read straight into the send buffer are framed and written in the same callback once a frame
     is full (still in the CPU cache), not after the event loop has read more."""
-    from dataplane.channel.driver import ChannelClient, ChannelServer, StreamHandler
+    from dataplane.channel.client import ChannelClient
+    from dataplane.channel.server import ChannelServer
+    from dataplane.channel.stream import StreamHandler
 
     got = bytearray()
     done = asyncio.Event()

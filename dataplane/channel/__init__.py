@@ -27,6 +27,7 @@ imported lazily on first use, so that ``import dataplane.channel`` (the core)
 does not import asyncio.
 """
 
+from dataplane.channel.acceptor import Acceptor
 from dataplane.channel.errors import (
     AuthError,
     ChannelError,
@@ -64,15 +65,15 @@ from dataplane.channel.events import (
     StreamReset,
     StreamWritable,
 )
-from dataplane.channel.session import Acceptor, ConnectionHandle, Limits, Session, SessionConfig
+from dataplane.channel.session import ConnectionHandle, Limits, Session, SessionConfig
 from dataplane.channel.shaping import TokenBucket
 from dataplane.channel.stats import SessionStats, StreamStats
 
 _LAZY = {
-    "ChannelClient": "dataplane.channel.driver",
-    "ChannelServer": "dataplane.channel.driver",
-    "ChannelStream": "dataplane.channel.driver",
-    "StreamHandler": "dataplane.channel.driver",
+    "ChannelClient": "dataplane.channel.client",
+    "ChannelServer": "dataplane.channel.server",
+    "ChannelStream": "dataplane.channel.stream",
+    "StreamHandler": "dataplane.channel.stream",
     "Bridge": "dataplane.channel.relay",
     "DestinationRelay": "dataplane.channel.relay",
     "SourceRelay": "dataplane.channel.relay",

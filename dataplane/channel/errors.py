@@ -72,7 +72,7 @@ class ChannelError(Exception):
 
 
 class ConnectError(ChannelError):
-    """:meth:`~dataplane.channel.driver.ChannelClient.start` could not establish the session; the
+    """:meth:`~dataplane.channel.client.ChannelClient.start` could not establish the session; the
     message says why."""
 
 

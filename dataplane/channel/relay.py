@@ -34,10 +34,12 @@ from collections.abc import Callable, Mapping
 from typing import cast
 
 from dataplane.channel.addr import Endpoint
-from dataplane.channel.driver import ChannelClient, ChannelStream, StreamHandler, os_error_text
+from dataplane.channel.client import ChannelClient
+from dataplane.channel.connection import os_error_text
 from dataplane.channel.errors import ChannelError, ErrorCode
 from dataplane.channel.frames import Buffer
 from dataplane.channel.stats import StreamStats
+from dataplane.channel.stream import ChannelStream, StreamHandler
 
 __all__ = ["Bridge", "DestinationRelay", "SourceRelay", "connect_endpoint", "listen_endpoint"]
 
@@ -105,7 +107,7 @@ class Bridge(asyncio.BufferedProtocol, StreamHandler):
     """One application socket joined to one channel stream (both directions, with back-pressure).
 
     It is the asyncio protocol of the application socket and the
-    :class:`~dataplane.channel.driver.StreamHandler` of the stream.
+    :class:`~dataplane.channel.stream.StreamHandler` of the stream.
     ``label`` names it in log lines. Reads from the application go
     straight into the stream's send buffer (``get_send_buffer``: no copy in
     Python), at most ``APP_READ_MAX`` bytes per read; only when the stream
@@ -335,7 +337,7 @@ class DestinationRelay:
     """The listening side: connects each stream named NAME to ``forwards[NAME]``, then accepts it.
 
     Pass :meth:`on_stream` as ``on_stream`` of a
-    :class:`~dataplane.channel.driver.ChannelServer`. A stream with an
+    :class:`~dataplane.channel.server.ChannelServer`. A stream with an
     unknown name, or whose target does not accept within
     ``connect_timeout`` seconds, is refused with the reason (the source
     side closes its application socket and logs it).

@@ -33,12 +33,13 @@ How the pieces fit (details in ``docs/wire-format.md``):
 from __future__ import annotations
 
 import hmac
-import secrets
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from dataplane.channel.buffers import _Reorder, _SendBuffer
 from dataplane.channel.codec import MODES, Codec, StreamCompressor, decoder_mask, decoders, make_codecs
 from dataplane.channel.errors import (
     AuthError,
@@ -49,7 +50,6 @@ from dataplane.channel.errors import (
     GraceExpired,
     LimitExceeded,
     ProtocolError,
-    ResumeRefused,
     SessionClosedError,
     StreamClosedError,
     StreamError,
@@ -86,7 +86,6 @@ from dataplane.channel.frames import (
     Frame,
     FrameType,
     HelloParams,
-    alloc,
     decode_ack_entries,
     decode_text,
     encode_ack_entries,
@@ -94,6 +93,9 @@ from dataplane.channel.frames import (
 )
 from dataplane.channel.protocol import Connection, ConnState, Role
 from dataplane.channel.stats import SessionStats, StreamStats
+
+if TYPE_CHECKING:
+    from dataplane.channel.acceptor import Acceptor
 
 # ====================================================================== configuration
 
@@ -176,221 +178,6 @@ class SessionConfig:
         if self.ack_delay < 0 or min(self.ping_interval, self.idle_timeout, self.probe_timeout) <= 0:
             raise ValueError("ack_delay must be >= 0; ping_interval, idle_timeout, probe_timeout > 0")
 
-
-# ====================================================================== buffers
-
-
-class _SendBuffer:
-    """Application bytes ``[released, end)`` of one stream: unacknowledged, in chunks.
-
-    A chunk is either an immutable ``bytes`` kept by reference (a large
-    ``send`` of bytes) or a bytearray that is only ever appended to: the
-    *tail* chunk takes small writes (copied) and zero-copy writes
-    (:meth:`get_buffer` / :meth:`commit`: a socket reads straight into it).
-    Bytes once written are never modified, so the views handed out by
-    :meth:`view` stay valid for as long as anyone holds them. ``view``
-    returns a zero-copy view when the range lies in one chunk
-    (:meth:`contiguous` says how far that is).
-    """
-
-    __slots__ = ("_chunks", "_starts", "_sizes", "_head", "_tail", "_handout", "_grow", "end")
-    COALESCE = 64 * 1024  # writes at least this large of immutable bytes are kept by reference
-    MIN_CHUNK = 64 * 1024
-    MAX_CHUNK = 4 << 20
-
-    def __init__(self) -> None:
-        self._chunks: list[Buffer] = []
-        self._starts: list[int] = []
-        self._sizes: list[int] = []  # bytes written in each chunk (a tail bytearray may have room left)
-        self._head = 0
-        self._tail: bytearray | None = None  # the last chunk, when it is a bytearray with room left
-        self._handout = 0  # size of the last get_buffer view (0: none outstanding)
-        self._grow = self.MIN_CHUNK  # capacity of the next in-place chunk: doubles while they fill up
-        self.end = 0
-
-    def append(self, data: Buffer) -> None:
-        n = len(data)
-        if n >= self.COALESCE and (isinstance(data, bytes) or (isinstance(data, memoryview)
-                                                               and isinstance(data.obj, bytes))):
-            self._tail = None
-            self._chunks.append(data)
-            self._starts.append(self.end)
-            self._sizes.append(n)
-            self.end += n
-            return
-        mv = data if isinstance(data, memoryview) else memoryview(data)
-        pos = 0
-        while pos < n:
-            tail = self._tail
-            fill = self._sizes[-1] if tail is not None else 0
-            if tail is None or fill == len(tail):
-                tail = self._new_tail(n - pos)
-                fill = 0
-            take = min(len(tail) - fill, n - pos)
-            tail[fill:fill + take] = mv[pos:pos + take]
-            pos += take
-            self._sizes[-1] = fill + take
-            self.end += take
-
-    def _new_tail(self, want: int) -> bytearray:
-        tail = self._tail = alloc(max(self.MIN_CHUNK, min(self.MAX_CHUNK, want)))
-        self._chunks.append(tail)
-        self._starts.append(self.end)
-        self._sizes.append(0)
-        return tail
-
-    def get_buffer(self, n: int) -> memoryview:
-        """A writable view of up to *n* (> 0) bytes at the end; :meth:`commit` what was written into it.
-
-        In-place chunks start at 64 KiB and double (up to *n*) each time one
-        fills up, so an idle or interactive stream holds little memory and a
-        bulk one reads in large pieces.
-        """
-        tail = self._tail
-        room = len(tail) - self._sizes[-1] if tail is not None else 0
-        if room < min(n, self.MIN_CHUNK):
-            if tail is not None and room == 0:
-                self._grow = min(self.MAX_CHUNK, 2 * len(tail))
-            tail = self._new_tail(min(n, self._grow))
-            room = len(tail)
-        fill = self._sizes[-1]
-        k = min(n, room)
-        self._handout = k
-        assert tail is not None
-        return memoryview(tail)[fill:fill + k]
-
-    def commit(self, n: int) -> None:
-        """*n* bytes were written into the last :meth:`get_buffer` view. Raises ValueError beyond it."""
-        if not 0 <= n <= self._handout:
-            raise ValueError(f"{n} bytes written into a send buffer of {self._handout}")
-        self._handout = 0
-        self._sizes[-1] += n
-        self.end += n
-
-    def contiguous(self, off: int) -> int:
-        """Bytes from *off* (not released, below ``end``) to the end of its chunk."""
-        i = bisect_right(self._starts, off, self._head) - 1
-        return self._starts[i] + self._sizes[i] - off
-
-    def view(self, off: int, n: int) -> Buffer:
-        starts = self._starts
-        i = bisect_right(starts, off, self._head) - 1
-        chunk = self._chunks[i]
-        rel = off - starts[i]
-        size = self._sizes[i]
-        if rel + n <= size:
-            if rel == 0 and n == len(chunk) and isinstance(chunk, bytes):
-                return chunk
-            return memoryview(chunk)[rel:rel + n]
-        parts = [memoryview(chunk)[rel:size]]
-        got = size - rel
-        while got < n:
-            i += 1
-            c = self._chunks[i]
-            take = min(self._sizes[i], n - got)
-            parts.append(memoryview(c)[:take])
-            got += take
-        return b"".join(parts)
-
-    def release(self, upto: int) -> None:
-        chunks, starts, sizes = self._chunks, self._starts, self._sizes
-        if self._tail is not None and self._handout == 0 and starts[-1] + sizes[-1] <= upto:
-            self._tail = None  # everything acknowledged: do not keep an idle chunk
-        h = self._head
-        last = len(chunks) - 1
-        while h < len(chunks) and starts[h] + sizes[h] <= upto and not (h == last and self._tail is not None):
-            chunks[h] = b""
-            h += 1
-        if h > 32 and h * 2 > len(chunks):
-            del chunks[:h]
-            del starts[:h]
-            del sizes[:h]
-            h = 0
-        self._head = h
-
-    def clear(self) -> None:
-        self._chunks.clear()
-        self._starts.clear()
-        self._sizes.clear()
-        self._head = 0
-        self._tail = None
-        self._handout = 0
-
-
-class _Reorder:
-    """Out-of-order received chunks of one stream: sorted, non-overlapping."""
-
-    __slots__ = ("starts", "chunks", "nbytes")
-
-    def __init__(self) -> None:
-        self.starts: list[int] = []
-        self.chunks: list[Buffer] = []
-        self.nbytes = 0
-
-    def __bool__(self) -> bool:
-        return bool(self.starts)
-
-    def insert(self, off: int, data: Buffer) -> int:
-        """Store the parts of ``[off, off+len)`` not already held; return the bytes stored."""
-        end = off + len(data)
-        starts, chunks = self.starts, self.chunks
-        i = bisect_right(starts, off)
-        cur = off
-        if i > 0:
-            prev_end = starts[i - 1] + len(chunks[i - 1])
-            if prev_end > cur:
-                cur = prev_end
-        pieces: list[tuple[int, int]] = []
-        while cur < end:
-            if i < len(starts) and starts[i] < end:
-                s = starts[i]
-                if s > cur:
-                    pieces.append((cur, s))
-                cur = max(cur, s + len(chunks[i]))
-                i += 1
-            else:
-                pieces.append((cur, end))
-                cur = end
-        stored = 0
-        for a, b in pieces:
-            piece = data if (a == off and b == end) else memoryview(data)[a - off:b - off]
-            k = bisect_left(starts, a)
-            starts.insert(k, a)
-            chunks.insert(k, piece)
-            stored += b - a
-        self.nbytes += stored
-        return stored
-
-    def pop_ready(self, nxt: int) -> list[tuple[int, Buffer]]:
-        """Remove and return the chunks that continue the stream at *nxt*, trimmed, in order."""
-        out: list[tuple[int, Buffer]] = []
-        starts, chunks = self.starts, self.chunks
-        k = 0
-        while k < len(starts) and starts[k] <= nxt:
-            s = starts[k]
-            d = chunks[k]
-            k += 1
-            self.nbytes -= len(d)
-            e = s + len(d)
-            if e <= nxt:
-                continue
-            if s < nxt:
-                d = memoryview(d)[nxt - s:]
-                s = nxt
-            out.append((s, d))
-            nxt = e
-        if k:
-            del starts[:k]
-            del chunks[:k]
-        return out
-
-    def clear(self) -> None:
-        self.starts.clear()
-        self.chunks.clear()
-        self.nbytes = 0
-
-
-# ====================================================================== per-connection and per-stream state
 
 _OPENING, _PENDING, _OPEN, _RESET = 0, 1, 2, 3
 
@@ -1750,90 +1537,6 @@ def _same_identity(a: str, b: str) -> bool:
 
 
 # ====================================================================== server side and handles
-
-
-class Acceptor:
-    """Server front end (sans-IO): handshakes new connections and binds them to sessions.
-
-    ``accept(peer_identity, now)`` for every accepted TLS connection returns
-    a :class:`ConnectionHandle`; once its HELLO arrives the handle is bound
-    to a new session or to the existing one it joins (token and identity
-    checked), or refused with a REFUSE frame. *rng* makes session ids and
-    tokens (default :func:`secrets.token_bytes`).
-    """
-
-    def __init__(self, limits: Limits | None = None, config: SessionConfig | None = None, *,
-                 max_sessions: int = 64, rng: Callable[[int], bytes] = secrets.token_bytes) -> None:
-        self.limits = limits or Limits()
-        self.config = config or SessionConfig()
-        self.max_sessions = max_sessions
-        self._rng = rng
-        self._sessions: dict[bytes, Session] = {}
-
-    @property
-    def sessions(self) -> list[Session]:
-        """Live (not terminated) sessions."""
-        self._prune()
-        return list(self._sessions.values())
-
-    def get(self, session_id: bytes) -> Session | None:
-        """The live session with this id, if any."""
-        s = self._sessions.get(session_id)
-        return s if s is not None and not s.terminated else None
-
-    def _prune(self) -> None:
-        for sid in [k for k, s in self._sessions.items() if s.terminated]:
-            del self._sessions[sid]
-
-    def accept(self, peer_identity: str, now: float) -> ConnectionHandle:
-        """A new server-side connection from a peer with TLS identity *peer_identity*.
-
-        Write ``handle.data_to_send()`` (our preface), feed what arrives to
-        ``handle.receive_data``; ``handle.session`` is set once the handshake
-        binds it. Apply ``handle.handshake_deadline`` with ``handle.tick``.
-        """
-        self._prune()
-        proto = Connection(Role.SERVER, max_frame_payload=self.limits.max_frame_payload,
-                           versions=self.config.versions, peer_identity=peer_identity,
-                           handshake_deadline=now + self.limits.handshake_timeout)
-        return ConnectionHandle(None, None, self, proto)
-
-    def _handshake(self, handle: ConnectionHandle, frames: list[Frame], now: float) -> list[Event]:
-        proto = handle._proto
-        assert proto is not None
-        if not frames:
-            return []
-        hello = frames[0]
-        try:
-            params = HelloParams.unpack(hello.payload)
-            if hello.flags & FLAG_JOIN:
-                session = self._sessions.get(params.session_id)
-                if (session is None or session.terminated
-                        or not session._verify(params.token, proto.peer_identity)):
-                    raise ResumeRefused("unknown session, wrong resume token or wrong identity")
-                if len(session._links) >= session.limits.max_connections:
-                    raise LimitExceeded(f"session already has {len(session._links)} connections")
-                joined = True
-            else:
-                if any(params.session_id) or any(params.token):
-                    raise ProtocolError("a HELLO creating a session must not carry an id or token")
-                self._prune()
-                if len(self._sessions) >= self.max_sessions:
-                    raise LimitExceeded(f"server already has {len(self._sessions)} sessions")
-                session = Session(Role.SERVER, now=now, limits=self.limits, config=self.config,
-                                  session_id=self._rng(16), token=self._rng(32),
-                                  peer_identity=proto.peer_identity)
-                self._sessions[session.session_id or b""] = session
-                joined = False
-        except ChannelError as exc:
-            proto.refuse(exc.code, exc.reason)
-            return [ConnectionClosed(None, exc)]
-        cid = session._attach(proto, params, joined, now)
-        handle._bind(session, cid)
-        events: list[Event] = []
-        link = session._links[cid]
-        session._process(link, frames[1:], now, events)
-        return events
 
 
 class ConnectionHandle:

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
 if TYPE_CHECKING:
     import asyncio
 
-    from dataplane.channel.driver import ChannelClient, ChannelServer
+    from dataplane.channel.client import ChannelClient
+    from dataplane.channel.server import ChannelServer
     from dataplane.channel.tls import TLSConfig
 
 __all__ = [
@@ -374,7 +375,7 @@ def stop_event(what: str | None = None) -> asyncio.Event:
 def channel_client(args: argparse.Namespace, tls: TLSConfig | None) -> ChannelClient:
     """The (unstarted) channel client of a dialing command: ``--to``, ``--connections`` and the
     options of :func:`channel_options`; *tls* from :func:`tls_config` (None: plaintext)."""
-    from dataplane.channel.driver import ChannelClient
+    from dataplane.channel.client import ChannelClient
     from dataplane.channel.session import Limits, SessionConfig
 
     host, port = args.to
@@ -387,7 +388,7 @@ def channel_server(args: argparse.Namespace, tls: TLSConfig | None, address: tup
                    **kwargs: Any) -> ChannelServer:
     """The (unstarted) channel listener of a listening command at *address*, with the options of
     :func:`channel_options`; *kwargs* go to :class:`ChannelServer` (``on_stream``, ``max_sessions``)."""
-    from dataplane.channel.driver import ChannelServer
+    from dataplane.channel.server import ChannelServer
     from dataplane.channel.session import Limits, SessionConfig
 
     host, port = address

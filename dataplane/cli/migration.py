@@ -364,7 +364,8 @@ def _cmd_receive(args: argparse.Namespace) -> int:
         import asyncio
 
         from dataplane.channel.addr import format_hostport
-        from dataplane.channel.driver import ChannelServer, os_error_text
+        from dataplane.channel.connection import os_error_text
+        from dataplane.channel.server import ChannelServer
         from dataplane.migration.cclm import run_target
 
         host, port = args.listen

@@ -151,7 +151,7 @@ def _cmd_tunnel_listen(args: argparse.Namespace) -> int:
         import asyncio
 
         from dataplane.channel.addr import format_hostport
-        from dataplane.channel.driver import os_error_text
+        from dataplane.channel.connection import os_error_text
         from dataplane.channel.relay import DestinationRelay
         from dataplane.units import format_rate
 

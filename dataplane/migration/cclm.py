@@ -35,10 +35,12 @@ from typing import Any
 
 from dataplane.aio import cancel_and_collect, first_done
 from dataplane.channel.addr import Endpoint
-from dataplane.channel.driver import ChannelClient, ChannelServer, ChannelStream, StreamHandler
+from dataplane.channel.client import ChannelClient
 from dataplane.channel.errors import ChannelError
 from dataplane.channel.frames import Buffer
 from dataplane.channel.relay import DestinationRelay, SourceRelay
+from dataplane.channel.server import ChannelServer
+from dataplane.channel.stream import ChannelStream, StreamHandler
 from dataplane.storage.writeback import EarlyWriteback
 from qmp_driver import DriverError, QemuDriver
 

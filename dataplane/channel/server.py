@@ -1,0 +1,226 @@
+"""The channel's listening side: :class:`ChannelServer` accepts connections, hands each to an
+:class:`~dataplane.channel.session.Acceptor` and drives every session that results."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import cast
+
+from dataplane.channel.acceptor import Acceptor
+from dataplane.channel.addr import format_hostport
+from dataplane.channel.connection import LIVENESS_TIMEOUT, _ChannelConnection, describe_error, lost_reason
+from dataplane.channel.driver import _SessionDriver
+from dataplane.channel.errors import (
+    StateError,
+)
+from dataplane.channel.events import (
+    ConnectionClosed,
+    Event,
+)
+from dataplane.channel.session import Limits, Session, SessionConfig
+from dataplane.channel.stream import ChannelStream
+from dataplane.channel.tls import (
+    TLSConfig,
+    peer_identity,
+    server_context,
+    warn_plaintext,
+)
+from dataplane.units import format_rate
+
+__all__ = ["ChannelServer"]
+
+log = logging.getLogger("dataplane.channel")
+
+#: Recently ended sessions kept for the statistics.
+KEEP_ENDED_SESSIONS = 16
+
+
+class _ServerConnection(_ChannelConnection):
+    def __init__(self, server: ChannelServer) -> None:
+        super().__init__(server.tls, server.liveness_timeout)
+        self.server = server
+        self._hs_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self._setup(transport):
+            return
+        srv = self.server
+        if srv.closing:
+            cast(asyncio.Transport, transport).abort()
+            return
+        srv.pending.add(self)
+        now = time.monotonic()
+        self.handle = srv.acceptor.accept(self.identity, now)
+        loop = asyncio.get_running_loop()
+        self._hs_timer = loop.call_later(max(0.0, self.handle.handshake_deadline - now), self._hs_tick)
+        log.debug("connection from %s accepted", self.peer)
+        self.flush()
+
+    def _hs_tick(self) -> None:
+        self._hs_timer = None
+        h = self.handle
+        if h is None or self.driver is not None or self.closing:
+            return
+        self.on_events(h.tick(max(time.monotonic(), h.handshake_deadline)))
+
+    def on_events(self, events: list[Event]) -> None:
+        h = self.handle
+        if self.driver is None and h is not None and h.session is not None:
+            if self._hs_timer is not None:
+                self._hs_timer.cancel()
+                self._hs_timer = None
+            self.server.pending.discard(self)
+            self.server.bind(self, h.session)
+        if self.driver is None:
+            for ev in events:
+                if isinstance(ev, ConnectionClosed):
+                    self.failed = ev.error is not None
+                    log.warning("closing connection from %s: %s", self.peer, describe_error(ev.error))
+        super().on_events(events)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._hs_timer is not None:
+            self._hs_timer.cancel()
+        self.server.pending.discard(self)
+        drv = self.driver
+        if drv is not None and not self.closing and not drv.session.terminated:
+            log.warning("%s: connection from %s lost (%s)", drv.label, self.peer, lost_reason(exc))
+        super().connection_lost(exc)
+
+
+class ChannelServer:
+    """The listening side: accepts connections (TLS or explicit plaintext) and drives their sessions.
+
+    ``tls``: the listener's :class:`~dataplane.channel.tls.TLSConfig`; None
+    requires ``plaintext=True`` (logged with :func:`warn_plaintext`).
+    ``on_stream(stream)`` is called for every stream a peer opens: it must
+    eventually call ``stream.accept(handler)`` or ``stream.refuse(reason)``
+    (the peer opens its next stream only after that answer). ``bandwidth``:
+    bytes/s cap of each session's sending (None: unlimited).
+    Raises ValueError for an inconsistent configuration.
+    """
+
+    def __init__(self, host: str, port: int, tls: TLSConfig | None, *, plaintext: bool = False,
+                 limits: Limits | None = None, config: SessionConfig | None = None,
+                 bandwidth: float | None = None, max_sessions: int = 64,
+                 on_stream: Callable[[ChannelStream], None] | None = None,
+                 liveness_timeout: float = LIVENESS_TIMEOUT) -> None:
+        if tls is None and not plaintext:
+            raise ValueError("a TLS configuration is required (or plaintext=True, explicitly)")
+        if tls is not None and tls.plaintext:
+            tls, plaintext = None, True
+        self.host = host
+        self.port = port
+        self.tls = tls
+        self.plaintext = plaintext
+        self.limits = limits or Limits()
+        self.config = config or SessionConfig()
+        self.bandwidth = bandwidth
+        self.on_stream = on_stream
+        self.liveness_timeout = liveness_timeout
+        self.acceptor = Acceptor(self.limits, self.config, max_sessions=max_sessions)
+        self.sessions: dict[bytes, _SessionDriver] = {}
+        self.ended: deque[dict[str, object]] = deque(maxlen=KEEP_ENDED_SESSIONS)
+        self.pending: set[_ServerConnection] = set()
+        self.closing = False
+        self._server: asyncio.Server | None = None
+        self._bound: tuple[str, int] | None = None
+        self._started = time.time()
+
+    async def start(self) -> tuple[str, int]:
+        """Listen; return the bound ``(host, port)``. Raises OSError (address in use, ...), TLSConfigError."""
+        loop = asyncio.get_running_loop()
+        ctx = None
+        if self.tls is not None:
+            ctx = server_context(self.tls, on_refusal=self._on_refusal)
+        self._server = await loop.create_server(
+            lambda: _ServerConnection(self), self.host or None, self.port, ssl=ctx,
+            ssl_handshake_timeout=self.limits.handshake_timeout if ctx else None, reuse_address=True,
+            backlog=256)
+        self._bound = None
+        if ctx is None:
+            warn_plaintext(log, f"every peer of {format_hostport(*self.address)}")
+        return self.address
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound ``(host, port)`` (the host as given). Raises RuntimeError before :meth:`start`."""
+        if self._bound is None:
+            if self._server is None or not self._server.sockets:
+                raise StateError("the server is not listening")
+            self._bound = (self.host, int(self._server.sockets[0].getsockname()[1]))
+        return self._bound
+
+    @staticmethod
+    def _on_refusal(reason: str, exc: BaseException) -> None:
+        log.warning("refused a TLS connection: %s", reason)
+
+    def bind(self, conn: _ServerConnection, session: Session) -> None:
+        """A pending connection's HELLO bound it to *session* (new or joined)."""
+        key = session.session_id or b""
+        drv = self.sessions.get(key)
+        if drv is None:
+            who = conn.peer
+            if self.tls is not None and conn.transport is not None:
+                with contextlib.suppress(Exception):
+                    ident = peer_identity(conn.transport)
+                    who = f"{ident.names[0] if ident.names else '?'} at {conn.peer}"
+            drv = _SessionDriver(session, role="server", peer=who, bandwidth=self.bandwidth,
+                                 on_stream=self.on_stream, on_terminated=self._session_ended)
+            self.sessions[key] = drv
+            log.info("%s opened by %s", drv.label, who)
+            if self.plaintext:
+                warn_plaintext(log, conn.peer)
+        else:
+            log.info("%s: connection from %s joined", drv.label, conn.peer)
+        drv.add_connection(conn)
+
+    def _session_ended(self, drv: _SessionDriver) -> None:
+        key = drv.session.session_id or b""
+        if self.sessions.get(key) is drv:
+            del self.sessions[key]
+        self.ended.append(drv.stats())
+
+    def set_bandwidth(self, rate: float | None) -> None:
+        """Cap each session's sending at *rate* bytes/s from now on (None: unlimited); new sessions too."""
+        self.bandwidth = rate
+        for drv in self.sessions.values():
+            drv.set_bandwidth(rate)
+        log.info("bandwidth cap per session: %s", format_rate(rate))
+
+    def stats(self) -> dict[str, object]:
+        """Statistics of every live session and of the last ended ones (see docs/channel.md)."""
+        return {
+            "role": "listen",
+            "address": format_hostport(*self._bound) if self._bound else None,
+            "time": time.time(),
+            "uptime": time.time() - self._started,
+            "bandwidth_limit": self.bandwidth,
+            "pending_connections": len(self.pending),
+            "sessions": [d.stats() for d in self.sessions.values()] + list(self.ended),
+        }
+
+    async def close(self, reason: str = "the listener is shutting down", timeout: float = 2.0) -> None:
+        """Stop listening, close every session in an orderly way (GOAWAY) and wait for the connections."""
+        self.closing = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.pending):
+            conn.abort()
+        drivers = list(self.sessions.values())
+        for drv in drivers:
+            drv.close(reason)
+        await asyncio.sleep(0)
+        for drv in drivers:
+            await drv.wait_closed(timeout)
+        if self._server is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), timeout)
+
+
+# =============================================================================== client
