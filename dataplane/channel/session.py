@@ -37,6 +37,7 @@ from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import TYPE_CHECKING
 
 from dataplane.channel.buffers import _Reorder, _SendBuffer
@@ -92,7 +93,7 @@ from dataplane.channel.frames import (
     encode_text,
 )
 from dataplane.channel.protocol import Connection, ConnState, Role
-from dataplane.channel.stats import SessionStats, StreamStats
+from dataplane.channel.stats import SessionStats, StreamStats, count_both
 
 if TYPE_CHECKING:
     from dataplane.channel.acceptor import Acceptor
@@ -179,7 +180,36 @@ class SessionConfig:
             raise ValueError("ack_delay must be >= 0; ping_interval, idle_timeout, probe_timeout > 0")
 
 
-_OPENING, _PENDING, _OPEN, _RESET = 0, 1, 2, 3
+class StreamPhase(IntEnum):
+    """Where a stream is in its life, as the core sees it; transitions only through the named
+    methods of ``_Stream`` (:meth:`~_Stream.accepted`, :meth:`~_Stream.open_confirmed`,
+    :meth:`~_Stream.reset`)::
+
+        local stream:   OPENING --OPEN_OK--> OPEN --RESET (either side)--> RESET
+                        OPENING --OPEN_FAIL--> (freed)
+        remote stream:  PENDING --accept_stream--> OPEN --RESET--> RESET
+                        PENDING --refuse_stream--> (freed once OPEN_FAIL is acknowledged)
+
+    The two halves of an OPEN stream end on their own, and ``_Stream`` says how far each got:
+
+    ==================  ===============================================================
+    send half           ``fin_local`` (offset of our FIN, None before), ``reset_sent``
+                        (RESET or OPEN_FAIL queued: nothing more is sent), ``blocked``
+                        (out of credit), ``queued`` (in the sendable round robin)
+    receive half        ``fin_offset`` (the peer's FIN), ``ended`` (StreamEnded
+                        delivered), ``recv_settled`` (nothing more is accepted),
+                        ``reset_notified`` (StreamReset delivered)
+    ==================  ===============================================================
+    """
+
+    OPENING = 0  # OPEN sent, no answer yet
+    PENDING = 1  # OPEN received, the application has not answered
+    OPEN = 2
+    RESET = 3
+
+
+_OPENING, _PENDING = StreamPhase.OPENING, StreamPhase.PENDING
+_OPEN, _RESET = StreamPhase.OPEN, StreamPhase.RESET
 
 
 class _Link:
@@ -214,7 +244,8 @@ class _Stream:
         "fin_offset", "ended", "recv_settled", "reset_notified",
     )
 
-    def __init__(self, sid: int, name: str, local: bool, phase: int, window: int, comp_mode: str) -> None:
+    def __init__(self, sid: int, name: str, local: bool, phase: StreamPhase, window: int,
+                 comp_mode: str) -> None:
         self.sid = sid
         self.name = name
         self.local = local
@@ -245,6 +276,25 @@ class _Stream:
         self.ended = False
         self.recv_settled = False
         self.reset_notified = False
+
+    # -- phase transitions (see StreamPhase)
+
+    def accepted(self) -> None:
+        """The application accepted the peer's stream: PENDING -> OPEN. Raises StreamError otherwise."""
+        if self.phase != _PENDING:
+            raise StreamError(f"stream {self.sid} is not awaiting acceptance")
+        self.phase = _OPEN
+
+    def open_confirmed(self) -> None:
+        """The peer answered our OPEN with OPEN_OK: OPENING -> OPEN. Raises ProtocolError otherwise."""
+        if not self.local or self.phase != _OPENING:
+            raise ProtocolError(f"OPEN_OK for stream {self.sid} that is not opening")
+        self.phase = _OPEN
+
+    def reset(self) -> None:
+        """Either side reset the stream: any phase -> RESET, and nothing more is sent."""
+        self.reset_sent = True
+        self.phase = _RESET
 
     def recv_limit(self) -> int:
         return 0 if self.phase == _PENDING else self.consumed + self.window
@@ -782,9 +832,7 @@ class Session:
         st = self._get(stream_id)
         if st.reset_sent:
             raise StreamResetError(f"stream {stream_id} was reset")
-        if st.phase != _PENDING:
-            raise StreamError(f"stream {stream_id} is not awaiting acceptance")
-        st.phase = _OPEN
+        st.accepted()
         st.ack_limit = st.recv_limit()
         self.stats.streams_opened += 1
         self._queue_control(FrameType.OPEN_OK, stream_id, offset=st.ack_limit)
@@ -1000,8 +1048,7 @@ class Session:
 
     def _local_reset(self, st: _Stream, code: int, reason: str, events: list[Event] | None,
                      remote: bool = False) -> None:
-        st.reset_sent = True
-        st.phase = _RESET
+        st.reset()
         self._queue_control(FrameType.RESET, st.sid, aux=code, offset=st.written,
                             payload=encode_text(reason, MAX_REASON))
         self._send_buffered -= st.written - st.acked
@@ -1200,26 +1247,15 @@ class Session:
         if len(inflight) > link.inflight_cap:
             link.inflight = deque(r for r in inflight if r[2] > r[0].acked and not r[0].reset_sent)
             link.inflight_cap = max(1024, 2 * len(link.inflight))
-        ss, gs = st.stats, self.stats
-        plen = len(payload)
-        ss.frames_sent += 1
-        gs.frames_sent += 1
-        ss.raw_data_sent += n
-        gs.raw_data_sent += n
-        ss.payload_sent += plen
-        gs.payload_sent += plen
-        ss.wire_bytes_sent += size
+        ss = st.stats
+        count_both(ss, self.stats, frames_sent=1, raw_data_sent=n, payload_sent=len(payload))
+        ss.wire_bytes_sent += size  # the session counts its wire bytes per connection
         if codec_id:
-            ss.compressed_frames += 1
-            gs.compressed_frames += 1
-            ss.zero_pages += zero_pages
-            gs.zero_pages += zero_pages
+            count_both(ss, self.stats, compressed_frames=1, zero_pages=zero_pages)
         if replay:
-            ss.replayed_bytes += n
-            gs.replayed_bytes += n
+            count_both(ss, self.stats, replayed_bytes=n)
         else:
-            ss.bytes_sent += n
-            gs.bytes_sent += n
+            count_both(ss, self.stats, bytes_sent=n)
         ss.compression = comp.state
         return True
 
@@ -1378,8 +1414,7 @@ class Session:
         if st.reset_sent:
             return
         if end <= st.recv_next:
-            ss.duplicate_bytes += n
-            self.stats.duplicate_bytes += n
+            count_both(ss, self.stats, duplicate_bytes=n)
             return
         codec_id = f.flags & CODEC_MASK
         if codec_id:
@@ -1393,9 +1428,7 @@ class Session:
             self._deliver(st, off, data, events)
         else:
             if off < st.recv_next:
-                dup = st.recv_next - off
-                ss.duplicate_bytes += dup
-                self.stats.duplicate_bytes += dup
+                count_both(ss, self.stats, duplicate_bytes=st.recv_next - off)
             st.reorder.insert(off, data)
             for o, d in st.reorder.pop_ready(st.recv_next):
                 self._deliver(st, o, d, events)
@@ -1405,8 +1438,7 @@ class Session:
     def _deliver(self, st: _Stream, off: int, data: Buffer, events: list[Event]) -> None:
         n = len(data)
         st.recv_next = off + n
-        st.stats.bytes_received += n
-        self.stats.bytes_received += n
+        count_both(st.stats, self.stats, bytes_received=n)
         if st.held is not None:
             st.held.append((off, data))
         else:
@@ -1453,9 +1485,7 @@ class Session:
         st = self._stream_for_frame(f.stream_id, "OPEN_OK")
         if st is None or st.phase == _RESET:
             return
-        if not st.local or st.phase != _OPENING:
-            raise ProtocolError(f"OPEN_OK for stream {f.stream_id} that is not opening")
-        st.phase = _OPEN
+        st.open_confirmed()
         if f.offset > st.peer_limit:
             st.peer_limit = f.offset
         self.stats.streams_opened += 1

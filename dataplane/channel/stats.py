@@ -165,3 +165,11 @@ class SessionStats:
             f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
         out["compression_ratio"] = self.compression_ratio
         return out
+
+
+def count_both(stream: StreamStats, session: SessionStats, **counts: int) -> None:
+    """Add each of *counts* to the stream's counter of that name and to the session's: the one place
+    where a stream's traffic is also the session's. Raises AttributeError for an unknown counter."""
+    for name, n in counts.items():
+        setattr(stream, name, getattr(stream, name) + n)
+        setattr(session, name, getattr(session, name) + n)
