@@ -49,4 +49,7 @@ async def first_done(*aws: Awaitable[Any], timeout: float | None = None) -> set[
         done, _ = await asyncio.wait(futures, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
         await cancel_and_collect(*(t for t in owned if not t.done()))
+        for t in owned:  # an owned task's exception is the caller's to read in ``done``, never "unretrieved"
+            if t.done() and not t.cancelled():
+                t.exception()
     return done

@@ -79,7 +79,7 @@ class LibvirtTransport(Transport):
     """QMP passthrough to one libvirt domain."""
 
     def __init__(self, uri: str, conn: libvirt.virConnect, dom: libvirt.virDomain,
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 loop: asyncio.AbstractEventLoop, libvirt_version: str = "?") -> None:
         super().__init__()
         self.uri = uri
         self.domain_name = dom.name()
@@ -88,7 +88,7 @@ class LibvirtTransport(Transport):
         self._loop = loop
         self._callback_ids: list[tuple[str, int]] = []
         #: the libvirt daemon's version, ``X.Y.Z`` (what its migration API offers depends on it)
-        self.libvirt_version = _version_text(conn.getLibVersion())
+        self.libvirt_version = libvirt_version
 
     def describe(self) -> str:
         return f"libvirt {self.libvirt_version} domain {self.domain_name} on {self.uri}"
@@ -104,7 +104,7 @@ class LibvirtTransport(Transport):
         events = LibvirtEventThread.ensure()
         loop = asyncio.get_running_loop()
 
-        def open_and_lookup() -> tuple[libvirt.virConnect, libvirt.virDomain]:
+        def open_and_lookup() -> tuple[libvirt.virConnect, libvirt.virDomain, str]:
             try:
                 conn = libvirt.open(uri)
             except libvirt.libvirtError as exc:
@@ -122,16 +122,22 @@ class LibvirtTransport(Transport):
                 if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                     raise DomainNotFound(f"no domain {domain!r} on {uri}") from None
                 raise ConnectFailed(f"looking up domain {domain!r} on {uri}: {exc}") from None
-            if not dom.isActive():
+            try:
+                active = dom.isActive()
+                version = _version_text(conn.getLibVersion())
+            except libvirt.libvirtError as exc:
+                conn.close()
+                raise ConnectFailed(f"asking libvirt {uri} about domain {domain!r}: {exc}") from None
+            if not active:
                 conn.close()
                 raise ConnectFailed(f"domain {domain!r} on {uri} is not running")
-            return conn, dom
+            return conn, dom, version
 
         try:
-            conn, dom = await asyncio.wait_for(loop.run_in_executor(None, open_and_lookup), timeout)
+            conn, dom, version = await asyncio.wait_for(loop.run_in_executor(None, open_and_lookup), timeout)
         except TimeoutError:
             raise DriverTimeout(f"libvirt {uri} did not answer within {timeout:g}s") from None
-        self = cls(uri, conn, dom, loop)
+        self = cls(uri, conn, dom, loop, version)
         await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._register(), events.loop))
         return self
 

@@ -22,7 +22,7 @@ SMALL = ["--memory", "128", "--dirty-mib", "32", "--dirty-rate", "4",
          "--disk-size", "64", "--disk-data", "16"]
 VERIFIED = (
     "ok      heartbeat continued on the destination, same boot id: boot id ",
-    "ok      guest RAM verified: 32 MiB checked area verified on the destination (2 checker passes of ",
+    "ok      guest RAM verified: 32 MiB checked area verified on the destination (3 checker passes of ",
     "ok      journal verified: journal verifies (",
     "ok      disks identical: jrnl 16 MiB, data 64 MiB",
 )

@@ -194,13 +194,14 @@ async def _connect_qemu(what: str, connect: Callable[[], Any]) -> QemuDriver:
 
     try:
         drv: QemuDriver = await connect()
-        # What this QEMU can do is read from its schema, never assumed from its version.
-        features = await drv.features()
     except DriverError as exc:
         raise CommandFailed(f"cannot reach the {what}: {exc}") from exc
     via = getattr(drv.transport, "libvirt_version", None)
-    log.info("%s: QEMU %s%s; features: %s", what, drv.version, f" under libvirt {via}" if via else "",
-             ", ".join(features.names()) or "none of note")
+    try:  # what this QEMU can do is read from its schema, never assumed from its version
+        names = ", ".join((await drv.features()).names()) or "none of note"
+    except DriverError as exc:  # only a log line depends on it: never a reason to stop
+        names = f"unknown ({exc})"
+    log.info("%s: QEMU %s%s; features: %s", what, drv.version, f" under libvirt {via}" if via else "", names)
     return drv
 
 
@@ -332,8 +333,11 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
                     figures = ChannelFigures.from_stats(client.stats())
                     d = CclmReport(exc.report, figures).as_dict()
                     printer.report(d, _source_summary(d))
-                    raise CommandFailed(f"rolled back in phase {exc.report.phase}: {exc.report.error}; "
-                                        "the VM keeps running here on its untouched disks") from None
+                    error = exc.report.error or "no reason given"
+                    after = ("a rollback step failed: check the source VM" if "; rollback:" in error
+                             else "the VM keeps running here on its untouched disks")
+                    phase = exc.report.phase
+                    raise CommandFailed(f"rolled back in phase {phase}: {error}; {after}") from None
                 except PlanRefused as exc:
                     if args.output == "json":
                         printer({"event": "report", "outcome": "refused", "switched_over": False,

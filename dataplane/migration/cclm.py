@@ -583,6 +583,7 @@ class _TargetRole:
         self.control: ControlStream | None = None
         self.switched: list[str] = []  # the QEMU status at which the destination took over
         self.postcopy = False
+        self.writeback = EarlyWriteback([])
         self.intr: asyncio.Future[Any] = asyncio.ensure_future(
             interrupt.wait() if interrupt is not None else asyncio.get_running_loop().create_future())
 
@@ -622,6 +623,7 @@ class _TargetRole:
             await self._close()
 
     async def _close(self) -> None:
+        await self.writeback.stop()
         self.intr.cancel()
         await self.server.close()
         await self.relay.close()
@@ -694,8 +696,8 @@ class _TargetRole:
         except DriverError as exc:
             log.debug("no early writeback: %s", exc)
             paths = []
-        writeback = EarlyWriteback(paths)
-        writeback.start()
+        self.writeback = EarlyWriteback(paths)  # stopped after ``done`` is sent (a call may block a while)
+        self.writeback.start()
         finish = asyncio.ensure_future(finish_target(self.dst, resume=not self.paused, timeout=None,
                                                      on_switchover=self._on_switchover))
         watch = asyncio.ensure_future(_watch_source(control))
@@ -732,13 +734,13 @@ class _TargetRole:
                 raise _Ended(self.report("failed", None, str(exc))) from None
         finally:
             await cancel_and_collect(finish, watch)
-            await writeback.stop()
 
     async def finish(self, control: ControlStream, plan: MigrationPlan) -> TargetReport:
         """Tell the source the destination took over (``done``) and end the conversation."""
         status = "paused" if self.paused else "running"
         control.send(Done(status))
         await control.drain()
+        await self.writeback.stop()
         total = plan.memory_size + sum(d.size for d in plan.disks)
         log.info("migration of %.1f GiB received; guest %s", total / (1 << 30), status)
         return self.report("completed", status)

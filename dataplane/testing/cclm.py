@@ -1176,7 +1176,7 @@ class Scenario:
                 result.downtime_ms = (resumed.timestamp - stop.timestamp) * 1000
         if resume:
             try:
-                verify_continued(src, dst, ram_passes=2 if self.recipe.dirty_mib else 0, timeout=timeout,
+                verify_continued(src, dst, ram_passes=3 if self.recipe.dirty_mib else 0, timeout=timeout,
                                  watch_s=self.watch_s)
             except (GuestRamError, VMError):
                 raise

@@ -697,7 +697,8 @@ class QemuVM:
 
         The agent's checker (``dp.check_rate``, on whenever ``dp.dirty_mib`` is set) walks the whole
         dirtied area and prints ``RAMCHECK`` after each pass. A destination's serial log starts at
-        its resume, so with *passes* >= 2 at least one whole pass ran on the destination. Raises
+        its resume (plus what was still in the guest's tty buffer), so with *passes* >= 3 at least
+        one whole pass ran on the destination (see :func:`verify_continued`). Raises
         GuestRamError as soon as a bad page or a kernel fault shows, TimeoutError if the passes do
         not come (no checker in this guest, or it is too slow), VMError if QEMU exits.
         """
@@ -725,13 +726,15 @@ class QemuVM:
         return self._wait(check, timeout, f"ACK {seq}")
 
 
-def verify_continued(src: QemuVM, dst: QemuVM, *, beats: int = 3, ram_passes: int = 2,
+def verify_continued(src: QemuVM, dst: QemuVM, *, beats: int = 3, ram_passes: int = 3,
                      timeout: float = 90.0, watch_s: float = 0.0) -> Heartbeat:
     """Check that the guest that ran in *src* now runs in *dst*, whole; return *src*'s last heartbeat.
 
     The destination prints *beats* heartbeats newer than the source's last one, with the same boot id
-    (not a reboot); its RAM checker completes *ram_passes* full passes with no bad page (with 2, one
-    whole pass ran on the destination); and neither console shows a kernel fault, also after
+    (not a reboot); its RAM checker completes *ram_passes* full passes with no bad page (with 3, at
+    least one whole pass ran on the destination, even if the line of a pass that ended on the source
+    was still in the guest's tty buffer at the switchover and reached the destination's console);
+    and neither console shows a kernel fault, also after
     watching the destination for *watch_s* seconds from that point (a kernel that trips over a lost
     page may take seconds to show it). Raises
     GuestRamError (lost or corrupt RAM, kernel BUG/Oops/panic), AssertionError (a reboot),

@@ -391,9 +391,12 @@ static uint64_t reports_left = 32; /* RAMBAD lines still allowed in this pass of
 
 static void report_bad(const char *by, uint64_t index, uint64_t gen, int64_t found, const char *why) {
     __atomic_add_fetch(&bad_pages, 1, __ATOMIC_RELAXED);
-    if (__atomic_load_n(&reports_left, __ATOMIC_RELAXED) == 0)
-        return;
-    __atomic_sub_fetch(&reports_left, 1, __ATOMIC_RELAXED);
+    uint64_t left = __atomic_load_n(&reports_left, __ATOMIC_RELAXED);
+    do { /* take one line of the pass's allowance, never below zero (both threads report) */
+        if (left == 0)
+            return;
+    } while (!__atomic_compare_exchange_n(&reports_left, &left, left - 1, 0, __ATOMIC_RELAXED,
+                                          __ATOMIC_RELAXED));
     emit("RAMBAD page=%llu expected_gen=%llu found_gen=%lld why=%s by=%s", (unsigned long long)index,
          (unsigned long long)gen, (long long)found, why, by);
 }
@@ -409,6 +412,8 @@ static void rewrite(uint64_t w, uint64_t *rng) {
             report_bad("dirtier", index, gen - 1, found, why);
     }
     __atomic_store_n(&ram_started, w + 1, __ATOMIC_SEQ_CST);
+    /* the page's stores must not become visible before the count that announces them */
+    __atomic_thread_fence(__ATOMIC_RELEASE);
     write_page(page, rng, gen, index);
     __atomic_store_n(&ram_done, w + 1, __ATOMIC_RELEASE);
 }
