@@ -281,6 +281,8 @@ class GuestRecipe:
     (``jrnl``, the guest's ``/dev/vda``); ``disk`` is the data disk
     (``data``, ``/dev/vdb``), None for none.
 
+    ``check_rate`` paces the guest's RAM checker (MiB/s; its CPU comes out
+    of the vCPU, and under TCG out of the host's cores).
     ``kernel_extra`` is appended to the guest kernel command line (the
     test guest's own base line already carries the ``pti=on`` workaround
     for QEMU 7.2 TCG's dirty logging, see dataplane/testing/guest.py).
@@ -295,12 +297,15 @@ class GuestRecipe:
     journal_rate: int = 10
     disk: DiskLayout | None = field(default_factory=DiskLayout)
     kernel_extra: str = ""
+    check_rate: int | None = None  # MiB/s of the guest's RAM checker (None: the agent's default, 128)
 
     def cmdline(self) -> dict[str, object]:
         """The guest agent's ``dp.*`` parameters."""
         params: dict[str, object] = {"hb_ms": self.hb_ms, "dirty_mib": self.dirty_mib}
         if self.dirty_mib:
             params.update(dirty_mib=self.dirty_mib, dirty_rate=self.dirty_rate, pattern=self.pattern)
+            if self.check_rate is not None:
+                params.update(check_rate=self.check_rate)
         if self.journal_rate:
             params.update(disk="/dev/vda", disk_rate=self.journal_rate)
         return params
