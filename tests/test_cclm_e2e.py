@@ -153,7 +153,7 @@ def _source_intact(src: QemuVM) -> None:
     assert not caps["pause-before-switchover"] and not caps["postcopy-ram"] and not caps["multifd"]
     n = len(src.heartbeats())
     src.wait_heartbeat(n + 3, 60)
-    src.verify_ram(len(src.serial().ram_passes) + 1, 60)  # a whole clean pass after the rollback
+    src.verify_next_ram_pass(60)  # a whole clean pass after the rollback
 
 
 def _continues_on(dst: QemuVM, src: QemuVM) -> str:

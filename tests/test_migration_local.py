@@ -60,7 +60,7 @@ async def _assert_source_intact(drv: QemuDriver, vm, before: dict) -> None:
     assert not any(n.node_name.startswith("dpmig") for n in await drv.query_named_block_nodes())
     n = len(vm.heartbeats())
     await asyncio.to_thread(vm.wait_heartbeat, n + 3, 60)  # the guest keeps running
-    await asyncio.to_thread(vm.verify_ram, len(vm.serial().ram_passes) + 1, 60)  # its RAM is whole
+    await asyncio.to_thread(vm.verify_next_ram_pass, 60)  # its RAM is whole
 
 
 # ------------------------------------------------------------------- plan (no QEMU)

@@ -334,7 +334,7 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
                     d = CclmReport(exc.report, figures).as_dict()
                     printer.report(d, _source_summary(d))
                     error = exc.report.error or "no reason given"
-                    after = ("a rollback step failed: check the source VM" if "; rollback:" in error
+                    after = ("a rollback step failed: check the source VM" if exc.report.rollback_errors
                              else "the VM keeps running here on its untouched disks")
                     phase = exc.report.phase
                     raise CommandFailed(f"rolled back in phase {phase}: {error}; {after}") from None

@@ -44,7 +44,7 @@ class MigrationReport:
     last phase reached (see :data:`PHASES`); ``total_time`` in seconds;
     ``downtime_ms`` as QEMU reports it (None unless completed);
     ``ram_transferred`` and ``disk_bytes`` in bytes; ``error`` the reason of a
-    rollback, plus any clean-up step that failed.
+    rollback, plus any clean-up step that failed (those alone in ``rollback_errors``).
     """
 
     outcome: str
@@ -56,6 +56,7 @@ class MigrationReport:
     error: str | None = None
     postcopy: bool = False  # the switchover happened in postcopy mode
     decisions: tuple[Decision, ...] = ()
+    rollback_errors: tuple[str, ...] = ()  # rollback steps that failed (also named in ``error``)
 
     def summary(self) -> str:
         """One line for a log: the outcome, the phase it reached, time, downtime, bytes, the cause."""

@@ -156,9 +156,11 @@ class _SourceMigration:
             self.downtime_ms = info.downtime_ms
         return info
 
-    def report(self, outcome: str, phase: str, error: str | None = None) -> MigrationReport:
+    def report(self, outcome: str, phase: str, error: str | None = None,
+               rollback_errors: tuple[str, ...] = ()) -> MigrationReport:
         return MigrationReport(outcome, phase, self.elapsed(), self.downtime_ms, self.ram.ram_done,
-                               self.disk_done(), error, self.postcopy_requested, tuple(self.decisions))
+                               self.disk_done(), error, self.postcopy_requested, tuple(self.decisions),
+                               rollback_errors)
 
     def decide(self, decision: Decision) -> None:
         self.decisions.append(decision)
@@ -442,7 +444,7 @@ class _SourceMigration:
         if self.was_running:
             await self._step(errors, "resume the source", self._ensure_running())
         error = _describe(exc) + "".join(f"; rollback: {e}" for e in errors)
-        return self.report("rolled-back", reached, error)
+        return self.report("rolled-back", reached, error, tuple(errors))
 
     async def _ensure_running(self) -> None:
         # QEMU resumes a source it stopped for the switchover by itself once the

@@ -713,6 +713,11 @@ class QemuVM:
             self.check_ram()  # a guest that panicked and ended QEMU: say why
             raise
 
+    def verify_next_ram_pass(self, timeout: float = 60.0) -> list[RamCheckPass]:
+        """:meth:`verify_ram` for one more whole pass than the log shows now (a pass that starts from
+        now on, e.g. after a rollback). Raises like :meth:`verify_ram`."""
+        return self.verify_ram(len(self.serial().ram_passes) + 1, timeout)
+
     def wait_acks(self, seq: int, timeout: float = 30.0) -> int:
         """Wait until the guest acknowledged journal record *seq*; return the highest ACK seen.
 
