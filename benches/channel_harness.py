@@ -660,8 +660,8 @@ class DataplaneTunnel(RelayPair):
 
     def _common(self, role: str) -> list[str]:
         argv: list[str] = []
-        if self.certs is None:
-            argv.append("--plaintext")
+        if self.certs is None:  # the namespaces' veth reaches no other host
+            argv += ["--plaintext", "--plaintext-network-is-isolated"]
         else:
             ident = self.certs.server if role == "listen" else self.certs.client
             peer = self.certs.client if role == "listen" else self.certs.server

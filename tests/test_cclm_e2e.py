@@ -319,7 +319,7 @@ def test_ctrl_c_on_source_during_precopy(qemu_platform, vm_factory, link_factory
     errors = [ln for ln in mig.stderr().splitlines() if ln.startswith("dataplane migrate: error: ")]
     assert len(errors) == 1 and errors[0].startswith(
         "dataplane migrate: error: rolled back in phase precopy: interrupted"), errors
-    assert rcv.report()["outcome"] == "aborted"
+    assert rcv.report()["outcome"] == "rolled-back"
     assert "the source" in rcv.report()["error"]
     cl.assert_workdirs_clean()
 

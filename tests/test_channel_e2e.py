@@ -134,7 +134,7 @@ class Pair:
 
 def tls_args(pki: CertSet | None, side: str) -> list[str]:
     if pki is None:
-        return ["--plaintext"]
+        return ["--plaintext", "--plaintext-network-is-isolated"]  # the namespaces' veth reaches no one else
     return ["--certs", str(pki.directory)]
 
 

@@ -40,7 +40,7 @@ from dataplane.testing.vm import (
     verify_continued,
     write_bytes,
 )
-from qmp_driver import BlockNode, QemuDriver
+from qmp_driver import BlockDevice, BlockNode, QemuDriver
 
 MiB = 1 << 20
 
@@ -66,8 +66,12 @@ async def _assert_source_intact(drv: QemuDriver, vm, before: dict) -> None:
 # ------------------------------------------------------------------- plan (no QEMU)
 
 
-def _node(name: str, size: int, ro: bool = False) -> BlockNode:
-    return BlockNode(name, "raw", f"/x/{name}", ro, size, [])
+def _node(name: str, size: int, ro: bool = False, driver: str | None = None) -> BlockNode:
+    return BlockNode(name, driver or ("qcow2" if name == "d1" else "raw"), f"/x/{name}", ro, size, [])
+
+
+def _dev(node: str, dev_id: str) -> BlockDevice:
+    return BlockDevice("", f"/machine/peripheral/{dev_id}/virtio-backend", node, False, False)
 
 
 def test_plan_json_roundtrip_and_validation():
@@ -82,6 +86,18 @@ def test_plan_json_roundtrip_and_validation():
         validate_target(plan, [_node("d0", 32 * MiB), _node("d1", 32 * MiB)])
     with pytest.raises(PlanRefused, match=r"'d1': the destination node is read-only"):
         validate_target(plan, [_node("d0", 64 * MiB), _node("d1", 32 * MiB, ro=True)])
+    validate_target(plan, [_node("d0", 64 * MiB), _node("d1", 32 * MiB, driver="raw")])  # qcow2 into raw
+    with pytest.raises(PlanRefused, match=r"'d1': the destination node is file, the source disk qcow2"):
+        validate_target(plan, [_node("d0", 64 * MiB), _node("d1", 32 * MiB, driver="file")])
+    # only the root nodes of guest devices, and only those the destination allows
+    nodes = [_node("d0", 64 * MiB), _node("d1", 32 * MiB), _node("other", 1)]
+    devices = [_dev("d0", "vda"), _dev("d1", "vdb")]
+    validate_target(plan, nodes, devices)
+    validate_target(plan, nodes, devices, allowed=["vda", "d1"])
+    with pytest.raises(PlanRefused, match=r"'d1': the destination node is not the root node of a guest"):
+        validate_target(plan, nodes, devices[:1])
+    with pytest.raises(PlanRefused, match=r"'d1': not among the disks this destination accepts \(vda\)"):
+        validate_target(plan, nodes, devices, allowed=["vda"])
     with pytest.raises(PlanRefused, match="version"):
         MigrationPlan.from_json('{"version": 99}')
     with pytest.raises(PlanRefused, match="malformed"):

@@ -164,22 +164,27 @@ class _Stream:
 
 @pytest.mark.parametrize("steps", range(6))
 async def test_control_watcher_cancelled_at_any_step_loses_no_message(steps):
-    # The source's watcher is cancelled the moment its migration completes; the
-    # destination's "done" may be in flight at that instant and must stay readable.
+    # The source's watcher is cancelled the moment its QEMU completes, just before the commit; the
+    # destination's "abort" may be in flight at that instant: the watcher either raised it, or it
+    # stays readable for the wait after the commit. It is never swallowed.
     import asyncio
     from types import SimpleNamespace
 
     from dataplane.migration.cclm import ControlStream, _watch_peer
+    from dataplane.migration.control import Abort
+    from dataplane.migration.errors import PeerAborted
 
     control = ControlStream()
     client = SimpleNamespace(done=asyncio.get_running_loop().create_future())
     watch = asyncio.ensure_future(_watch_peer(control, client, None))
     await asyncio.sleep(0)
-    control.on_data(_Stream(), encode(Done("running")))
+    control.on_data(_Stream(), encode(Abort("gone")))
     for _ in range(steps):
         await asyncio.sleep(0)
     watch.cancel()
-    await asyncio.gather(watch, return_exceptions=True)
-    assert (await control.recv(1.0)) == Done("running")
+    (result,) = await asyncio.gather(watch, return_exceptions=True)
+    if not isinstance(result, PeerAborted):
+        assert isinstance(result, asyncio.CancelledError), result
+        assert (await control.recv(1.0)) == Abort("gone")
     with pytest.raises(TimeoutError):
         await control.recv(0.01)

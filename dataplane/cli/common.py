@@ -27,12 +27,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EXIT_FAILURE",
+    "EXIT_IN_DOUBT",
     "EXIT_OK",
     "EXIT_USAGE",
     "MAX_CONNECTIONS",
     "PROG",
     "CommandFailed",
     "Commands",
+    "InDoubt",
     "Parser",
     "StatsWriter",
     "UsageError",
@@ -59,6 +61,8 @@ PROG = "dataplane"
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+#: A migration ended in doubt: neither copy of the guest runs until ``dataplane resolve``.
+EXIT_IN_DOUBT = 3
 
 log = logging.getLogger("dataplane")
 
@@ -71,6 +75,12 @@ class CommandFailed(Exception):
     """An expected failure of a command: printed as one line, exit status 1."""
 
     exit_code = EXIT_FAILURE
+
+
+class InDoubt(CommandFailed):
+    """A migration ended in doubt: printed as one line (with the resolve command), exit status 3."""
+
+    exit_code = EXIT_IN_DOUBT
 
 
 class UsageError(CommandFailed):
@@ -184,7 +194,11 @@ def channel_options(parser: argparse.ArgumentParser, *, side: str) -> None:
     tls.add_argument("--certs", metavar="DIR", type=Path,
                      help=f"a `dataplane certs init` directory; uses its {side} identity")
     tls.add_argument("--plaintext", action="store_true",
-                     help="no TLS at all: neither encrypted nor authenticated (logged as a warning)")
+                     help="no TLS at all: neither encrypted nor authenticated (logged as a warning); "
+                          "only on a loopback address unless --plaintext-network-is-isolated")
+    tls.add_argument("--plaintext-network-is-isolated", action="store_true",
+                     help="allow --plaintext on a non-loopback address: you assert that no other host "
+                          "can reach it (any peer that can may write the destination's disks)")
     parser.add_argument("--compress", choices=["auto", "on", "off"], default="auto",
                         help="compression of the data this side sends (default: auto: only while the link "
                              "is the bottleneck and the data compresses)")
@@ -372,6 +386,29 @@ def stop_event(what: str | None = None) -> asyncio.Event:
     return stop
 
 
+def check_plaintext_address(args: argparse.Namespace, host: str, tls: TLSConfig | None) -> None:
+    """Refuse --plaintext on an address other hosts may reach, unless the operator said the network
+    is isolated. Raises UsageError."""
+    if tls is not None or getattr(args, "plaintext_network_is_isolated", False) or is_loopback(host):
+        return
+    where = host or "every interface"
+    raise UsageError(f"--plaintext on {where}: any host that reaches it could write this side's data "
+                     f"unauthenticated; use TLS, a loopback address, or add --plaintext-network-is-isolated "
+                     f"if no other host can reach it")
+
+
+def is_loopback(host: str) -> bool:
+    """True for a loopback IP address or ``localhost`` (a wildcard or any other name: False)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def channel_client(args: argparse.Namespace, tls: TLSConfig | None) -> ChannelClient:
     """The (unstarted) channel client of a dialing command: ``--to``, ``--connections`` and the
     options of :func:`channel_options`; *tls* from :func:`tls_config` (None: plaintext)."""
@@ -379,6 +416,7 @@ def channel_client(args: argparse.Namespace, tls: TLSConfig | None) -> ChannelCl
     from dataplane.channel.session import Limits, SessionConfig
 
     host, port = args.to
+    check_plaintext_address(args, host, tls)
     return ChannelClient(host, port, tls, plaintext=tls is None, connections=args.connections,
                          limits=Limits(grace=args.grace), config=SessionConfig(compression=args.compress),
                          bandwidth=args.bandwidth)
@@ -392,5 +430,6 @@ def channel_server(args: argparse.Namespace, tls: TLSConfig | None, address: tup
     from dataplane.channel.session import Limits, SessionConfig
 
     host, port = address
+    check_plaintext_address(args, host, tls)
     return ChannelServer(host, port, tls, plaintext=tls is None, limits=Limits(grace=args.grace),
                          config=SessionConfig(compression=args.compress), bandwidth=args.bandwidth, **kwargs)

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from dataplane.cli.common import (
-    EXIT_FAILURE,
     EXIT_OK,
     CommandFailed,
     Commands,
+    InDoubt,
     StatsWriter,
     UsageError,
     add_command,
@@ -88,11 +88,15 @@ def register_migration(commands: Commands) -> None:
             "completion timeout of --timeout-base plus --timeout-per-gib per GiB of RAM and disks\n"
             "(a smaller VM counts as one GiB).\n"
             "\n"
-            "Any failure or interruption (SIGINT/SIGTERM) before the switchover rolls back: migration\n"
-            "cancelled, mirrors cancelled, NBD nodes deleted, settings restored; the VM keeps running\n"
-            "here on its untouched disks, and the destination is told to abort.\n"
+            "The switchover is a commit: the destination resumes the guest only after this side's QEMU\n"
+            "completed and this command told it so; never do both copies run. Any failure or\n"
+            "interruption (SIGINT/SIGTERM) before that rolls back: migration cancelled, mirrors\n"
+            "cancelled, NBD nodes deleted, settings restored; the VM keeps running here on its untouched\n"
+            "disks, and the destination is told to abort. If the two sides lose each other right at the\n"
+            "commit, neither copy runs and the outcome is in-doubt: the report names the `dataplane\n"
+            "resolve` command that settles it.\n"
             "\n"
-            "exit status: 0 completed, 1 refused / rolled back / failed, 2 wrong command line."
+            "exit status: 0 completed, 1 refused / rolled back, 2 wrong command line, 3 in doubt."
         ),
         examples=[
             ("dataplane migrate --qmp /run/vm/qmp.sock --to dst.example:7000 --certs ./pki",
@@ -144,12 +148,15 @@ def register_migration(commands: Commands) -> None:
             "names and exact sizes. Listens for the channel (mutual TLS) and takes one migration: the\n"
             "plan is validated first (a missing, smaller or read-only disk, or a different memory size,\n"
             "is refused before anything starts), then the disks are exported over NBD and the incoming\n"
-            "migration set up, both on local unix sockets. When the guest has moved, the NBD server is\n"
-            "stopped and the guest resumed (unless --paused). If the source aborts or goes away before\n"
-            "the switchover, the exports are dropped and this command fails; the QEMU is its owner's\n"
-            "to stop. Prints 'dataplane: receive listening on HOST:PORT' on stderr once listening.\n"
+            "migration set up, both on local unix sockets; this QEMU cannot start the guest by itself.\n"
+            "Once it has the whole guest and the source committed, the NBD server is stopped and the\n"
+            "guest resumed (unless --paused). If the source aborts or goes away before that, this run's\n"
+            "exports are dropped, the guest never runs here, and this command fails; if the source goes\n"
+            "away after this QEMU has the guest but before its commit, the outcome is in-doubt (see\n"
+            "`dataplane resolve`). The QEMU is its owner's to stop. Prints 'dataplane: receive\n"
+            "listening on HOST:PORT' on stderr once listening.\n"
             "\n"
-            "exit status: 0 completed, 1 refused / aborted / failed, 2 wrong command line."
+            "exit status: 0 completed, 1 refused / rolled back, 2 wrong command line, 3 in doubt."
         ),
         examples=[
             ("dataplane receive --qmp /run/vm/qmp.sock --listen 0.0.0.0:7000 --certs ./pki",
@@ -165,9 +172,61 @@ def register_migration(commands: Commands) -> None:
                           "one and prints it)")
     rcv.add_argument("--paused", action="store_true",
                      help="leave the guest paused on the destination after the migration")
+    rcv.add_argument("--disk", metavar="NODE", action="append", dest="disks",
+                     help="a disk the source may write, by block node name or device id; repeat (default: "
+                          "every guest disk; a protocol, backing or unused node is never accepted)")
     _output_options(rcv)
     channel_options(rcv, side="server")
     rcv.set_defaults(handler=_cmd_receive)
+
+    res = add_command(
+        commands,
+        "resolve",
+        help="settle a migration that ended in doubt: afterwards exactly one copy of the guest runs",
+        description=(
+            "A migration ends in doubt (exit status 3) when the two sides lost each other right at the\n"
+            "commit: the source QEMU stopped and may have handed the guest over, the destination holds\n"
+            "it paused, and neither knows what the other did. Run this on both sides, the destination\n"
+            "with --listen and the source with --to, with the same TLS options as the migration (the\n"
+            "in-doubt report prints both command lines). Each side reads its QEMU's state, the two\n"
+            "exchange them, and the side that stays stopped confirms before the other acts:\n"
+            "  - both QEMUs completed the migration (or the source is in postcopy): the destination\n"
+            "    resumes (commit);\n"
+            "  - otherwise: the source resumes (abort): a migration still active is cancelled, the\n"
+            "    migration's mirror jobs and NBD nodes are removed and its capabilities turned off;\n"
+            "  - one side runs already: nothing changes; both run: refused, a person must choose.\n"
+            "Anything unsafe is refused and changes nothing. If the other side's QEMU is destroyed for\n"
+            "good, --peer-destroyed resolves alone (you vouch that it can never run): the destination\n"
+            "resumes if it holds the whole guest, the source resumes otherwise.\n"
+            "\n"
+            "exit status: 0 resolved (the report says which copy runs), 1 refused or failed (nothing\n"
+            "unsafe was done), 2 wrong command line."
+        ),
+        examples=[
+            ("dataplane resolve --qmp /run/dst/qmp.sock --listen 0.0.0.0:7000 --certs ./pki",
+             "the destination"),
+            ("dataplane resolve --qmp /run/vm/qmp.sock --to dst.example:7000 --certs ./pki", "the source"),
+            ("dataplane resolve --qmp /run/vm/qmp.sock --peer-destroyed --role source",
+             "alone: the destination's QEMU is gone for good"),
+        ],
+    )
+    _qemu_options(res, "local")
+    where = res.add_mutually_exclusive_group()
+    where.add_argument("--listen", metavar="HOST:PORT", type=arg_type(parse_bind),
+                       help="the destination side: listen for the source's resolve")
+    where.add_argument("--to", metavar="HOST:PORT", type=arg_type(parse_to),
+                       help="the source side: dial the destination's resolve")
+    res.add_argument("--peer-destroyed", action="store_true",
+                     help="resolve alone: the other side's QEMU is destroyed and can never run "
+                          "(needs --role)")
+    res.add_argument("--role", choices=["source", "destination"],
+                     help="this side's role, with --peer-destroyed")
+    res.add_argument("--timeout", metavar="SECONDS", type=arg_type(positive_float), default=300.0,
+                     help="how long to wait for the other side (default: 300)")
+    res.add_argument("--output", choices=["text", "json"], default="text",
+                     help="json: the report as one JSON object on stdout")
+    channel_options(res, side="server")
+    res.set_defaults(handler=_cmd_resolve)
 
 
 def _qemu_target(args: argparse.Namespace) -> tuple[str, Callable[[], Any]]:
@@ -259,10 +318,39 @@ class _Printer:
             self._line(line)
 
 
+def resolve_hint(args: argparse.Namespace, role: str) -> str:
+    """The ``dataplane resolve`` command line for this side, from the options it ran with."""
+    from dataplane.channel.addr import format_hostport
+
+    argv = ["dataplane", "resolve"]
+    if args.qmp:
+        argv += ["--qmp", str(args.qmp)]
+    else:
+        argv += ["--libvirt", str(args.libvirt), "--domain", str(args.domain)]
+    if role == "source":
+        argv += ["--to", format_hostport(*args.to)]
+    else:
+        argv += ["--listen", format_hostport(*args.listen)]
+    if args.plaintext:
+        argv.append("--plaintext")
+        if args.plaintext_network_is_isolated:
+            argv.append("--plaintext-network-is-isolated")
+    for opt, value in (("--certs", args.certs), ("--cert", args.cert), ("--key", args.key), ("--ca", args.ca),
+                       ("--peer-name", args.peer_name)):
+        if value:
+            argv += [opt, str(value)]
+    other = "destination" if role == "source" else "source"
+    return f"`{' '.join(argv)}` here, with its counterpart on the {other}"
+
+
 def _source_summary(r: dict[str, Any]) -> list[str]:
     out = [f"outcome: {r['outcome']} (phase {r['phase']})"]
     if r["outcome"] == "rolled-back":
         out.append("the VM keeps running on the source, on its untouched disks")
+    elif r["outcome"] == "in-doubt":
+        st = r.get("source_state") or {}
+        out.append(f"in doubt: the source stays stopped ({st.get('status', '?')}, migration "
+                   f"{st.get('migration', '?')}); run `dataplane resolve` on both sides")
     elif r["switched_over"]:
         dest = r.get("destination") or "unconfirmed"
         out.append(f"the destination is authoritative (guest {dest}); this QEMU stays paused")
@@ -347,7 +435,9 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
                     raise CommandFailed(str(exc)) from exc
                 d = rep.as_dict()
                 printer.report(d, _source_summary(d))
-                return EXIT_OK if rep.outcome == "completed" else EXIT_FAILURE
+                if rep.outcome == "in-doubt":
+                    raise InDoubt(f"{rep.migration.error}; resolve with: {resolve_hint(args, 'source')}")
+                return EXIT_OK
             finally:
                 await src.close()
         finally:
@@ -389,7 +479,7 @@ def _cmd_receive(args: argparse.Namespace) -> int:
                 rep = await run_target(
                     make_server, dst, paused=args.paused, workdir=args.workdir,
                     on_listening=lambda a: ready(f"receive listening on {format_hostport(*a)}"),
-                    on_event=printer, interrupt=stop)
+                    on_event=printer, interrupt=stop, allowed=args.disks)
             except OSError as exc:
                 raise CommandFailed(f"cannot listen on {format_hostport(host, port)}: "
                                    f"{os_error_text(exc)}") from exc
@@ -397,6 +487,8 @@ def _cmd_receive(args: argparse.Namespace) -> int:
             lines = [f"outcome: {rep.outcome}" + (f" (guest {rep.status})" if rep.status else ""),
                      f"total time {rep.total_time:.1f} s" + (", postcopy" if rep.postcopy else "")]
             printer.report(d, lines)
+            if rep.outcome == "in-doubt":
+                raise InDoubt(f"{rep.error}; resolve with: {resolve_hint(args, 'destination')}")
             if rep.outcome != "completed":  # the cause, as the one error line on stderr
                 raise CommandFailed(f"{rep.outcome}: {rep.error or 'no reason given'}")
             return EXIT_OK
@@ -406,3 +498,99 @@ def _cmd_receive(args: argparse.Namespace) -> int:
             await dst.close()
 
     return run_loop(run)
+
+
+def _cmd_resolve(args: argparse.Namespace) -> int:
+    what, connect = _qemu_target(args)
+    if args.peer_destroyed:
+        if args.listen or args.to:
+            raise UsageError("--peer-destroyed resolves alone: do not give --listen or --to")
+        if not args.role:
+            raise UsageError("--peer-destroyed needs --role source or --role destination")
+        return run_loop(lambda: _resolve_alone(args, what, connect))
+    if args.role:
+        raise UsageError("--role goes with --peer-destroyed (otherwise --listen / --to say the role)")
+    if not (args.listen or args.to):
+        raise UsageError("give --listen HOST:PORT (destination) or --to HOST:PORT (source), "
+                         "or --peer-destroyed --role ROLE")
+    side = "server" if args.listen else "client"
+    tls = tls_config(args, side)
+    args.connections = 1
+    return run_loop(lambda: _resolve_pair(args, what, connect, tls))
+
+
+def _print_resolution(args: argparse.Namespace, role: str, resolution: Any, me: Any, peer: Any) -> int:
+    where = {"completed": "the destination", "rolled-back": "the source"}.get(resolution.outcome, "no copy")
+    report = {"event": "report", "role": role, "action": resolution.action, "outcome": resolution.outcome,
+              "reason": resolution.reason, "state": vars(me) if me else None,
+              "peer_state": vars(peer) if peer else None}
+    if args.output == "json":
+        print(json.dumps(report), flush=True)
+    else:
+        print(f"resolved: {resolution.action} ({resolution.reason}); outcome {resolution.outcome}: "
+              f"the guest runs on {where}", flush=True)
+    return EXIT_OK
+
+
+async def _resolve_alone(args: argparse.Namespace, what: str, connect: Callable[[], Any]) -> int:
+    from dataplane.migration.resolve import ResolveError, resolve_alone
+
+    drv = await _connect_qemu(what, connect)
+    try:
+        resolution, me = await resolve_alone(drv, args.role)
+    except ResolveError as exc:
+        raise CommandFailed(f"not resolved: {exc}") from exc
+    finally:
+        await drv.close()
+    return _print_resolution(args, args.role, resolution, me, None)
+
+
+async def _resolve_pair(args: argparse.Namespace, what: str, connect: Callable[[], Any], tls: Any) -> int:
+    import asyncio
+
+    from dataplane.channel.addr import format_hostport
+    from dataplane.channel.errors import ChannelError, ConnectError
+    from dataplane.migration import ControlLost
+    from dataplane.migration.control_stream import ControlStream
+    from dataplane.migration.resolve import (
+        ResolveError,
+        accept_resolve_stream,
+        dial_resolve,
+        serve_resolve,
+    )
+
+    drv = await _connect_qemu(what, connect)
+    role = "destination" if args.listen else "source"
+    try:
+        if args.listen:
+            arrived: asyncio.Future[ControlStream] = asyncio.get_running_loop().create_future()
+            server = channel_server(args, tls, args.listen, on_stream=accept_resolve_stream(arrived),
+                                    max_sessions=1)
+            try:
+                await server.start()
+            except OSError as exc:
+                raise CommandFailed(f"cannot listen on {format_hostport(*args.listen)}: {exc}") from exc
+            ready(f"resolve listening on {format_hostport(*server.address)}")
+            try:
+                resolution, me, peer = await serve_resolve(arrived, drv, timeout=args.timeout)
+            finally:
+                if arrived.done():
+                    await arrived.result().drain()
+                await server.close()
+        else:
+            client = channel_client(args, tls)
+            try:
+                await asyncio.wait_for(client.start(), args.timeout)
+            except (ConnectError, ChannelError, TimeoutError) as exc:
+                raise CommandFailed(f"cannot reach the destination's resolve: {exc}") from exc
+            control = ControlStream()
+            try:
+                resolution, me, peer = await dial_resolve(client, control, drv)
+            finally:
+                await control.drain()
+                await client.close()
+    except (ResolveError, ControlLost, TimeoutError) as exc:
+        raise CommandFailed(f"not resolved: {exc}") from exc
+    finally:
+        await drv.close()
+    return _print_resolution(args, role, resolution, me, peer)

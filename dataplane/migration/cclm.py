@@ -27,8 +27,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,11 +35,9 @@ from typing import Any
 from dataplane.aio import cancel_and_collect, first_done
 from dataplane.channel.addr import Endpoint
 from dataplane.channel.client import ChannelClient
-from dataplane.channel.errors import ChannelError
-from dataplane.channel.frames import Buffer
 from dataplane.channel.relay import DestinationRelay, SourceRelay
 from dataplane.channel.server import ChannelServer
-from dataplane.channel.stream import ChannelStream, StreamHandler
+from dataplane.channel.stream import ChannelStream
 from dataplane.storage.writeback import EarlyWriteback
 from qmp_driver import DriverError, QemuDriver
 
@@ -50,16 +47,15 @@ from .control import (
     MIGRATION_STREAM,
     NBD_STREAM,
     Abort,
-    ControlDecoder,
+    Commit,
     Done,
     Hello,
     Message,
     Ready,
     Refused,
-    encode,
 )
+from .control_stream import ControlStream
 from .errors import (
-    ControlError,
     ControlLost,
     Interrupted,
     MigrationError,
@@ -67,164 +63,32 @@ from .errors import (
     PlanRefused,
     RolledBack,
 )
+from .hooks import reached as hook_reached
 from .plan import MigrationOptions, MigrationPlan, discover_plan
 from .policy import Decision
 from .report import MigrationProgress, MigrationReport
 from .source import migrate_source
-from .target import abort_target, finish_target, image_paths, postcopy_enabled, prepare_target
+from .target import (
+    PreparedTarget,
+    abort_target,
+    await_incoming,
+    image_paths,
+    postcopy_enabled,
+    prepare_target,
+    resume_target,
+)
 
 log = logging.getLogger(__name__)
 
 #: Seconds the source waits for the destination's answer to the plan.
 PLAN_TIMEOUT = 60.0
-#: Seconds the source waits, after completion, for the destination to confirm it resumed.
-DONE_TIMEOUT = 30.0
+#: Seconds the source waits, after ``commit``, for the destination to confirm it resumed.
+DONE_TIMEOUT = 60.0
+#: Seconds the destination waits, once its QEMU completed, for the source's ``commit``.
+COMMIT_TIMEOUT = 60.0
+
 
 EventCallback = Callable[[dict[str, Any]], object]
-
-
-# =============================================================================== control stream
-
-
-class ControlStream(StreamHandler):
-    """The control stream as an asyncio message queue (either side).
-
-    Outgoing messages are buffered until the stream is open and while it
-    has no credit; incoming ones are decoded (bounded) and queued. A message
-    leaves the queue only in the same step as it is handed to a caller, so
-    cancelling a waiter never loses one.
-    """
-
-    def __init__(self) -> None:
-        self.stream: ChannelStream | None = None
-        self.decoder = ControlDecoder()
-        self._inbox: deque[Message] = deque()
-        self._arrived = asyncio.Event()  # set while a message is queued or the stream is lost
-        self.lost: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._out = bytearray()
-        self._closed = False
-
-    # -- application side
-
-    def send(self, msg: Message) -> None:
-        """Queue one message (sent as soon as the stream allows). Never raises for a dead stream."""
-        self._out += encode(msg)
-        self._flush()
-
-    async def wait(self, timeout: float | None = None) -> None:
-        """Wait until a message is queued or the stream is lost; cancelling it consumes nothing.
-
-        :raises TimeoutError: neither within ``timeout`` seconds.
-        """
-        try:
-            await asyncio.wait_for(self._arrived.wait(), timeout)
-        except TimeoutError:
-            raise TimeoutError(f"no control message within {timeout:g} s") from None
-
-    def poll(self) -> Message | None:
-        """The next queued message, or None when none is queued yet.
-
-        :raises ControlLost: none is queued and the stream ended.
-        """
-        if self._inbox:
-            msg = self._inbox.popleft()
-            if not self._inbox and not self.lost.done():
-                self._arrived.clear()
-            return msg
-        if self.lost.done():
-            raise ControlLost(f"control stream lost: {self.lost.result()}")
-        return None
-
-    def unread(self, msg: Message) -> None:
-        """Put ``msg`` back at the head of the queue (for the next :meth:`recv`)."""
-        self._inbox.appendleft(msg)
-        self._arrived.set()
-
-    async def recv(self, timeout: float | None = None) -> Message:
-        """The next message.
-
-        :raises ControlLost: the stream ended before one arrived.
-        :raises TimeoutError: none within ``timeout`` seconds.
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while (msg := self.poll()) is None:
-            await self.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        return msg
-
-    async def drain(self, timeout: float = 3.0) -> None:
-        """End the conversation: hand every queued message to the channel, half-close, and wait for
-        the peer to close its half (so that closing the session cannot drop the last message).
-        Bounded by ``timeout`` seconds; never raises."""
-        deadline = time.monotonic() + timeout
-        while self._out and not self.lost.done() and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        if self.stream is not None and not self._closed:
-            self._closed = True
-            with contextlib.suppress(ChannelError):  # already reset: nothing to close
-                self.stream.close()
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self.lost), max(0.0, deadline - time.monotonic()))
-
-    def reset(self, reason: str) -> None:
-        """Abort the stream (e.g. on garbage from the peer)."""
-        if self.stream is not None:
-            self.stream.reset(reason)
-        self._lose(reason)
-
-    def _lose(self, reason: str) -> None:
-        if not self.lost.done():
-            self.lost.set_result(reason)
-        self._arrived.set()
-
-    def _flush(self) -> None:
-        if self.stream is None or not self._out or self.lost.done():
-            return
-        try:
-            n = self.stream.send(bytes(self._out))
-        except ChannelError as exc:
-            self._lose(f"cannot send: {exc}")
-            return
-        del self._out[:n]
-
-    # -- StreamHandler
-
-    def on_accepted(self, stream: ChannelStream) -> None:
-        self.stream = stream
-        self._flush()
-
-    def attach(self, stream: ChannelStream) -> None:
-        """Accept a control stream the peer opened."""
-        self.stream = stream
-        stream.accept(self)
-        self._flush()
-
-    def on_refused(self, stream: ChannelStream, code: int, reason: str) -> None:
-        self._lose(f"refused by the destination: {reason}")
-
-    def on_data(self, stream: ChannelStream, data: Buffer) -> None:
-        n = len(memoryview(data))
-        try:
-            msgs = self.decoder.feed(data)
-        except ControlError as exc:
-            log.warning("control stream: %s; closing it", exc)
-            self.reset(str(exc))
-            return
-        stream.consumed(n)
-        if msgs:
-            self._inbox.extend(msgs)
-            self._arrived.set()
-
-    def on_eof(self, stream: ChannelStream) -> None:
-        self._lose("the peer closed the control stream")
-
-    def on_writable(self, stream: ChannelStream) -> None:
-        self._flush()
-
-    def on_reset(self, stream: ChannelStream, code: int, reason: str, remote: bool) -> None:
-        self._lose(reason or "reset")
-
-    def on_closed(self, stream: ChannelStream, stats: Any) -> None:
-        self._lose("closed")
 
 
 # =============================================================================== reports
@@ -289,6 +153,7 @@ class CclmReport:
     migration: MigrationReport
     channel: ChannelFigures = field(default_factory=ChannelFigures)
     destination: str | None = None  # "running" / "paused" once the destination confirmed; None otherwise
+    source_state: dict[str, str] | None = None  # in doubt: the source QEMU's run state and migration status
 
     @property
     def outcome(self) -> str:
@@ -302,7 +167,7 @@ class CclmReport:
             "switched_over": m.switched_over, "postcopy": m.postcopy,
             "total_time": round(m.total_time, 3), "downtime_ms": m.downtime_ms,
             "ram_bytes": m.ram_transferred, "disk_bytes": m.disk_bytes,
-            "destination": self.destination, "error": m.error,
+            "destination": self.destination, "error": m.error, "source_state": self.source_state,
             "decisions": [d.as_dict() for d in m.decisions],
         }
         out.update(self.channel.as_dict())
@@ -369,6 +234,7 @@ async def run_source(client: ChannelClient, src: QemuDriver, *, disks: Iterable[
                                  MIGRATION_STREAM: Endpoint("unix", path=str(mig_sock))})
     control = ControlStream()
     final: list[MigrationReport] = []
+    handed: list[str] = []  # the source QEMU status at which ``commit`` was sent
     try:
         client.open_stream(CONTROL_STREAM, control)
         plan = await discover_plan(src, disks, options)
@@ -396,42 +262,151 @@ async def run_source(client: ChannelClient, src: QemuDriver, *, disks: Iterable[
         def on_progress(p: MigrationProgress) -> None:
             _emit(on_event, progress_event(p))
 
+
+        async def handover(status: str) -> None:  # a postcopy handed the guest's state over
+            control.send(Commit(status))
+            handed.append(status)
+            _emit(on_event, {"event": "phase", "phase": "committed", "status": status})
+
         mig = asyncio.ensure_future(migrate_source(
             src, plan, lambda _disk: str(nbd_sock), f"unix:{mig_sock}", options, progress=on_progress,
-            on_decision=on_decision, on_report=final.append))
+            on_decision=on_decision, on_report=final.append, on_handover=handover))
         watch = asyncio.ensure_future(_watch_peer(control, client, interrupt))
         try:
             await first_done(mig, watch)
+            if not mig.done() and handed:  # a postcopy handed the guest over: it can only go on
+                cause = _exception(watch)
+                if isinstance(cause, Interrupted):
+                    log.warning("interrupted after the guest was handed over: finishing the postcopy first")
+                elif cause is not None:
+                    log.warning("%s; the postcopy goes on as long as the migration stream does", cause)
+                await first_done(mig)
             if not mig.done():
-                cause = watch.exception() if not watch.cancelled() else None
+                cause = _exception(watch)
                 log.warning("stopping the migration: %s", cause)
                 await cancel_and_collect(mig)
-                report = final[0] if final else None
-                if report is not None and report.outcome == "completed":
-                    return await _completed(client, control, report, on_event)
-                if report is None:
+                if not final:
                     raise MigrationError(f"migration stopped: {cause}")
-                # the rollback saw a cancellation: its cause comes first, then what else it noted
-                error = report.error or ""
-                rest = error.removeprefix("cancelled") if error.startswith("cancelled") else f"; {error}"
-                report = dataclasses.replace(report, error=f"{cause}{rest}" if error else str(cause))
-                final[0] = report
+                report = final[0] = _with_cause(final[0], cause)
+                if report.outcome == "completed" and not handed:
+                    # the source QEMU completed, but the guest was never handed over: take it back
+                    raise RolledBack(await _take_back(src, report))
                 if report.switched_over:
-                    raise MigrationError(f"migration failed after the switchover: {report.error}") from cause
+                    return await _in_doubt(client, src, report, "the handover could not be confirmed")
                 raise RolledBack(report) from cause
-            watch.cancel()
-            report = mig.result()  # raises RolledBack / MigrationError
-            return await _completed(client, control, report, on_event)
+            try:
+                report = mig.result()
+            except RolledBack:
+                raise
+            except MigrationError as exc:
+                if handed or (final and final[0].switched_over):  # a postcopy failed after the handover
+                    return await _in_doubt(client, src, final[0] if final else None, str(exc))
+                raise
+            if not handed:  # a precopy: the source QEMU completed and stays stopped until this decides
+                await hook_reached("source-completed")
+                cause = _exception(watch) if watch.done() else None
+                if cause is not None:
+                    log.warning("not handing the guest over: %s", cause)
+                    raise RolledBack(await _take_back(src, _with_cause(report, cause)))
+                watch.cancel()
+                control.send(Commit("completed"))
+                handed.append("completed")
+                _emit(on_event, {"event": "phase", "phase": "committed", "status": "completed"})
+            else:
+                watch.cancel()
+            return await _await_done(client, control, src, report, on_event,
+                                     postcopy=handed[0] != "completed")
         finally:
             await cancel_and_collect(mig, watch)
     except BaseException as exc:
-        if not (final and final[0].switched_over):
+        if not (final and final[0].switched_over) and not handed:
             control.send(Abort(_reason(exc)))
         raise
     finally:
         await control.drain()
         await relay.close()
         shutil.rmtree(wd, ignore_errors=True)
+
+
+def _exception(task: asyncio.Future[Any]) -> BaseException | None:
+    """The exception a finished task raised (None if it returned or was cancelled)."""
+    return None if task.cancelled() else task.exception()
+
+
+def _with_cause(report: MigrationReport, cause: BaseException | None) -> MigrationReport:
+    """``report`` with ``cause`` first in its error (a rollback saw only the cancellation)."""
+    if cause is None:
+        return report
+    error = report.error or ""
+    rest = error.removeprefix("cancelled") if error.startswith("cancelled") else f"; {error}"
+    return dataclasses.replace(report, error=f"{cause}{rest}" if error else str(cause))
+
+
+async def _take_back(src: QemuDriver, report: MigrationReport) -> MigrationReport:
+    """Resume a source whose QEMU completed but whose guest was never handed over (no ``commit``
+    was sent, or the destination answered ``abort``: it never ran). Its disks were never
+    written by the migration; ``cont`` reactivates them. The rolled-back report."""
+    reason = report.error or "the guest was not handed over"
+    try:
+        await src.cont()
+        status = await src.query_status()
+        if not status.running:
+            raise MigrationError(f"the source is {status.status!r} after cont")
+    except (DriverError, MigrationError) as exc:
+        log.error("cannot resume the source after taking the guest back: %s", exc)
+        return dataclasses.replace(report, outcome="rolled-back", phase="switchover",
+                                   error=f"{reason}; rollback: resume the source: {exc}",
+                                   rollback_errors=(f"resume the source: {exc}",))
+    log.warning("the source QEMU had completed; the guest was not handed over and runs on the source again")
+    return dataclasses.replace(report, outcome="rolled-back", phase="switchover",
+                               error=f"{reason} (the source QEMU had completed and was resumed)")
+
+
+async def _qemu_state(drv: QemuDriver) -> dict[str, str]:
+    """The run state and migration status of a QEMU, as far as it answers."""
+    state = {"status": "unreachable", "migration": "unknown"}
+    with contextlib.suppress(DriverError):
+        state["status"] = (await drv.query_status()).status
+        state["migration"] = (await drv.query_migrate()).status or "none"
+    return state
+
+
+async def _in_doubt(client: ChannelClient, src: QemuDriver, report: MigrationReport | None,
+                    why: str) -> CclmReport:
+    """The source's in-doubt report: the guest may have been handed over, and the destination did
+    not say whether it resumed. The source stays stopped."""
+    state = await _qemu_state(src)
+    error = (f"in doubt: {why}; the source stays stopped ({state['status']}, migration "
+             f"{state['migration']}) until `dataplane resolve` decides")
+    log.error("%s", error)
+    base = report or MigrationReport("in-doubt", "switchover", 0.0, None, 0, 0)
+    rep = dataclasses.replace(base, outcome="in-doubt", error=error)
+    return CclmReport(rep, ChannelFigures.from_stats(client.stats()), None, state)
+
+
+async def _await_done(client: ChannelClient, control: ControlStream, src: QemuDriver,
+                      report: MigrationReport, on_event: EventCallback | None, *,
+                      postcopy: bool) -> CclmReport:
+    """After ``commit``: the destination's ``done`` (completed), its ``abort`` (it never ran: the
+    source is taken back, unless a postcopy moved the guest's state), or nothing (in doubt)."""
+    _emit(on_event, {"event": "phase", "phase": "waiting-for-destination"})
+    deadline = time.monotonic() + DONE_TIMEOUT
+    while True:
+        try:
+            msg = await control.recv(max(0.01, deadline - time.monotonic()))
+        except (TimeoutError, ControlLost) as exc:
+            return await _in_doubt(client, src, report,
+                                   f"the destination did not confirm the handover: {exc}")
+        if isinstance(msg, Done):
+            return CclmReport(report, ChannelFigures.from_stats(client.stats()), msg.status)
+        if isinstance(msg, Abort):
+            if postcopy:
+                return await _in_doubt(client, src, report, f"the destination aborted after a postcopy "
+                                                            f"handover: {msg.reason}")
+            log.warning("the destination refused the handover: %s", msg.reason)
+            raise RolledBack(await _take_back(src, dataclasses.replace(
+                report, error=f"the destination aborted after the commit: {msg.reason}")))
+        log.warning("control: ignoring an unexpected %r message", msg.type)
 
 
 def _reason(exc: BaseException) -> str:
@@ -462,8 +437,8 @@ async def _watch_peer(control: ControlStream, client: ChannelClient, interrupt: 
             msg = await _next_message(control, client, intr)
             if isinstance(msg, Abort):
                 raise PeerAborted(f"the destination aborted: {msg.reason}")
-            if isinstance(msg, Done):
-                control.unread(msg)  # for _completed
+            if isinstance(msg, Done):  # after a postcopy's commit: kept for the wait for done
+                control.unread(msg)
                 await intr
                 raise Interrupted("interrupted")
             log.warning("control: ignoring an unexpected %r message", msg.type)
@@ -484,26 +459,6 @@ async def _next_message(control: ControlStream, client: ChannelClient,
     return msg
 
 
-async def _completed(client: ChannelClient, control: ControlStream, report: MigrationReport,
-                     on_event: EventCallback | None) -> CclmReport:
-    _emit(on_event, {"event": "phase", "phase": "waiting-for-destination"})
-    destination = None
-    deadline = time.monotonic() + DONE_TIMEOUT
-    while destination is None:
-        try:
-            msg = await control.recv(max(0.01, deadline - time.monotonic()))
-        except (TimeoutError, ControlLost) as exc:
-            log.warning("the destination did not confirm that it took over: %s", exc)
-            break
-        if isinstance(msg, Done):
-            destination = msg.status
-        elif isinstance(msg, Abort):
-            log.error("the destination reports a failure after the switchover: %s", msg.reason)
-            break
-    figures = ChannelFigures.from_stats(client.stats())
-    return CclmReport(report, figures, destination)
-
-
 # =============================================================================== target
 
 
@@ -511,17 +466,22 @@ async def _completed(client: ChannelClient, control: ControlStream, report: Migr
 class TargetReport:
     """The destination's final word."""
 
-    outcome: str  # "completed", "refused", "aborted", "failed"
-    status: str | None  # the guest: "running" / "paused" / None
+    #: ``completed`` (the guest runs here), ``rolled-back`` (it never ran here and never will: the
+    #: source keeps or takes it back), ``in-doubt`` (it is here, paused, and the source went away
+    #: without a commit or an abort: see ``dataplane resolve``); before a migration started:
+    #: ``refused`` (the plan, nothing changed) or ``aborted`` (interrupted before a plan came)
+    outcome: str
+    status: str | None  # the guest here: "running" / "paused" / QEMU's run state / None
     total_time: float
     error: str | None = None
     postcopy: bool = False
     channel: ChannelFigures = field(default_factory=ChannelFigures)
+    state: dict[str, str] | None = None  # in doubt: this QEMU's run state and migration status
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"event": "report", "outcome": self.outcome, "status": self.status,
                                "total_time": round(self.total_time, 3), "error": self.error,
-                               "postcopy": self.postcopy}
+                               "postcopy": self.postcopy, "destination_state": self.state}
         out.update(self.channel.as_dict())
         return out
 
@@ -568,7 +528,7 @@ class _TargetRole:
     def __init__(self, server_factory: Callable[[Callable[[ChannelStream], None]], ChannelServer],
                  dst: QemuDriver, *, paused: bool, workdir: str | Path | None,
                  on_listening: Callable[[tuple[str, int]], object] | None, on_event: EventCallback | None,
-                 interrupt: asyncio.Event | None) -> None:
+                 interrupt: asyncio.Event | None, allowed: Collection[str] | None = None) -> None:
         self.dst = dst
         self.paused = paused
         self.on_listening = on_listening
@@ -581,7 +541,11 @@ class _TargetRole:
         self.routing = _TargetSession(self.relay)
         self.server = server_factory(self.routing.on_stream)
         self.control: ControlStream | None = None
-        self.switched: list[str] = []  # the QEMU status at which the destination took over
+        self.allowed = allowed
+        self.prepared: PreparedTarget | None = None
+        self.switched: list[str] = []  # the QEMU status at which the destination had the guest
+        self.committed: Commit | None = None  # the source's commit
+        self.resumed = False  # the guest was resumed here (from then on this side never aborts)
         self.postcopy = False
         self.writeback = EarlyWriteback([])
         self.intr: asyncio.Future[Any] = asyncio.ensure_future(
@@ -612,10 +576,10 @@ class _TargetRole:
         except _Ended as ended:
             return ended.report
         except asyncio.CancelledError:
-            if self.control is not None and not self.switched:
+            if self.control is not None and not self.resumed:
                 self.control.send(Abort("the destination was interrupted"))
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(abort_target(self.dst))
+                    await asyncio.shield(abort_target(self.dst, self.prepared))
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self.control.drain())
             raise
@@ -673,7 +637,9 @@ class _TargetRole:
         """Validate the plan against the destination QEMU, export its disks, start the incoming
         migration and answer ``ready``; a refusal (nothing changed) ends the run."""
         try:
-            caps = await prepare_target(self.dst, plan, str(self.nbd_sock), f"unix:{self.mig_sock}")
+            self.prepared = await prepare_target(self.dst, plan, str(self.nbd_sock),
+                                                 f"unix:{self.mig_sock}", allowed=self.allowed)
+            caps = self.prepared.capabilities
         except (PlanRefused, DriverError) as exc:
             reason = exc.reason if isinstance(exc, PlanRefused) else f"destination QEMU: {exc}"
             raise await self._refused(control, reason) from None
@@ -686,10 +652,25 @@ class _TargetRole:
         self.switched.append(status)
         _emit(self.on_event, {"event": "phase", "phase": "switched-over", "status": status})
 
+    async def _give_up(self, control: ControlStream, why: str, *, tell: bool) -> _Ended:
+        """Never resume: drop what this run exported, tell the source (``abort``: it may take the
+        guest back) unless it already knows, and end the run rolled back."""
+        if tell:
+            control.send(Abort(why))
+        await abort_target(self.dst, self.prepared)
+        await control.drain()
+        return _Ended(self.report("rolled-back", await self._guest_status(), why))
+
+    async def _guest_status(self) -> str | None:
+        with contextlib.suppress(DriverError):
+            return (await self.dst.query_status()).status
+        return None
+
     async def switchover(self, control: ControlStream, plan: MigrationPlan) -> None:
-        """Wait until the destination QEMU took over and the guest resumed (unless paused). An abort
-        from the source, the session ending, an interrupt or the destination QEMU failing before
-        the switchover ends the run: the exports are dropped and the source told."""
+        """Wait until the destination QEMU has the guest (paused) and the source committed; a
+        failure or an ``abort`` before that ends the run rolled back (the source told, unless it
+        told us), and losing the source once the QEMU has the guest but no commit came ends it in
+        doubt (the guest stays paused here)."""
         # the mirror's READY flush then finds the images mostly written back already
         try:
             paths = await image_paths(self.dst, plan)
@@ -698,49 +679,80 @@ class _TargetRole:
             paths = []
         self.writeback = EarlyWriteback(paths)  # stopped after ``done`` is sent (a call may block a while)
         self.writeback.start()
-        finish = asyncio.ensure_future(finish_target(self.dst, resume=not self.paused, timeout=None,
-                                                     on_switchover=self._on_switchover))
-        watch = asyncio.ensure_future(_watch_source(control))
+        arrived = asyncio.ensure_future(await_incoming(self.dst, timeout=None))
+        answer = asyncio.ensure_future(_source_answer(control))
         try:
-            await first_done(finish, watch, self.intr)
-            if not finish.done() and not self.switched:
+            # 1. until the destination QEMU has the whole guest (a commit may come first: no return path)
+            await first_done(arrived, self.intr, answer)
+            if not arrived.done() and answer.done() and _exception(answer) is None:
+                await first_done(arrived, self.intr)  # committed already: the rest is still arriving
+            if not arrived.done():
+                await cancel_and_collect(arrived)
                 if self.intr.done():
-                    why: BaseException | None = MigrationError("the destination was interrupted")
-                    control.send(Abort(str(why)))
-                else:
-                    why = watch.exception() if not watch.cancelled() else None
-                await cancel_and_collect(finish)
-                await abort_target(self.dst)
-                await control.drain()
-                outcome = "aborted" if isinstance(why, PeerAborted) or self.intr.done() else "failed"
-                raise _Ended(self.report(outcome, None, str(why)))
-            if self.intr.done() and not finish.done():
-                log.warning("interrupted after the switchover: the destination is authoritative; "
-                            "finishing first")
+                    raise await self._give_up(control, "the destination was interrupted", tell=True)
+                why = _exception(answer)
+                raise await self._give_up(control, str(why), tell=not isinstance(why, PeerAborted))
             try:
-                await finish
+                status = arrived.result()
             except (MigrationError, DriverError) as exc:
-                if self.switched:
-                    raise _Ended(self.report("failed", None, f"after the switchover: {exc}")) from None
                 # QEMU ends an incoming migration the source cancelled: did the source abort?
-                await asyncio.wait([watch], timeout=1.0)
-                await abort_target(self.dst)
-                if watch.done() and isinstance(watch.exception(), PeerAborted):
-                    await control.drain()
-                    raise _Ended(self.report("aborted", None,
-                                             f"{watch.exception()} (destination QEMU: {exc})")) from None
-                control.send(Abort(f"destination failed: {exc}"))
-                await control.drain()
-                raise _Ended(self.report("failed", None, str(exc))) from None
+                await asyncio.wait([answer], timeout=1.0)
+                why = _exception(answer) if answer.done() else None
+                if isinstance(why, PeerAborted):
+                    why_text = f"{why} (destination QEMU: {exc})"
+                    raise await self._give_up(control, why_text, tell=False) from None
+                raise await self._give_up(control, f"the destination cannot take over: {exc}",
+                                          tell=True) from None
+            self._on_switchover(status)
+            await hook_reached("destination-completed")
+            # 2. the guest is here, paused: resume only on the source's commit
+            if not answer.done():
+                await first_done(answer, self.intr, timeout=COMMIT_TIMEOUT)
+            if answer.done() and _exception(answer) is None:
+                self.committed = answer.result()
+                return
+            if self.intr.done() and not answer.done():
+                raise await self._give_up(control, "the destination was interrupted before the source "
+                                                   "committed", tell=True)
+            if not answer.done():
+                raise await self._give_up(control, f"no commit from the source within {COMMIT_TIMEOUT:g} s "
+                                                   f"of the destination's completion", tell=True)
+            why = _exception(answer)
+            if isinstance(why, PeerAborted):
+                raise await self._give_up(control, str(why), tell=False)
+            # the source is gone without a word: it may have committed (in doubt) or rolled back
+            raise _Ended(await self._in_doubt(f"the source went away before committing: {why}"))
         finally:
-            await cancel_and_collect(finish, watch)
+            await cancel_and_collect(arrived, answer)
+
+    async def _in_doubt(self, why: str) -> TargetReport:
+        state = await _qemu_state(self.dst)
+        error = (f"in doubt: {why}; the guest stays paused here ({state['status']}, migration "
+                 f"{state['migration']}) until `dataplane resolve` decides")
+        log.error("%s", error)
+        return dataclasses.replace(self.report("in-doubt", state["status"], error), state=state)
 
     async def finish(self, control: ControlStream, plan: MigrationPlan) -> TargetReport:
-        """Tell the source the destination took over (``done``) and end the conversation."""
+        """The source committed: stop the NBD server, resume the guest (unless paused), tell the
+        source (``done``) and end the conversation; in postcopy, wait for the rest of RAM."""
         status = "paused" if self.paused else "running"
-        control.send(Done(status))
-        await control.drain()
-        await self.writeback.stop()
+
+        async def resumed() -> None:
+            self.resumed = True
+            await hook_reached("after-resume")
+            control.send(Done(status))
+            await control.drain()
+            await self.writeback.stop()
+
+        try:
+            await resume_target(self.dst, self.prepared, self.switched[0], resume=not self.paused,
+                                timeout=None, after_resume=resumed)
+        except (MigrationError, DriverError) as exc:
+            if not self.resumed:  # cont failed: the guest never ran here, the source may take it back
+                raise await self._give_up(control, f"the destination cannot resume: {exc}",
+                                          tell=True) from None
+            return self.report("in-doubt", await self._guest_status(),
+                               f"after the destination resumed: {exc}")
         total = plan.memory_size + sum(d.size for d in plan.disks)
         log.info("migration of %.1f GiB received; guest %s", total / (1 << 30), status)
         return self.report("completed", status)
@@ -750,39 +762,47 @@ async def run_target(server_factory: Callable[[Callable[[ChannelStream], None]],
                      dst: QemuDriver, *, paused: bool = False, workdir: str | Path | None = None,
                      on_listening: Callable[[tuple[str, int]], object] | None = None,
                      on_event: EventCallback | None = None,
-                     interrupt: asyncio.Event | None = None) -> TargetReport:
+                     interrupt: asyncio.Event | None = None,
+                     allowed: Collection[str] | None = None) -> TargetReport:
     """Receive one migration into the destination QEMU behind ``dst``.
 
     ``server_factory(on_stream)`` makes the (not yet started)
     :class:`ChannelServer`; it is started here and ``on_listening(address)``
     is called once it listens. The first control stream is the migration;
-    its plan is validated and the destination prepared
-    (:func:`prepare_target`; the NBD server and ``migrate-incoming`` on unix
-    sockets in a private directory under ``workdir``). Then this waits for the
-    destination QEMU to take over (``completed``, or ``postcopy-active``),
-    stops the NBD server and resumes the guest unless ``paused``. An abort
-    from the source, the session failing, or the destination QEMU failing
-    before the switchover ends the wait: the NBD server is stopped and the
-    source told. The destination QEMU itself is its owner's to stop.
-    ``interrupt`` (e.g. set on SIGINT) does the same before the switchover;
-    after it, the destination is authoritative and the interrupt only takes
-    effect once the guest was resumed.
+    its plan is validated (``allowed``: the node names or device ids the
+    source may write to, default every guest disk) and the destination
+    prepared (:func:`prepare_target`; the NBD server and ``migrate-incoming``
+    on unix sockets in a private directory under ``workdir``; the guest
+    cannot start by itself). Then this waits until the destination QEMU has
+    the guest (``completed``, or ``postcopy-active``) *and* the source sent
+    ``commit``; only then it stops the NBD server, resumes the guest unless
+    ``paused`` and answers ``done``. An abort from the source, the session
+    failing or the destination QEMU failing before that ends the run rolled
+    back: this run's exports are dropped, the guest never runs here, and the
+    source is told (``abort``). Losing the source after the QEMU has the
+    guest but before a commit ends it in doubt, the guest paused here.
+    ``interrupt`` (e.g. set on SIGINT) aborts until the guest resumed here;
+    after that it only takes effect at the end. The destination QEMU itself
+    is its owner's to stop.
 
-    :returns: the report; its outcome says whether the migration completed,
-        was refused (nothing changed), aborted by the source, or failed.
+    :returns: the report: ``completed``, ``rolled-back`` or ``in-doubt``
+        (``refused`` / ``aborted`` when no migration started).
     :raises OSError: the listener cannot listen.
     :raises asyncio.CancelledError: cancelled (the source is told to abort
-        unless the destination had taken over).
+        unless the guest was resumed here).
     """
     role = _TargetRole(server_factory, dst, paused=paused, workdir=workdir, on_listening=on_listening,
-                       on_event=on_event, interrupt=interrupt)
+                       on_event=on_event, interrupt=interrupt, allowed=allowed)
     return await role.run()
 
 
-async def _watch_source(control: ControlStream) -> None:
-    """Raise when the source aborts or the control stream ends."""
+async def _source_answer(control: ControlStream) -> Commit:
+    """The source's ``commit``; raises PeerAborted on its ``abort``, ControlLost when the control
+    stream ends first."""
     while True:
         msg = await control.recv()
+        if isinstance(msg, Commit):
+            return msg
         if isinstance(msg, Abort):
             raise PeerAborted(f"the source aborted: {msg.reason}")
         log.warning("control: ignoring an unexpected %r message", msg.type)

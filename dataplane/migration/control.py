@@ -4,7 +4,7 @@ Sans-IO: :class:`ControlDecoder` turns received bytes into messages and
 :func:`encode` turns a message into bytes; the asyncio side lives in
 :mod:`dataplane.migration.cclm`. Each message is a frozen dataclass
 (:class:`Hello`, :class:`Ready`, :class:`Refused`, :class:`Abort`,
-:class:`Done`); on the wire it is a JSON object with a ``type`` member and its
+:class:`Commit`, :class:`Done`); on the wire it is a JSON object with a ``type`` member and its
 fields, terminated by ``\\n``. A line longer than :data:`MAX_LINE` bytes, a
 line that is not a JSON object, an unknown ``type``, or a field missing or of
 the wrong type ends the conversation with :class:`ControlError` (the peer is
@@ -20,9 +20,22 @@ hello      →    ``version`` (:data:`CONTROL_VERSION`), ``plan`` (the plan's di
 ready      ←    the destination validated the plan and is waiting (NBD exports,
                 ``migrate-incoming``); ``multifd`` / ``postcopy`` as it set them
 refused    ←    ``reason``: the plan cannot be received; nothing was changed
-abort      ↔    ``reason``: the sender gave up before the switchover
+abort      ↔    ``reason``: the sender gave up and will not run the guest. From the source:
+                only before ``commit``. From the destination: only before it resumed;
+                it promises never to resume (a source that committed may then resume)
+commit     →    ``status`` (``completed`` or ``postcopy-active``): the source QEMU handed
+                the guest over and stays stopped; the destination may resume it
 done       ←    ``status`` (``running`` or ``paused``): the destination took over
+                (only after ``commit``)
+state      ↔    ``dataplane resolve`` (stream ``cclm-resolve``): ``role``, ``status``
+                (QEMU run state), ``migration`` (QEMU migration status)
+agree      ↔    ``dataplane resolve``: the side that stays stopped confirms ``action``
 ========== ==== =====================================================================
+
+The switchover is a commit: the destination resumes only when its own QEMU
+completed *and* the source's ``commit`` arrived; the source sends ``commit``
+only once its QEMU completed (or entered postcopy) and never resumes after
+it unless the destination answers ``abort``. See docs/migration.md.
 """
 
 from __future__ import annotations
@@ -33,13 +46,14 @@ from typing import Any, ClassVar
 
 from .errors import ControlError
 
-CONTROL_VERSION = 1
+CONTROL_VERSION = 2  # 2: the committed switchover (commit before done)
 #: Longest accepted message line in bytes (a plan with hundreds of disks fits easily).
 MAX_LINE = 1 << 20
 #: Stream names used on the channel.
 CONTROL_STREAM = "cclm-control"
 NBD_STREAM = "cclm-nbd"
 MIGRATION_STREAM = "cclm-migration"
+RESOLVE_STREAM = "cclm-resolve"
 
 
 @dataclass(frozen=True)
@@ -77,6 +91,15 @@ class Abort:
 
 
 @dataclass(frozen=True)
+class Commit:
+    """source → destination: the source QEMU handed the guest over (``status`` is ``completed`` or
+    ``postcopy-active``) and stays stopped; the destination may resume."""
+
+    status: str
+    type: ClassVar[str] = "commit"
+
+
+@dataclass(frozen=True)
 class Done:
     """destination → source: the destination took over; ``status`` is ``running`` or ``paused``."""
 
@@ -84,12 +107,32 @@ class Done:
     type: ClassVar[str] = "done"
 
 
-Message = Hello | Ready | Refused | Abort | Done
-MESSAGE_CLASSES: dict[str, type[Message]] = {cls.type: cls for cls in (Hello, Ready, Refused, Abort, Done)}
+@dataclass(frozen=True)
+class State:
+    """``dataplane resolve``, either way: this side's role and its QEMU's run state and migration status."""
+
+    role: str
+    status: str
+    migration: str
+    type: ClassVar[str] = "state"
+
+
+@dataclass(frozen=True)
+class Agree:
+    """``dataplane resolve``: the side that stays stopped confirms the ``action`` the other one takes."""
+
+    action: str
+    type: ClassVar[str] = "agree"
+
+
+Message = Hello | Ready | Refused | Abort | Commit | Done | State | Agree
+MESSAGE_CLASSES: dict[str, type[Message]] = {
+    cls.type: cls for cls in (Hello, Ready, Refused, Abort, Commit, Done, State, Agree)}
 MESSAGE_TYPES = frozenset(MESSAGE_CLASSES)
 #: What each field must be on the wire (bool is not an int here).
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {"version": (int,), "plan": (dict,), "multifd": (int,),
-                                             "postcopy": (bool,), "reason": (str,), "status": (str,)}
+                                             "postcopy": (bool,), "reason": (str,), "status": (str,),
+                                             "role": (str,), "migration": (str,), "action": (str,)}
 
 
 def encode(msg: Message) -> bytes:

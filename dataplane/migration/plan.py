@@ -13,7 +13,7 @@ plan travels to the destination over a control stream).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -25,6 +25,8 @@ PLAN_VERSION = 1
 
 COPY_MODES = frozenset({"background", "write-blocking"})
 POSTCOPY_MODES = frozenset({"never", "auto"})
+#: QEMU's image format drivers: a disk may change between them (the mirror copies guest data).
+IMAGE_FORMATS = frozenset({"raw", "qcow2", "qcow", "qed", "vmdk", "vdi", "vhdx", "vpc", "parallels", "luks"})
 
 
 @dataclass(frozen=True)
@@ -159,22 +161,48 @@ class MigrationPlan:
         return cls.from_dict(data)
 
 
-def validate_target(plan: MigrationPlan, target_nodes: Iterable[BlockNode]) -> None:
+def validate_target(plan: MigrationPlan, target_nodes: Iterable[BlockNode],
+                    devices: Iterable[BlockDevice] | None = None, *,
+                    allowed: Collection[str] | None = None) -> None:
     """Check that the destination's block nodes can receive every disk of ``plan``.
 
-    Each disk needs a node of the same name that is writable and exactly as
-    large as the source disk (QEMU's mirror refuses targets of another size).
+    Each disk needs a node of the same name that is the root node of a guest
+    device (``devices``, the destination's ``query-block``: a protocol node,
+    a backing node or a node no device uses is never written by a migration),
+    whose driver is the plan's format (or both are image formats, e.g. a raw
+    source into a qcow2 destination: the mirror writes what the guest sees),
+    that is writable and exactly as large
+    as the source disk (QEMU's mirror refuses targets of another size).
+    ``allowed`` (node names or device ids) restricts further which nodes the
+    source may write to. ``devices=None`` skips the device check (a caller
+    that has no ``query-block``).
 
     :raises PlanRefused: with every problem found, e.g. a missing node, a
-        target smaller (or larger) than its source, a read-only target.
+        node that is not a guest disk, another format, a target smaller (or
+        larger) than its source, a read-only target, a node not allowed.
     """
     by_name = {n.node_name: n for n in target_nodes}
+    roots = None if devices is None else {d.node_name: d for d in devices if d.node_name and d.qdev}
     problems = []
     for d in plan.disks:
         node = by_name.get(d.node_name)
         if node is None:
             problems.append(f"disk {d.node_name!r}: no block node of that name on the destination")
             continue
+        dev = None if roots is None else roots.get(d.node_name)
+        if roots is not None and dev is None:
+            problems.append(f"disk {d.node_name!r}: the destination node is not the root node of a guest "
+                            f"device (a protocol, backing or unused node is never written by a migration)")
+            continue
+        names = {d.node_name, dev.device if dev else "", _qdev_id(dev)}
+        if allowed is not None and not names & set(allowed):
+            problems.append(f"disk {d.node_name!r}: not among the disks this destination accepts "
+                            f"({', '.join(sorted(allowed))})")
+            continue
+        if d.format and node.driver != d.format and not {node.driver, d.format} <= IMAGE_FORMATS:
+            problems.append(f"disk {d.node_name!r}: the destination node is {node.driver}, the source "
+                            f"disk {d.format} (another image format is fine; a protocol or filter node "
+                            f"in place of an image format is not)")
         if node.read_only:
             problems.append(f"disk {d.node_name!r}: the destination node is read-only")
         if node.virtual_size < d.size:
@@ -187,6 +215,14 @@ def validate_target(plan: MigrationPlan, target_nodes: Iterable[BlockNode]) -> N
         problems.append("the plan has no disks (use a plain migration for diskless VMs)")
     if problems:
         raise PlanRefused("; ".join(problems))
+
+
+def _qdev_id(dev: BlockDevice | None) -> str:
+    """The id of a device's qdev path (``/machine/peripheral/ID/virtio-backend`` → ``ID``)."""
+    if dev is None:
+        return ""
+    parts = dev.qdev.split("/")
+    return parts[3] if len(parts) > 3 and parts[2] == "peripheral" else dev.qdev
 
 
 async def memory_size(drv: QemuDriver) -> int:

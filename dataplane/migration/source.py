@@ -25,6 +25,7 @@ from typing import Any
 from qmp_driver import CommandError, DriverError, DriverTimeout, Event, QemuDriver, match
 
 from .errors import MigrationError, PlanRefused, RolledBack
+from .hooks import reached as hook_reached
 from .plan import DiskPlan, MigrationOptions, MigrationPlan
 from .policy import (
     FAIL,
@@ -53,6 +54,8 @@ NbdAddress = str | Mapping[str, Any]
 
 ProgressCallback = Callable[[MigrationProgress], object]
 DecisionCallback = Callable[[Decision], object]
+#: Awaited when a postcopy handed the guest over (with the QEMU status, ``postcopy-active``).
+HandoverCallback = Callable[[str], Awaitable[None]]
 
 
 def _nbd_server(addr: NbdAddress) -> dict[str, Any]:
@@ -111,6 +114,8 @@ class _SourceMigration:
         self.postcopy = postcopy_enabled(o)
         self.postcopy_requested = False
         self.postcopy_running = False  # migrate-continue went through in postcopy: no way back
+        self.continue_issued = False  # migrate-continue was sent (it may not have returned)
+        self.on_handover: HandoverCallback | None = None
         self.monitor: ConvergenceMonitor | None = None
 
     # ------------------------------------------------------------- reporting
@@ -353,13 +358,19 @@ class _SourceMigration:
         for node in list(self.added_nodes):
             await self.src.blockdev_del(node)
             self.added_nodes.remove(node)
+        await hook_reached("before-continue")
         with self.src.expect(match("MIGRATION", status=_MIGRATION_END)) as mig:
+            # From here a postcopy may have handed the guest over even if the call does not return.
+            self.continue_issued = True
             await self.src.migrate_continue("pre-switchover")
+            await hook_reached("after-continue")
             if self.postcopy_requested:
-                # The guest now runs on the destination; what is left of RAM follows on demand.
+                # The guest's state now moves to the destination; what is left of RAM follows on demand.
                 self.postcopy_running = True
                 self.phase = "postcopy"
                 self.emit()
+                if self.on_handover is not None:
+                    await self.on_handover("postcopy-active")
                 deadline = max(deadline, time.monotonic() + self.timeout)
                 ev = await self._wait_postcopy(mig, deadline)
             else:
@@ -404,27 +415,27 @@ class _SourceMigration:
         log.warning("migration failed in phase %s (%s); rolling back", reached, _describe(exc))
         errors: list[str] = []
         src = self.src
-        if self.postcopy_running:
-            # The destination runs the guest: the source must never be resumed.
-            status = "unknown"
+        status = "unknown"
+        if self.migrate_started:
             with contextlib.suppress(DriverError):
                 status = (await src.query_migrate()).status
+        if self.postcopy_running or status.startswith("postcopy-") or (
+                self.postcopy_requested and self.continue_issued and status == "unknown"):
+            # Any postcopy status means the guest's state moved on: the source must never be resumed.
             if status == "completed":
-                self.phase = "completed"
-                return self.report("completed", "completed", f"completed despite: {_describe(exc)}")
+                return await self._completed_anyway(exc)
             log.error("postcopy failed (%s, status %s): the destination is authoritative; the source "
                       "stays paused", _describe(exc), status)
             return self.report("failed-after-switchover", reached, f"{_describe(exc)} (migration {status})")
         if self.migrate_started:
             try:
-                status = (await src.query_migrate()).status
                 if status == "completed":  # the switchover happened: nothing to roll back
-                    self.phase = "completed"
-                    await self.sample_ram()
-                    return self.report("completed", "completed", f"completed despite: {_describe(exc)}")
+                    return await self._completed_anyway(exc)
                 if status in _MIGRATION_ACTIVE:
                     await src.migrate_cancel()
-                    await src.wait_migration(_MIGRATION_END, timeout=30)
+                    status = await src.wait_migration(_MIGRATION_END, timeout=30)
+                    if status == "completed":  # it completed before the cancel took effect
+                        return await self._completed_anyway(exc)
             except (DriverError, MigrationError) as e:
                 errors.append(f"migrate_cancel: {e}")
         self.phase = "rolling-back"
@@ -445,6 +456,14 @@ class _SourceMigration:
             await self._step(errors, "resume the source", self._ensure_running())
         error = _describe(exc) + "".join(f"; rollback: {e}" for e in errors)
         return self.report("rolled-back", reached, error, tuple(errors))
+
+    async def _completed_anyway(self, exc: BaseException) -> MigrationReport:
+        """The source QEMU completed although this run failed: the report says so (the caller
+        decides whether the guest is handed over or taken back)."""
+        self.phase = "completed"
+        with contextlib.suppress(DriverError):
+            await self.sample_ram()
+        return self.report("completed", "completed", f"completed despite: {_describe(exc)}")
 
     async def _ensure_running(self) -> None:
         # QEMU resumes a source it stopped for the switchover by itself once the
@@ -504,7 +523,8 @@ async def migrate_source(src: QemuDriver, plan: MigrationPlan, nbd_uri_for: Call
                          migrate_uri: str, options: MigrationOptions | None = None, *,
                          progress: ProgressCallback | None = None,
                          on_decision: DecisionCallback | None = None,
-                         on_report: Callable[[MigrationReport], object] | None = None) -> MigrationReport:
+                         on_report: Callable[[MigrationReport], object] | None = None,
+                         on_handover: HandoverCallback | None = None) -> MigrationReport:
     """Live-migrate the VM behind ``src`` with the disks of ``plan``.
 
     Sequence: an NBD client node per disk (``nbd_uri_for(disk)``: a unix
@@ -532,7 +552,13 @@ async def migrate_source(src: QemuDriver, plan: MigrationPlan, nbd_uri_for: Call
     seconds and at each phase change; ``on_decision`` with every
     :class:`~dataplane.migration.policy.Decision` of the policy;
     ``on_report`` with the final :class:`MigrationReport` (also when the
-    task is cancelled).
+    task is cancelled); ``on_handover(status)`` is awaited right after
+    ``migrate-continue`` of a postcopy (status ``postcopy-active``): from
+    then on the guest's state lives on the destination, which may resume.
+    After a precopy the source QEMU is ``completed`` (stopped, postmigrate)
+    when this returns; handing over or taking back the guest is the caller's
+    decision (``cont`` resumes a completed source whose destination never
+    ran).
 
     On any failure or cancellation before the switchover completed the
     migration is rolled back: ``migrate_cancel``, forced cancel of the
@@ -551,6 +577,7 @@ async def migrate_source(src: QemuDriver, plan: MigrationPlan, nbd_uri_for: Call
     """
     mig = _SourceMigration(src, plan, nbd_uri_for, migrate_uri, options or plan.options, progress,
                            on_decision)
+    mig.on_handover = on_handover
     try:
         return await mig.run()
     finally:

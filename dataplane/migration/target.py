@@ -3,20 +3,24 @@ migration stream.
 
 ::
 
-    await prepare_target(dst, plan, "/run/dst/nbd.sock", "unix:/run/dst/mig.sock")
+    prepared = await prepare_target(dst, plan, "/run/dst/nbd.sock", "unix:/run/dst/mig.sock")
     ...                     # the source runs migrate_source()
-    await finish_target(dst)            # nbd-server-stop, then cont
-    # on failure of the source: await abort_target(dst)
+    await finish_target(dst, prepared=prepared)     # nbd-server-stop, then cont
+    # on failure of the source: await abort_target(dst, prepared)
 
-The destination QEMU must run with ``-incoming defer`` (and normally ``-S``)
-and hold a block node of the same name as each planned disk.
+The destination QEMU must run with ``-incoming defer`` and hold, as the root
+node of a guest device, a block node of the same name as each planned disk.
+Across clusters the destination resumes only after the source's commit
+(:mod:`dataplane.migration.cclm`): :func:`await_incoming`, then
+:func:`resume_target`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from qmp_driver import MIGRATION_DONE, CommandError, DriverError, QemuDriver
@@ -27,26 +31,39 @@ from .plan import MigrationOptions, MigrationPlan, memory_size, validate_target
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class PreparedTarget:
+    """What :func:`prepare_target` set up on the destination, so that only that is torn down.
+
+    ``capabilities`` are the migration capabilities set (``postcopy-ram`` says whether postcopy is
+    possible; the source must not use it otherwise); ``nbd_server`` whether this run started the
+    NBD server; ``exports`` the export ids it added.
+    """
+
+    capabilities: dict[str, bool] = field(default_factory=dict)
+    nbd_server: bool = False
+    exports: list[str] = field(default_factory=list)
+
+
 async def prepare_target(dst: QemuDriver, plan: MigrationPlan, nbd_socket: str | Mapping[str, Any],
-                         migrate_uri: str) -> dict[str, bool]:
+                         migrate_uri: str, *, allowed: Collection[str] | None = None) -> PreparedTarget:
     """Make ``dst`` ready to receive ``plan``.
 
-    Validates first (nothing is changed if that fails), then sets the
-    ``late-block-activate`` and ``events`` capabilities, starts the NBD server
-    on ``nbd_socket`` (a unix socket path or a QMP SocketAddress), exports each
-    disk writable under its ``export_name`` and starts ``migrate-incoming`` on
-    ``migrate_uri``. If a step fails, what was done is undone
-    (:func:`abort_target`) before the error propagates. A destination that
-    cannot enable ``postcopy-ram`` (an unprivileged QEMU without
-    userfaultfd) is prepared without it.
+    Validates first (nothing is changed if that fails: see :func:`validate_target`; ``allowed``
+    restricts the destination nodes the plan may write to these node names or device ids). Then
+    makes sure the destination cannot start the guest by itself (``stop`` while ``inmigrate``
+    has the effect of ``-S``: QMP cannot read that flag, so it is set rather than checked), sets
+    the ``late-block-activate`` and ``events`` capabilities, starts the NBD server on
+    ``nbd_socket`` (a unix socket path or a QMP SocketAddress), exports each disk writable
+    under its ``export_name`` and starts ``migrate-incoming`` on ``migrate_uri``. If a step
+    fails, what this call set up is undone (:func:`abort_target`) before the error propagates:
+    an NBD server or export somebody else made is left alone. A destination that cannot enable
+    ``postcopy-ram`` (an unprivileged QEMU without userfaultfd) is prepared without it.
 
-    :returns: the migration capabilities set (``postcopy-ram`` says whether
-        postcopy is possible; the source must not use it otherwise).
-
-    :raises PlanRefused: the destination is not waiting for an incoming
-        migration, its guest memory size differs, or :func:`validate_target`
-        refuses its block nodes.
-    :raises qmp_driver.DriverError: a QMP command failed.
+    :returns: what was set up (pass it to :func:`abort_target` and :func:`resume_target`).
+    :raises PlanRefused: the destination is not waiting for an incoming migration, its guest
+        memory size differs, or :func:`validate_target` refuses its block nodes.
+    :raises qmp_driver.DriverError: a QMP command failed (e.g. an NBD server already runs).
     """
     status = await dst.query_status()
     if status.status != "inmigrate":
@@ -55,8 +72,10 @@ async def prepare_target(dst: QemuDriver, plan: MigrationPlan, nbd_socket: str |
     mem = await memory_size(dst)
     if mem != plan.memory_size:
         raise PlanRefused(f"guest memory differs: destination {mem} bytes, source {plan.memory_size} bytes")
-    validate_target(plan, await dst.query_named_block_nodes())
-    caps = target_capabilities(plan)
+    validate_target(plan, await dst.query_named_block_nodes(), await dst.query_block(), allowed=allowed)
+    await dst.stop()  # while inmigrate: no autostart, as with -S (the guest resumes only on commit)
+    prepared = PreparedTarget(target_capabilities(plan))
+    caps = prepared.capabilities
     try:
         await dst.migrate_set_capabilities(caps)
     except CommandError as exc:
@@ -70,14 +89,16 @@ async def prepare_target(dst: QemuDriver, plan: MigrationPlan, nbd_socket: str |
         await dst.migrate_set_parameters({"multifd-channels": plan.options.multifd_channels})
     try:
         await dst.nbd_server_start(nbd_socket)
+        prepared.nbd_server = True
         for disk in plan.disks:
             await dst.block_export_add(disk.export_name, disk.node_name, name=disk.export_name,
                                        writable=True)
+            prepared.exports.append(disk.export_name)
         await dst.migrate_incoming(migrate_uri)
     except BaseException:
-        await abort_target(dst)
+        await abort_target(dst, prepared)
         raise
-    return caps
+    return prepared
 
 
 async def image_paths(dst: QemuDriver, plan: MigrationPlan) -> list[str]:
@@ -105,31 +126,59 @@ def postcopy_enabled(options: MigrationOptions) -> bool:
     return options.postcopy == "auto" and not options.multifd_channels
 
 
-async def finish_target(dst: QemuDriver, resume: bool = True, timeout: float | None = 120.0,
-                        on_switchover: Callable[[str], object] | None = None) -> None:
-    """Wait for the incoming migration to finish, then stop the NBD server and ``cont``.
+async def await_incoming(dst: QemuDriver, timeout: float | None = 120.0) -> str:
+    """Wait until the destination QEMU has the guest: its incoming migration ``completed``, or a
+    postcopy reached ``postcopy-active`` (RAM still arriving). The guest stays paused.
 
-    The guest is resumed unless ``resume`` is false (it then stays paused on
-    the destination). In postcopy the destination takes over while RAM is
-    still arriving: at ``postcopy-active`` the NBD server is stopped and the
-    guest resumed at once, then the rest of the migration is awaited.
-    ``on_switchover(status)`` is called when the destination became
-    authoritative (``completed`` or ``postcopy-active``).
+    :returns: that status.
+    :raises MigrationError: the incoming migration failed or did not get there within ``timeout``
+        seconds (None: no limit).
+    """
+    return await _await_migration(dst, MIGRATION_DONE | {"postcopy-active"}, timeout,
+                                  "incoming migration did not complete", "incoming migration {status}")
 
-    :raises MigrationError: the incoming migration failed or did not complete
-        within ``timeout`` seconds (None: no limit).
+
+async def resume_target(dst: QemuDriver, prepared: PreparedTarget | None, status: str, *,
+                        resume: bool = True, timeout: float | None = 120.0,
+                        after_resume: Callable[[], Awaitable[object]] | None = None) -> None:
+    """Take over on the destination once :func:`await_incoming` returned ``status`` (and, across
+    clusters, the source committed): stop the NBD server this run started, ``cont`` unless
+    ``resume`` is false, await ``after_resume()``, and in postcopy wait for the rest of RAM.
+
+    :raises MigrationError: a postcopy failed or did not finish within ``timeout`` seconds.
     :raises qmp_driver.DriverError: a QMP command failed.
     """
-    status = await _await_migration(dst, MIGRATION_DONE | {"postcopy-active"}, timeout,
-                                    "incoming migration did not complete", "incoming migration {status}")
-    if on_switchover is not None:
-        on_switchover(status)
-    await dst.nbd_server_stop()
+    if prepared is None or prepared.nbd_server:
+        await dst.nbd_server_stop()
+        if prepared is not None:
+            prepared.nbd_server = False
+            prepared.exports.clear()
     if resume:
         await dst.cont()
+    if after_resume is not None:
+        await after_resume()
     if status == "postcopy-active":
         await _await_migration(dst, MIGRATION_DONE, timeout, "postcopy did not complete",
                                "postcopy {status} on the destination")
+
+
+async def finish_target(dst: QemuDriver, resume: bool = True, timeout: float | None = 120.0,
+                        on_switchover: Callable[[str], object] | None = None,
+                        prepared: PreparedTarget | None = None) -> None:
+    """Wait for the incoming migration to finish, then stop the NBD server and ``cont``: for a
+    caller that drives both sides itself (one host), so the source's completion is known.
+
+    :func:`await_incoming` then :func:`resume_target`; ``on_switchover(status)`` is called in
+    between, when the destination became authoritative (``completed`` or ``postcopy-active``).
+
+    :raises MigrationError: the incoming migration failed or did not complete within ``timeout``
+        seconds (None: no limit).
+    :raises qmp_driver.DriverError: a QMP command failed.
+    """
+    status = await await_incoming(dst, timeout)
+    if on_switchover is not None:
+        on_switchover(status)
+    await resume_target(dst, prepared, status, resume=resume, timeout=timeout)
 
 
 async def _await_migration(dst: QemuDriver, stops: frozenset[str], timeout: float | None, late: str,
@@ -146,10 +195,20 @@ async def _await_migration(dst: QemuDriver, stops: frozenset[str], timeout: floa
     return status
 
 
-async def abort_target(dst: QemuDriver) -> None:
-    """Best-effort clean-up of a prepared destination: stop the NBD server (which
-    drops every export). Never raises (a dead destination is fine); the
-    destination QEMU itself is the caller's to stop."""
+async def abort_target(dst: QemuDriver, prepared: PreparedTarget | None = None) -> None:
+    """Best-effort clean-up of a prepared destination: remove what ``prepared`` says this run
+    set up (its exports, then its NBD server), nothing else; without ``prepared``, stop the NBD
+    server. Never raises (a dead destination is fine); the destination QEMU itself is the
+    caller's to stop, and it stays paused."""
+    if prepared is not None and not prepared.nbd_server:
+        for export in list(prepared.exports):
+            with contextlib.suppress(DriverError):
+                await dst.block_export_del(export)
+            prepared.exports.remove(export)
+        return
     with contextlib.suppress(DriverError):
         await dst.nbd_server_stop()
         log.info("destination NBD server stopped")
+    if prepared is not None:
+        prepared.nbd_server = False
+        prepared.exports.clear()
