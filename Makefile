@@ -11,8 +11,12 @@ setup:
 demo: setup
 	$(PY) -m dataplane.demo
 
+# The switchover fault matrix (90 independent cells, each a real migration) runs on its own, in
+# MATRIX_WORKERS parallel processes; everything else runs first, serially.
+MATRIX_WORKERS ?= 3
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not matrix" $(PYTEST_ARGS)
+	$(PY) -m pytest -m matrix -n $(MATRIX_WORKERS) $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) -m benches

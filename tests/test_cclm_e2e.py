@@ -12,153 +12,16 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
+from cclm_support import Clusters, MiB, Role, continues_on, make_vms, source_intact
 
-from dataplane.testing.cclm import RoleProcess, ScenarioError, dataplane_argv
 from dataplane.testing.journal import verify_journal
-from dataplane.testing.netns import Link
-from dataplane.testing.vm import (
-    Disk,
-    QemuVM,
-    disk_sha256,
-    fill_random,
-    images_identical,
-    make_disk,
-    verify_continued,
-)
+from dataplane.testing.vm import QemuVM, disk_sha256, images_identical
 
 pytestmark = pytest.mark.e2e
-
-MiB = 1 << 20
-
-
-class Role(RoleProcess):
-    """One `dataplane` role running in a namespace (:class:`RoleProcess`), waitable on its JSON events."""
-
-    def __init__(self, link: Link, side: str, argv: list[str], log: Path) -> None:
-        self.changed = threading.Condition()
-        super().__init__(link, side, f"dataplane-{argv[0]}", [*dataplane_argv(), *argv], log,
-                         on_json=self._notify)
-
-    def _notify(self, _event: dict[str, Any]) -> None:
-        with self.changed:
-            self.changed.notify_all()
-
-    def stderr(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_event(self, pred: Any, timeout: float = 60.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        with self.changed:
-            while True:
-                for ev in self.json_lines:
-                    if pred(ev):
-                        return ev
-                left = deadline - time.monotonic()
-                if left <= 0 or self.popen.poll() is not None and not self._reader.is_alive():
-                    raise AssertionError(f"no such event within {timeout} s; events {self.json_lines[-5:]}\n"
-                                         f"stderr:\n{self.stderr()[-3000:]}")
-                self.changed.wait(min(left, 0.2))
-
-    def wait(self, timeout: float = 180.0) -> int:
-        try:
-            return super().wait(timeout)
-        except ScenarioError:
-            self.stop(signal.SIGKILL)
-            raise AssertionError(f"still running after {timeout} s; last events {self.json_lines[-3:]}\n"
-                                 f"{self.stderr()[-3000:]}") from None
-
-    def report(self) -> dict[str, Any]:
-        reports = [e for e in self.json_lines if e.get("event") == "report"]
-        assert reports, f"no report; stderr:\n{self.stderr()[-3000:]}"
-        return reports[-1]
-
-
-class Clusters:
-    """Certificates from two CAs and the two roles across ``link``."""
-
-    def __init__(self, link: Link, tmp: Path) -> None:
-        self.link = link
-        self.tmp = tmp
-        self.pki = tmp / "pki"
-        subprocess.run([sys.executable, "-m", "dataplane", "certs", "init", str(self.pki), "--two-cas",
-                        "--server-name", link.addr_b], check=True, capture_output=True)
-        self.workdirs = {side: tmp / f"work-{side}" for side in "ab"}
-        for wd in self.workdirs.values():
-            wd.mkdir()
-
-    def receive(self, dst: QemuVM, *extra: str) -> tuple[Role, int]:
-        return self.receive_argv(["--qmp", str(dst.qmp_path)], *extra)
-
-    def receive_argv(self, qemu: list[str], *extra: str) -> tuple[Role, int]:
-        """Start `dataplane receive` in B for the QEMU named by *qemu*; return it and its port."""
-        argv = ["receive", *qemu, "--listen", f"{self.link.addr_b}:0",
-                "--certs", str(self.pki), "--output", "json", "--workdir", str(self.workdirs["b"]), *extra]
-        role = Role(self.link, "b", argv, self.tmp / "receive.log")
-        line = role.wait_stderr(r"receive listening on \S+:\d+", 30)
-        port = int(line.split("receive listening on", 1)[1].split()[0].rsplit(":", 1)[1])
-        return role, port
-
-    def migrate(self, src: QemuVM, port: int, *extra: str, certs: list[str] | None = None) -> Role:
-        return self.migrate_argv(["--qmp", str(src.qmp_path)], port, *extra, certs=certs)
-
-    def migrate_argv(self, qemu: list[str], port: int, *extra: str, certs: list[str] | None = None) -> Role:
-        """Start `dataplane migrate` in A for the QEMU named by *qemu*, to B's *port*."""
-        tls = certs if certs is not None else ["--certs", str(self.pki)]
-        argv = ["migrate", *qemu, "--to", f"{self.link.addr_b}:{port}", *tls,
-                "--output", "json", "--workdir", str(self.workdirs["a"]), *extra]
-        return Role(self.link, "a", argv, self.tmp / "migrate.log")
-
-    def assert_workdirs_clean(self) -> None:
-        for side, wd in self.workdirs.items():
-            assert list(wd.iterdir()) == [], f"left over in cluster {side}'s workdir: {list(wd.iterdir())}"
-
-
-def _vms(vm_factory: Any, tmp: Path, *, src_sizes: tuple[int, int] = (16 * MiB, 32 * MiB),
-         dst_sizes: tuple[int, int] | None = None, data_fill: int = 8 * MiB, memory: int = 128,
-         cmdline: dict[str, object] | None = None,
-         qcow2: bool = True) -> tuple[QemuVM, QemuVM, dict[str, Path]]:
-    fmt = "qcow2" if qcow2 else "raw"
-    paths = {
-        "s0": make_disk(tmp / "s0.raw", src_sizes[0]), "s1": make_disk(tmp / f"s1.{fmt}", src_sizes[1], fmt),
-        "d0": make_disk(tmp / "d0.raw", (dst_sizes or src_sizes)[0]),
-        "d1": make_disk(tmp / f"d1.{fmt}", (dst_sizes or src_sizes)[1], fmt),
-    }
-    if data_fill:
-        fill_random(paths["s1"], data_fill, fmt, offset=MiB, seed=11)
-    params = {"hb_ms": 100, "disk": "/dev/vda", "disk_rate": 20}
-    params.update(cmdline or {})
-    src = vm_factory(disks=[Disk(paths["s0"], "raw", node_name="jrnl"),
-                            Disk(paths["s1"], fmt, node_name="data")],
-                     cmdline=params, memory_mib=memory, name="src")
-    dst = vm_factory(disks=[Disk(paths["d0"], "raw", node_name="jrnl"),
-                            Disk(paths["d1"], fmt, node_name="data")],
-                     memory_mib=memory, incoming="defer", paused=True, name="dst")
-    src.wait_acks(3, 60)
-    return src, dst, paths
-
-
-def _source_intact(src: QemuVM) -> None:
-    """The source runs, with none of the migration's nodes or jobs left, and its guest goes on."""
-    assert src.qmp("query-status")["status"] == "running"
-    nodes = [n["node-name"] for n in src.qmp("query-named-block-nodes")]
-    assert not [n for n in nodes if n.startswith("dpmig")], nodes
-    assert src.qmp("query-jobs") == []
-    caps = {c["capability"]: c["state"] for c in src.qmp("query-migrate-capabilities")}
-    assert not caps["pause-before-switchover"] and not caps["postcopy-ram"] and not caps["multifd"]
-    n = len(src.heartbeats())
-    src.wait_heartbeat(n + 3, 60)
-    src.verify_next_ram_pass(60)  # a whole clean pass after the rollback
-
-
-def _continues_on(dst: QemuVM, src: QemuVM) -> str:
-    """The guest runs on at *dst*: heartbeat, same boot id, a clean RAM checker pass, no kernel fault."""
-    return verify_continued(src, dst).boot_id
 
 
 # ------------------------------------------------------------------------------------ happy paths
@@ -167,7 +30,7 @@ def _continues_on(dst: QemuVM, src: QemuVM) -> str:
 def test_two_disks_raw_qcow2_multifd(qemu_platform, vm_factory, link_factory, tmp_path):
     link = link_factory("1gbit")
     cl = Clusters(link, tmp_path)
-    src, dst, paths = _vms(vm_factory, tmp_path)
+    src, dst, paths = make_vms(vm_factory, tmp_path)
     qemu_platform.check(src)
     qemu_platform.check(dst)
     rcv, port = cl.receive(dst)
@@ -180,7 +43,7 @@ def test_two_disks_raw_qcow2_multifd(qemu_platform, vm_factory, link_factory, tm
     assert rcv.report()["outcome"] == "completed"
     assert src.qmp("query-status")["status"] == "postmigrate"
     assert src.qmp("query-migrate")["ram"]["multifd-bytes"] > 0, "multifd was not used"
-    boot = _continues_on(dst, src)
+    boot = continues_on(dst, src)
     dst.wait_acks(src.serial().max_ack + 3, 60)  # the journal goes on at the destination
     dst.stop()
     acked = max(src.serial().max_ack, dst.serial().max_ack)
@@ -193,7 +56,7 @@ def test_two_disks_raw_qcow2_multifd(qemu_platform, vm_factory, link_factory, tm
 def test_paused_destination_is_byte_identical(vm_factory, link_factory, tmp_path):
     link = link_factory("1gbit")
     cl = Clusters(link, tmp_path)
-    src, dst, paths = _vms(vm_factory, tmp_path, qcow2=False, cmdline={"dirty_mib": 16, "dirty_rate": 8})
+    src, dst, paths = make_vms(vm_factory, tmp_path, qcow2=False, cmdline={"dirty_mib": 16, "dirty_rate": 8})
     rcv, port = cl.receive(dst, "--paused")
     mig = cl.migrate(src, port)
     assert mig.wait() == 0, mig.stderr()[-3000:]
@@ -214,7 +77,7 @@ def test_paused_destination_is_byte_identical(vm_factory, link_factory, tmp_path
 
 def test_smaller_destination_disk_is_refused_before_any_mirror(vm_factory, link, tmp_path):
     cl = Clusters(link, tmp_path)
-    src, dst, paths = _vms(vm_factory, tmp_path, dst_sizes=(16 * MiB, 16 * MiB))
+    src, dst, paths = make_vms(vm_factory, tmp_path, dst_sizes=(16 * MiB, 16 * MiB))
     before = disk_sha256(paths["s1"], "qcow2")
     rcv, port = cl.receive(dst)
     mig = cl.migrate(src, port)
@@ -228,7 +91,7 @@ def test_smaller_destination_disk_is_refused_before_any_mirror(vm_factory, link,
     assert rcv.report()["outcome"] == "refused"
     assert mig.report()["outcome"] == "refused"
     assert "dpmig" not in mig.stderr() and "mirroring" not in mig.stderr()
-    _source_intact(src)
+    source_intact(src)
     assert dst.qmp("query-status")["status"] == "inmigrate"
     src.kill()
     assert disk_sha256(paths["s1"], "qcow2") == before
@@ -236,7 +99,7 @@ def test_smaller_destination_disk_is_refused_before_any_mirror(vm_factory, link,
 
 def test_wrong_client_certificate_is_refused_before_any_qemu_command(vm_factory, link, tmp_path):
     cl = Clusters(link, tmp_path)
-    src, dst, _ = _vms(vm_factory, tmp_path, data_fill=0)
+    src, dst, _ = make_vms(vm_factory, tmp_path, data_fill=0)
     other = tmp_path / "other-pki"
     subprocess.run([sys.executable, "-m", "dataplane", "certs", "init", str(other), "--two-cas",
                     "--server-name", link.addr_b], check=True, capture_output=True)
@@ -267,14 +130,14 @@ def _rolled_back(mig: Role, rcv: Role, src: QemuVM) -> dict[str, Any]:
     rep = mig.report()
     assert rep["outcome"] == "rolled-back" and not rep["switched_over"], rep
     assert rcv.wait(60) == 1, rcv.stderr()[-3000:]
-    _source_intact(src)
+    source_intact(src)
     return rep
 
 
 def test_destination_killed_during_mirror(vm_factory, link_factory, tmp_path):
     link = link_factory("100mbit")
     cl = Clusters(link, tmp_path)
-    src, dst, paths = _vms(vm_factory, tmp_path, src_sizes=(16 * MiB, 64 * MiB), data_fill=48 * MiB)
+    src, dst, paths = make_vms(vm_factory, tmp_path, src_sizes=(16 * MiB, 64 * MiB), data_fill=48 * MiB)
     before = disk_sha256(paths["s1"], "qcow2")
     rcv, port = cl.receive(dst)
     mig = cl.migrate(src, port)
@@ -290,7 +153,7 @@ def test_destination_killed_during_mirror(vm_factory, link_factory, tmp_path):
 def test_destination_killed_during_precopy(vm_factory, link_factory, tmp_path):
     link = link_factory("100mbit")
     cl = Clusters(link, tmp_path)
-    src, dst, paths = _vms(vm_factory, tmp_path, data_fill=0,
+    src, dst, paths = make_vms(vm_factory, tmp_path, data_fill=0,
                            cmdline={"dirty_mib": 48, "dirty_rate": 4, "pattern": "random"})
     before = disk_sha256(paths["s1"], "qcow2")
     rcv, port = cl.receive(dst)
@@ -306,7 +169,7 @@ def test_destination_killed_during_precopy(vm_factory, link_factory, tmp_path):
 def test_ctrl_c_on_source_during_precopy(qemu_platform, vm_factory, link_factory, tmp_path):
     link = link_factory("100mbit")
     cl = Clusters(link, tmp_path)
-    src, dst, _ = _vms(vm_factory, tmp_path, data_fill=0,
+    src, dst, _ = make_vms(vm_factory, tmp_path, data_fill=0,
                        cmdline={"dirty_mib": 48, "dirty_rate": 4, "pattern": "random"})
     qemu_platform.check(src)
     rcv, port = cl.receive(dst)
@@ -327,7 +190,7 @@ def test_ctrl_c_on_source_during_precopy(qemu_platform, vm_factory, link_factory
 def test_link_cut_within_grace_completes(vm_factory, link_factory, tmp_path):
     link = link_factory("100mbit")
     cl = Clusters(link, tmp_path)
-    src, dst, paths = _vms(vm_factory, tmp_path, src_sizes=(16 * MiB, 64 * MiB), data_fill=32 * MiB)
+    src, dst, paths = make_vms(vm_factory, tmp_path, src_sizes=(16 * MiB, 64 * MiB), data_fill=32 * MiB)
     rcv, port = cl.receive(dst, "--grace", "30")
     mig = cl.migrate(src, port, "--grace", "30")
     mig.wait_event(lambda e: e.get("phase") == "mirror" and e.get("disk_done", 0) > 4 * MiB)
@@ -337,7 +200,7 @@ def test_link_cut_within_grace_completes(vm_factory, link_factory, tmp_path):
     assert mig.wait() == 0, mig.stderr()[-3000:]
     assert rcv.wait() == 0, rcv.stderr()[-3000:]
     assert mig.report()["outcome"] == "completed"
-    boot = _continues_on(dst, src)
+    boot = continues_on(dst, src)
     dst.stop()
     src.kill()
     verify_journal(str(paths["d0"]), "raw", acked_upto=src.serial().max_ack, expect_boot_id=boot)
@@ -347,7 +210,7 @@ def test_link_cut_within_grace_completes(vm_factory, link_factory, tmp_path):
 def test_link_cut_beyond_grace_rolls_back(vm_factory, link_factory, tmp_path):
     link = link_factory("100mbit")
     cl = Clusters(link, tmp_path)
-    src, dst, paths = _vms(vm_factory, tmp_path, src_sizes=(16 * MiB, 64 * MiB), data_fill=32 * MiB)
+    src, dst, paths = make_vms(vm_factory, tmp_path, src_sizes=(16 * MiB, 64 * MiB), data_fill=32 * MiB)
     before = disk_sha256(paths["s1"], "qcow2")
     rcv, port = cl.receive(dst, "--grace", "2")
     mig = cl.migrate(src, port, "--grace", "2")
@@ -367,7 +230,7 @@ def test_link_cut_beyond_grace_rolls_back(vm_factory, link_factory, tmp_path):
 def test_non_convergence_auto_policy_completes(vm_factory, link_factory, tmp_path):
     link = link_factory("100mbit")
     cl = Clusters(link, tmp_path)
-    src, dst, paths = _vms(vm_factory, tmp_path, data_fill=0, memory=256,
+    src, dst, paths = make_vms(vm_factory, tmp_path, data_fill=0, memory=256,
                            cmdline={"dirty_mib": 64, "dirty_rate": 40, "pattern": "random"})
     rcv, port = cl.receive(dst)
     mig = cl.migrate(src, port, "--stall-window", "3")
@@ -378,13 +241,13 @@ def test_non_convergence_auto_policy_completes(vm_factory, link_factory, tmp_pat
     reasons = " | ".join(d["reason"] for d in rep["decisions"])
     assert rep["postcopy"] or "auto-converge" in reasons, rep["decisions"]
     assert "switch-postcopy" in actions or "raise-throttle" in actions or "auto-converge" in reasons
-    _continues_on(dst, src)
+    continues_on(dst, src)
 
 
 def test_non_convergence_without_help_fails_cleanly(vm_factory, link_factory, tmp_path):
     link = link_factory("100mbit")
     cl = Clusters(link, tmp_path)
-    src, dst, paths = _vms(vm_factory, tmp_path, data_fill=0, memory=256,
+    src, dst, paths = make_vms(vm_factory, tmp_path, data_fill=0, memory=256,
                            cmdline={"dirty_mib": 64, "dirty_rate": 40, "pattern": "random"})
     before = disk_sha256(paths["s1"], "qcow2")
     rcv, port = cl.receive(dst)
