@@ -19,7 +19,7 @@ import pytest
 from cclm_support import Clusters, MiB, Role, continues_on, make_vms, source_intact
 
 from dataplane.testing.journal import verify_journal
-from dataplane.testing.vm import QemuVM, disk_sha256, images_identical
+from dataplane.testing.vm import Disk, QemuVM, disk_sha256, images_identical, make_disk
 
 pytestmark = pytest.mark.e2e
 
@@ -259,3 +259,29 @@ def test_non_convergence_without_help_fails_cleanly(vm_factory, link_factory, tm
     src.kill()
     assert disk_sha256(paths["s1"], "qcow2") == before
     assert os.path.exists(paths["d1"])
+
+
+def test_receive_on_a_busy_port_fails_cleanly(vm_factory, tmp_path):
+    """A listen port already taken: one error line, exit 1, nothing left in the work directory, and
+    the destination untouched."""
+    import socket
+
+    d0 = make_disk(tmp_path / "d0.raw", 8 * MiB)
+    dst = vm_factory(disks=[Disk(d0, "raw", node_name="jrnl")], memory_mib=128, incoming="defer",
+                     paused=True, name="dst")
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    work = tmp_path / "work"
+    work.mkdir()
+    try:
+        out = subprocess.run([sys.executable, "-m", "dataplane", "receive", "--qmp", str(dst.qmp_path),
+                              "--listen", f"127.0.0.1:{busy.getsockname()[1]}", "--plaintext",
+                              "--workdir", str(work)], capture_output=True, text=True, timeout=60)
+    finally:
+        busy.close()
+    errors = [ln for ln in out.stderr.splitlines() if "error:" in ln]
+    assert out.returncode == 1 and len(errors) == 1 and "cannot listen on 127.0.0.1" in errors[0], out.stderr
+    assert "Traceback" not in out.stderr and "Task was destroyed" not in out.stderr, out.stderr
+    assert list(work.iterdir()) == []
+    assert dst.qmp("query-status")["status"] == "inmigrate"

@@ -21,11 +21,13 @@ from dataplane.migration import (
     PlanRefused,
     RolledBack,
     abort_target,
+    await_incoming,
     discover_plan,
     finish_target,
     image_paths,
     migrate_source,
     prepare_target,
+    resume_target,
     validate_target,
 )
 from dataplane.testing.journal import verify_journal
@@ -40,7 +42,7 @@ from dataplane.testing.vm import (
     verify_continued,
     write_bytes,
 )
-from qmp_driver import BlockDevice, BlockNode, QemuDriver
+from qmp_driver import BlockDevice, BlockNode, CommandError, QemuDriver
 
 MiB = 1 << 20
 
@@ -238,7 +240,8 @@ async def test_a_page_lost_in_migration_fails_the_ram_check(vm_factory, tmp_path
 @pytest.mark.e2e
 async def test_smaller_destination_refused_before_anything_starts(vm_factory, tmp_path):
     s0, d0 = make_disk(tmp_path / "s0.raw", 64 * MiB, "raw"), make_disk(tmp_path / "d0.raw", 32 * MiB, "raw")
-    src = vm_factory(disks=[Disk(s0, "raw")], cmdline={"hb_ms": 100}, memory_mib=128, name="src")
+    src = vm_factory(disks=[Disk(s0, "raw")], cmdline={"hb_ms": 100, "disk_rate": 20}, memory_mib=128,
+                     name="src")
     dst = vm_factory(disks=[Disk(d0, "raw")], memory_mib=128, incoming="defer", paused=True, name="dst")
     await asyncio.to_thread(src.wait_heartbeat, 2, 60)
     async with await QemuDriver.connect_socket(src.qmp_path) as s, \
@@ -385,3 +388,71 @@ async def test_cancel_at_switchover_resumes_source(vm_factory, tmp_path):
             ("rolled-back", "switchover", "cancelled")]
         await _assert_source_intact(s, src, before)
     await asyncio.to_thread(src.wait_acks, src.serial().max_ack + 3, 60)
+
+
+# -------------------------------------------------------------------- the destination's own holes
+
+
+@pytest.mark.e2e
+async def test_destination_without_dash_s_stays_paused_until_resumed(vm_factory, tmp_path):
+    """A destination QEMU started without -S would run the guest by itself the moment its incoming
+    migration completes; prepare_target takes that away, so only resume_target starts it."""
+    s0, d0 = make_disk(tmp_path / "s0.raw", 8 * MiB), make_disk(tmp_path / "d0.raw", 8 * MiB)
+    src = vm_factory(disks=[Disk(s0, "raw")], cmdline={"hb_ms": 100, "disk_rate": 20}, memory_mib=128,
+                     name="src")
+    dst = vm_factory(disks=[Disk(d0, "raw")], memory_mib=128, incoming="defer", paused=False, name="dst")
+    await asyncio.to_thread(src.wait_acks, 3, 60)
+    nbd, mig = str(tmp_path / "nbd.sock"), f"unix:{tmp_path / 'mig.sock'}"
+    async with await QemuDriver.connect_socket(src.qmp_path) as s, \
+            await QemuDriver.connect_socket(dst.qmp_path) as d:
+        plan = await discover_plan(s)
+        prepared = await prepare_target(d, plan, nbd, mig)
+        await migrate_source(s, plan, lambda disk: nbd, mig)
+        assert await await_incoming(d, 60) == "completed"
+        await asyncio.sleep(1.0)
+        assert (await d.query_status()).status == "paused", "the destination started by itself"
+        n = len(dst.heartbeats())
+        assert len(dst.heartbeats()) == n
+        await resume_target(d, prepared, "completed")
+        assert (await d.query_status()).status == "running"
+    await asyncio.to_thread(dst.wait_heartbeat, n + 3, 60)
+
+
+@pytest.mark.e2e
+async def test_prepare_target_leaves_a_foreign_nbd_server_alone(vm_factory, tmp_path):
+    """An NBD server somebody else started makes prepare_target fail, and its clean-up must not
+    stop that server (it removes only what this run created)."""
+    d0 = make_disk(tmp_path / "d0.raw", 8 * MiB)
+    dst = vm_factory(disks=[Disk(d0, "raw", node_name="jrnl")], memory_mib=128, incoming="defer",
+                     paused=True, name="dst")
+    plan = MigrationPlan((DiskPlan("jrnl", 8 * MiB, "raw", "jrnl"),), 128 * MiB)
+    async with await QemuDriver.connect_socket(dst.qmp_path) as d:
+        await d.nbd_server_start(str(tmp_path / "foreign.sock"))
+        await d.block_export_add("theirs", "jrnl", name="theirs", writable=False)
+        with pytest.raises(CommandError, match="already"):
+            await prepare_target(d, plan, str(tmp_path / "nbd.sock"), f"unix:{tmp_path / 'mig.sock'}")
+        assert [e.id for e in await d.query_block_exports()] == ["theirs"]
+        await d.nbd_server_stop()  # still running: this does not raise
+
+
+@pytest.mark.e2e
+async def test_prepare_target_refuses_nodes_that_are_not_guest_disks(vm_factory, tmp_path):
+    """The source names the nodes the destination exports writable: a protocol node under a guest
+    disk, or a disk the destination does not allow, is refused before anything changes."""
+    d0 = make_disk(tmp_path / "d0.raw", 8 * MiB)
+    dst = vm_factory(disks=[Disk(d0, "raw", node_name="jrnl")], memory_mib=128, incoming="defer",
+                     paused=True, name="dst")
+    async with await QemuDriver.connect_socket(dst.qmp_path) as d:
+        nbd, mig = str(tmp_path / "nbd.sock"), f"unix:{tmp_path / 'mig.sock'}"
+        protocol = MigrationPlan((DiskPlan("jrnl-file", 8 * MiB, "file", "jrnl-file"),), 128 * MiB)
+        with pytest.raises(PlanRefused, match="'jrnl-file': the destination node is not the root node"):
+            await prepare_target(d, protocol, nbd, mig)
+        plan = MigrationPlan((DiskPlan("jrnl", 8 * MiB, "raw", "jrnl"),), 128 * MiB)
+        with pytest.raises(PlanRefused, match="'jrnl': not among the disks this destination accepts"):
+            await prepare_target(d, plan, nbd, mig, allowed=["vdz"])
+        assert await d.query_block_exports() == []
+        assert (await d.query_status()).status == "inmigrate"
+        prepared = await prepare_target(d, plan, nbd, mig, allowed=["jrnl"])
+        assert [e.id for e in await d.query_block_exports()] == ["jrnl"]
+        await abort_target(d, prepared)
+        assert await d.query_block_exports() == []

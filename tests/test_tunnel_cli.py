@@ -132,6 +132,13 @@ CONNECT = ("tunnel", "connect", "--to", "127.0.0.1:7000", "--expose", "mig=unix:
      "argument --to: invalid address 'nowhere': expected HOST:PORT"),
     ((*LISTEN, "--plaintext", "--stats-json", "/nonexistent/dir/s.json"), 2,
      "--stats-json: directory /nonexistent/dir does not exist"),
+    (("tunnel", "listen", "--bind", "0.0.0.0:0", "--forward", "m=unix:/tmp/x.sock", "--plaintext"), 2,
+     "error: --plaintext on 0.0.0.0: any host that reaches it could write this side's data unauthenticated; "
+     "use TLS, a loopback address, or add --plaintext-network-is-isolated"),
+    (("tunnel", "listen", "--bind", ":0", "--forward", "m=unix:/tmp/x.sock", "--plaintext"), 2,
+     "error: --plaintext on every interface: any host"),
+    (("tunnel", "connect", "--to", "10.1.2.3:7000", "--expose", "a=unix:/x", "--plaintext"), 2,
+     "error: --plaintext on 10.1.2.3: any host"),
     ((*CONNECT, "--certs", "/nonexistent"), 1, "--certs: /nonexistent holds no manifest.json"),
     ((*LISTEN, "--cert", "/nonexistent.crt", "--key", "/k", "--ca", "/c", "--peer-name", "p"), 1,
      "error: TLS certificate /nonexistent.crt does not exist"),

@@ -4,7 +4,11 @@ The orchestration drives two QEMUs through :class:`qmp_driver.QemuDriver`:
 
 - :mod:`.plan` — :class:`MigrationPlan` (disks, memory size, options) with JSON
   (de)serialisation, :func:`discover_plan` on the source, :func:`validate_target`;
-- :mod:`.target` — :func:`prepare_target`, :func:`finish_target`, :func:`abort_target`;
+- :mod:`.target` — :func:`prepare_target` (returns a :class:`PreparedTarget`),
+  :func:`await_incoming` and :func:`resume_target` (or both at once: :func:`finish_target`),
+  :func:`abort_target`;
+- :mod:`.cclm` — the two roles across clusters, with the committed switchover;
+  :mod:`.resolve` — settling a migration that ended in doubt;
 - :mod:`.source` — :func:`migrate_source`: NBD mirrors, RAM precopy,
   pause-before-switchover, switchover, and rollback on any failure before it;
 - :mod:`.report` — :class:`MigrationProgress` samples and the final :class:`MigrationReport`;
@@ -26,12 +30,21 @@ from .errors import (
 from .plan import DiskPlan, MigrationOptions, MigrationPlan, discover_plan, validate_target
 from .report import PHASES, MigrationProgress, MigrationReport
 from .source import migrate_source
-from .target import abort_target, finish_target, image_paths, prepare_target
+from .target import (
+    PreparedTarget,
+    abort_target,
+    await_incoming,
+    finish_target,
+    image_paths,
+    prepare_target,
+    resume_target,
+)
 
 __all__ = [
     "MigrationError", "PlanRefused", "RolledBack", "ControlError", "ControlLost", "PeerAborted",
     "Interrupted",
     "DiskPlan", "MigrationOptions", "MigrationPlan", "discover_plan", "validate_target",
     "PHASES", "MigrationProgress", "MigrationReport", "migrate_source",
-    "abort_target", "finish_target", "image_paths", "prepare_target",
+    "PreparedTarget", "abort_target", "await_incoming", "finish_target", "image_paths", "prepare_target",
+    "resume_target",
 ]

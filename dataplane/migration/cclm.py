@@ -213,17 +213,22 @@ async def run_source(client: ChannelClient, src: QemuDriver, *, disks: Iterable[
     carry the NBD and migration streams and :func:`migrate_source` runs the
     proven sequence. An ``abort`` from the destination, the control stream
     ending, the session failing after its grace period, or ``interrupt``
-    being set (e.g. on SIGINT) stops the migration, which then rolls back
-    unless the switchover happened.
+    being set (e.g. on SIGINT) stops the migration, which then rolls back.
+    The switchover is a commit: once the source QEMU completed (or a
+    postcopy started) ``commit`` goes to the destination, which resumes only
+    then; before that any failure takes the guest back (``cont`` on a
+    completed source), after it only the destination's ``abort`` does.
     ``on_event`` receives ``progress``, ``decision`` and ``phase`` events
     (dicts, see docs/cli.md).
 
-    :returns: the report (outcome ``completed`` or, for a failure after a
-        postcopy switchover, ``failed-after-switchover``).
+    :returns: the report: outcome ``completed`` (the destination confirmed
+        with ``done``) or ``in-doubt`` (``commit`` was sent and no answer
+        came, or a postcopy failed after it: the source stays stopped; its
+        state is in ``source_state``; see :mod:`dataplane.migration.resolve`).
     :raises PlanRefused: the destination refused the plan, or the source
         cannot be migrated; nothing was changed.
-    :raises RolledBack: the migration failed before the switchover and was
-        rolled back (``exc.report``); the destination was told to abort.
+    :raises RolledBack: the migration failed and the guest runs on the source
+        (``exc.report``); the destination was told to abort.
     :raises ControlLost: the destination went away before answering the plan.
     :raises asyncio.CancelledError: after the rollback and the abort message.
     """
