@@ -19,6 +19,7 @@ the destination runs                                        none       (committe
 the source runs                                             none       (rolled back already)
 the source QEMU is in postcopy (its state moved on)         commit     the destination resumes
 both QEMUs ``completed``                                    commit     the destination resumes
+the source QEMU does not answer                             refuse     nothing (``--peer-destroyed``)
 otherwise                                                   abort      the source resumes
 ========================================================== ========== ===========================
 
@@ -108,8 +109,9 @@ def decide(source: SideState, destination: SideState) -> Resolution:
     if source.migration == "completed" and dst_has_guest and destination.status != "unreachable":
         return Resolution(COMMIT, "completed", "both QEMUs completed the migration: the destination resumes")
     if source.status == "unreachable":
-        return Resolution(REFUSE, "in-doubt", "the source QEMU does not answer and the destination does "
-                                              "not hold a completed migration")
+        return Resolution(REFUSE, "in-doubt", "the source QEMU does not answer: it cannot resume, and it "
+                                              "may still: if it is gone for good, resolve on the "
+                                              "destination alone with --peer-destroyed")
     return Resolution(ABORT, "rolled-back", f"the destination does not hold a completed migration "
                                             f"(migration {destination.migration}): the source resumes")
 
