@@ -158,8 +158,32 @@ def test_control_messages_are_json_lines():
 class _Stream:
     """Stands in for a ChannelStream: the control stream only acknowledges what it consumed."""
 
+    def __init__(self) -> None:
+        self.reset_reason: str | None = None
+
     def consumed(self, n: int) -> None:
         pass
+
+    def reset(self, reason: str) -> None:
+        self.reset_reason = reason
+
+
+async def test_a_peer_flooding_the_control_stream_loses_it():
+    """More unread messages than the inbox holds end the conversation (ControlLost), not the memory."""
+    from dataplane.migration.cclm import ControlStream
+    from dataplane.migration.control_stream import MAX_INBOX
+    from dataplane.migration.errors import ControlLost
+
+    control = ControlStream()
+    stream = _Stream()
+    control.stream = stream  # type: ignore[assignment]
+    control.on_data(stream, encode(Abort("x")) * (MAX_INBOX // 2))  # accepted
+    control.on_data(stream, encode(Abort("x")) * MAX_INBOX)  # one batch too many
+    assert stream.reset_reason is not None and "unread" in stream.reset_reason
+    for _ in range(MAX_INBOX // 2):
+        assert control.poll() == Abort("x")
+    with pytest.raises(ControlLost, match="unread"):
+        control.poll()
 
 
 @pytest.mark.parametrize("steps", range(6))
