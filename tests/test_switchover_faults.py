@@ -203,6 +203,8 @@ def test_switchover_fault(point: str, fault: str, mode: str, vm_factory: Any, li
         proc.popen.send_signal(signal.SIGKILL if action == "kill" else signal.SIGTERM)
         if action == "kill":
             killed.add(role)
+        else:  # the process has the signal before the held point goes on
+            proc.wait_stderr("SIGTERM received", 30)
     hooks.release()
     try:
         codes = {name: (None if name in killed else p.wait(180)) for name, p in (("migrate", mig),

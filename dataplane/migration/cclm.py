@@ -290,7 +290,11 @@ async def run_source(client: ChannelClient, src: QemuDriver, *, disks: Iterable[
                 cause = _exception(watch)
                 log.warning("stopping the migration: %s", cause)
                 await cancel_and_collect(mig)
-                if not final:
+                if not final:  # stopped before the migration reported anything: ask its QEMU
+                    state = await _qemu_state(src)
+                    if state["migration"] == "completed" and state["status"] == "postmigrate":
+                        empty = MigrationReport("completed", "completed", 0.0, None, 0, 0, str(cause))
+                        raise RolledBack(await _take_back(src, empty))
                     raise MigrationError(f"migration stopped: {cause}")
                 report = final[0] = _with_cause(final[0], cause)
                 if report.outcome == "completed" and not handed:
@@ -310,6 +314,8 @@ async def run_source(client: ChannelClient, src: QemuDriver, *, disks: Iterable[
             if not handed:  # a precopy: the source QEMU completed and stays stopped until this decides
                 await hook_reached("source-completed")
                 cause = _exception(watch) if watch.done() else None
+                if cause is None and interrupt is not None and interrupt.is_set():
+                    cause = Interrupted("interrupted by the operator")
                 if cause is not None:
                     log.warning("not handing the guest over: %s", cause)
                     raise RolledBack(await _take_back(src, _with_cause(report, cause)))
@@ -324,7 +330,7 @@ async def run_source(client: ChannelClient, src: QemuDriver, *, disks: Iterable[
         finally:
             await cancel_and_collect(mig, watch)
     except BaseException as exc:
-        if not (final and final[0].switched_over) and not handed:
+        if not handed:  # no commit went out: the destination must never resume
             control.send(Abort(_reason(exc)))
         raise
     finally:
@@ -553,6 +559,7 @@ class _TargetRole:
         self.resumed = False  # the guest was resumed here (from then on this side never aborts)
         self.postcopy = False
         self.writeback = EarlyWriteback([])
+        self.interrupt = interrupt
         self.intr: asyncio.Future[Any] = asyncio.ensure_future(
             interrupt.wait() if interrupt is not None else asyncio.get_running_loop().create_future())
 
@@ -666,6 +673,10 @@ class _TargetRole:
         await control.drain()
         return _Ended(self.report("rolled-back", await self._guest_status(), why))
 
+    def _interrupted(self) -> bool:
+        """Interrupted (also in the same loop turn as the signal, before ``intr`` saw it)."""
+        return self.intr.done() or (self.interrupt is not None and self.interrupt.is_set())
+
     async def _guest_status(self) -> str | None:
         with contextlib.suppress(DriverError):
             return (await self.dst.query_status()).status
@@ -693,7 +704,7 @@ class _TargetRole:
                 await first_done(arrived, self.intr)  # committed already: the rest is still arriving
             if not arrived.done():
                 await cancel_and_collect(arrived)
-                if self.intr.done():
+                if self._interrupted():
                     raise await self._give_up(control, "the destination was interrupted", tell=True)
                 why = _exception(answer)
                 raise await self._give_up(control, str(why), tell=not isinstance(why, PeerAborted))
@@ -716,7 +727,7 @@ class _TargetRole:
             if answer.done() and _exception(answer) is None:
                 self.committed = answer.result()
                 return
-            if self.intr.done() and not answer.done():
+            if self._interrupted() and not answer.done():
                 raise await self._give_up(control, "the destination was interrupted before the source "
                                                    "committed", tell=True)
             if not answer.done():

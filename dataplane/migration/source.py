@@ -502,11 +502,19 @@ class _SourceMigration:
                 if isinstance(exc, Exception):
                     raise RolledBack(report) from exc
                 raise
+        # The source QEMU completed: say so before anything else can be interrupted, so that the
+        # caller always learns it (and can hand the guest over, or take it back).
+        self.final = self.report("completed", "completed")
         errors: list[str] = []
-        await self.restore_settings(errors)  # this QEMU may be a migration target later
-        report = self.report("completed", "completed", "; ".join(errors) or None)
-        self.final = report
-        return report
+        restore = asyncio.ensure_future(self.restore_settings(errors))  # it may be a migration target later
+        try:
+            await asyncio.shield(restore)
+        finally:
+            if not restore.done():  # cancelled meanwhile: finish the restore, then let it propagate
+                await asyncio.gather(restore, return_exceptions=True)
+            if errors:
+                self.final = self.report("completed", "completed", "; ".join(errors))
+        return self.final
 
     async def _shielded_rollback(self, exc: BaseException) -> MigrationReport:
         task = asyncio.ensure_future(self.rollback(exc))
