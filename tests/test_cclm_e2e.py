@@ -285,3 +285,18 @@ def test_receive_on_a_busy_port_fails_cleanly(vm_factory, tmp_path):
     assert "Traceback" not in out.stderr and "Task was destroyed" not in out.stderr, out.stderr
     assert list(work.iterdir()) == []
     assert dst.qmp("query-status")["status"] == "inmigrate"
+
+
+def test_receive_disk_restricts_what_the_source_may_write(vm_factory, link, tmp_path):
+    """`receive --disk` names the disks the source may write; a plan with any other is refused before
+    anything starts, and the destination exports nothing."""
+    cl = Clusters(link, tmp_path)
+    src, dst, _ = make_vms(vm_factory, tmp_path, src_sizes=(4 * MiB, 8 * MiB), data_fill=0)
+    rcv, port = cl.receive(dst, "--disk", "jrnl")
+    mig = cl.migrate(src, port)
+    assert mig.wait() == 1 and rcv.wait() == 1
+    assert rcv.report()["outcome"] == "refused"
+    assert "disk 'data': not among the disks this destination accepts (jrnl)" in rcv.report()["error"]
+    assert dst.qmp("query-block-exports") == []
+    assert dst.qmp("query-status")["status"] == "inmigrate"
+    source_intact(src)
