@@ -225,6 +225,19 @@ def _qdev_id(dev: BlockDevice | None) -> str:
     return parts[3] if len(parts) > 3 and parts[2] == "peripheral" else dev.qdev
 
 
+def find_device(devices: Iterable[BlockDevice], name: str) -> BlockDevice:
+    """The guest block device (from ``query-block``) whose root node name, device id or device name is
+    ``name``.
+
+    :raises PlanRefused: there is none (or it has no medium).
+    """
+    found = next((d for d in devices if d.node_name and (
+        name in (d.node_name, d.qdev, d.device) or f"/machine/peripheral/{name}/" in d.qdev)), None)
+    if found is None or found.node_name is None:
+        raise PlanRefused(f"disk {name!r}: no guest block device with that node name or id")
+    return found
+
+
 async def memory_size(drv: QemuDriver) -> int:
     """The guest's base memory in bytes (``query-memory-size-summary``).
 
@@ -259,12 +272,10 @@ async def discover_plan(src: QemuDriver, disks: Iterable[str] | None = None,
                 chosen.append(plan_for(dev.node_name))
     else:
         for name in disks:
-            found: BlockDevice | None = next((d for d in devices if d.node_name and (
-                name in (d.node_name, d.qdev, d.device) or f"/machine/peripheral/{name}/" in d.qdev)), None)
-            if found is None or found.node_name is None:
-                raise PlanRefused(f"disk {name!r}: no guest block device with that node name or id")
+            found = find_device(devices, name)
             if found.read_only:
                 raise PlanRefused(f"disk {name!r} is read-only; it is not migrated as a writable disk")
+            assert found.node_name is not None
             chosen.append(plan_for(found.node_name))
     if not chosen:
         raise PlanRefused("the source has no writable guest disk to migrate")
