@@ -1229,3 +1229,59 @@ def test_zero_copy_frames_never_straddle_chunks(monkeypatch):
     p.run()
     assert bytes(p.s.data[sid]) == data
     assert len(cut) >= 5 and all(isinstance(v, memoryview) for v in cut)  # views: never joined copies
+
+
+# ====================================================================== one stream's state machine
+
+
+def test_stream_state_transitions_and_the_ones_refused():
+    from dataplane.channel.stream_state import RecvState, StreamPhase, StreamState, StreamTable
+
+    table = StreamTable(client=True, keep_closed=4)
+    local = table.open_local("ram", window=1000, comp_mode="off")
+    assert (local.sid, local.phase, local.recv) == (1, StreamPhase.OPENING, RecvState.OPEN)
+    assert local.send_credit() == 0  # no credit before OPEN_OK
+    local.held.append((0, b"early"))
+    assert local.open_confirmed(500) == [(0, b"early")] and local.held == []
+    assert local.phase == StreamPhase.OPEN and local.send_credit() == 500
+    with pytest.raises(ProtocolError):
+        local.open_confirmed(500)  # a second OPEN_OK
+    with pytest.raises(ProtocolError):
+        local.open_failed()  # OPEN_FAIL after OPEN_OK
+    assert local.begin_fin() and not local.begin_fin()  # idempotent
+    with pytest.raises(StreamClosedError):
+        local.check_sendable()
+    assert local.send_finished(ctl_acked=local.fin_seq + 1)  # nothing written: FIN alone, acknowledged
+
+    with pytest.raises(ProtocolError):
+        table.open_remote(4, "x", 1000, "off", max_streams=2)  # the peer's first id is 2
+    remote = table.open_remote(2, "nbd", 1000, "off", max_streams=2)
+    assert remote is not None and remote.phase == StreamPhase.PENDING and remote.recv_limit() == 0
+    with pytest.raises(StreamError):
+        remote.begin_fin()  # must be answered first
+    remote.fin_received(0)
+    assert remote.recv == RecvState.FIN and not remote.end_reached()  # not accepted yet
+    remote.accepted()
+    assert remote.end_reached() and remote.recv == RecvState.ENDED
+    with pytest.raises(StreamError):
+        remote.accepted()
+    assert remote.reset() == 0 and remote.phase == StreamPhase.RESET and remote.stopped
+    with pytest.raises(StreamResetError):
+        remote.accepted()
+    assert remote.settle(0) == (0, 0) and remote.recv_settled and remote.recv_finished()
+
+    refused = table.open_remote(4, "y", 1000, "off", max_streams=2)
+    assert refused is not None
+    refused.refused()
+    assert refused.phase == StreamPhase.CLOSED and refused.recv_settled
+    assert table.remove(refused) and not table.remove(refused)
+    assert table.open_remote(6, "z", 1000, "off", max_streams=1) is None  # over the limit: refuse it
+    assert table.known_id(6) and not table.known_id(8) and table.never_opened_by_us(3)
+
+    crossing = table.open_local("late", window=1000, comp_mode="off")
+    crossing.reset()
+    assert crossing.open_failed() is False  # OPEN_FAIL crossing our RESET: the application knows
+    assert crossing.phase == StreamPhase.CLOSED
+    bare = StreamState(99, "n", True, 1000, "off")
+    with pytest.raises(ProtocolError):
+        bare.fin_received(2000)  # beyond our credit

@@ -1,6 +1,6 @@
 """The send and reorder buffers of one stream (sans-IO, bounded): what the session core keeps of the
 bytes it sent until they are acknowledged, and of the bytes it received out of order until the
-gap before them is filled. Used by :mod:`dataplane.channel.session`."""
+gap before them is filled. Used by :mod:`dataplane.channel.stream_state`."""
 
 from __future__ import annotations
 
@@ -222,6 +222,3 @@ class _Reorder:
         self.starts.clear()
         self.chunks.clear()
         self.nbytes = 0
-
-
-# ====================================================================== per-connection and per-stream state
