@@ -440,6 +440,92 @@ def test_buffered_protocol_receive_path():
     assert bytes(p.s.data[sid]) == data and bytes(p.c.data[sid]) == data[::-1]
 
 
+# ====================================================================== reorder buffer bound
+
+
+@pytest.fixture
+def reorder_peak(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """``[peak]``: the most out-of-order pieces any stream held after any insert, while the test runs."""
+    from dataplane.channel.buffers import _Reorder
+
+    peak = [0]
+    insert = _Reorder.insert
+
+    def counting(self: _Reorder, off: int, data: bytes) -> int:
+        try:
+            return insert(self, off, data)
+        finally:
+            peak[0] = max(peak[0], len(self))
+
+    monkeypatch.setattr(_Reorder, "insert", counting)
+    return peak
+
+
+def tiny_frames(sid: int, offsets: list[int], size: int = 2) -> bytes:
+    return b"".join(frame_bytes(FrameType.DATA, bytes(size), stream_id=sid, aux=size, offset=o)
+                    for o in offsets)
+
+
+def test_flood_of_tiny_out_of_order_frames_ends_the_session(reorder_peak):
+    """200,000 two-byte frames, each ahead of a gap and in descending order (the worst case for a
+    sorted insert): refused once a stream holds MAX_REORDER_PIECES pieces, the rest never looked at."""
+    from dataplane.channel.session import MAX_REORDER_PIECES
+
+    p = Pair()
+    sid = p.open("x")
+    flood = tiny_frames(sid, [4 * k + 2 for k in reversed(range(200_000))])
+    h = p.wires[0].sh
+    events: list[Event] = []
+    for k in range(0, len(flood), 256 * 1024):
+        events += h.receive_data(flood[k:k + 256 * 1024], p.t)
+    p.s.handle(events)
+    (term,) = p.s.of(SessionTerminated)
+    assert isinstance(term.error, ProtocolError) and term.error.code == ErrorCode.PROTOCOL
+    assert f"stream {sid}: more than {MAX_REORDER_PIECES} pieces" in term.error.reason
+    assert "out of order" in term.error.reason
+    assert 0 < reorder_peak[0] <= MAX_REORDER_PIECES
+    assert reorder_peak[0] == MAX_REORDER_PIECES  # the bound was reached, not something else
+    assert p.server.stats.frames_received == MAX_REORDER_PIECES + 1  # nothing after the offending one
+    assert not p.s.of(DataReceived)
+    p.c.handle(p.wires[0].ch.receive_data(h.data_to_send(), p.t))  # the GOAWAY tells the peer why
+    (cterm,) = p.c.of(SessionTerminated)
+    assert cterm.remote and cterm.error is not None and cterm.error.code == ErrorCode.PROTOCOL
+
+
+def test_reorder_bound_holds_exactly_max_pieces_and_delivers_them_in_order(reorder_peak):
+    p = Pair(limits=Limits(max_reorder_pieces=8))
+    sid = p.open("x")
+    h = p.wires[0].sh
+    p.s.handle(h.receive_data(tiny_frames(sid, [4 * k + 2 for k in reversed(range(8))]), p.t))
+    assert reorder_peak[0] == 8 and not p.server.terminated and not p.s.of(DataReceived)
+    gaps = b"".join(frame_bytes(FrameType.DATA, b"\x01\x01", stream_id=sid, aux=2, offset=4 * k)
+                    for k in range(8))
+    p.s.handle(h.receive_data(gaps, p.t))  # every gap filled: all 32 bytes, in order, exactly once
+    assert bytes(p.s.data[sid]) == b"\x01\x01\x00\x00" * 8
+    assert p.server.memory()["reorder"] == 0 and not p.server.terminated
+    p.s.handle(h.receive_data(tiny_frames(sid, [32 + 4 * k + 2 for k in range(9)]), p.t))
+    (term,) = p.s.of(SessionTerminated)
+    assert isinstance(term.error, ProtocolError) and "more than 8 pieces" in term.error.reason
+    assert reorder_peak[0] == 8
+
+
+def test_small_frames_striped_and_reordered_stay_within_the_bound(reorder_peak):
+    """Normal out-of-order delivery across striped connections, many small frames: all of it
+    arrives, in order, and the reorder buffer held pieces without reaching the bound."""
+    from dataplane.channel.session import MAX_REORDER_PIECES
+
+    p = Pair(3, config=SessionConfig(frame_size=512), seed=11)
+    sids = [p.open(f"s{k}") for k in range(2)]
+    datas = {sid: payload(300_000 + sid, sid) for sid in sids}
+    for sid, d in datas.items():
+        p.write(p.client, sid, d, close=True)
+    p.run(shuffle=True, max_bytes=16 * 1024)
+    for sid, d in datas.items():
+        assert bytes(p.s.data[sid]) == d
+    assert not p.server.terminated
+    assert 1 < reorder_peak[0] < MAX_REORDER_PIECES
+
+
 # ====================================================================== flow control
 
 
@@ -1237,7 +1323,7 @@ def test_zero_copy_frames_never_straddle_chunks(monkeypatch):
 def test_stream_state_transitions_and_the_ones_refused():
     from dataplane.channel.stream_state import RecvState, StreamPhase, StreamState, StreamTable
 
-    table = StreamTable(client=True, keep_closed=4)
+    table = StreamTable(client=True, keep_closed=4, max_reorder_pieces=16)
     local = table.open_local("ram", window=1000, comp_mode="off")
     assert (local.sid, local.phase, local.recv) == (1, StreamPhase.OPENING, RecvState.OPEN)
     assert local.send_credit() == 0  # no credit before OPEN_OK
@@ -1282,6 +1368,6 @@ def test_stream_state_transitions_and_the_ones_refused():
     crossing.reset()
     assert crossing.open_failed() is False  # OPEN_FAIL crossing our RESET: the application knows
     assert crossing.phase == StreamPhase.CLOSED
-    bare = StreamState(99, "n", True, 1000, "off")
+    bare = StreamState(99, "n", True, 1000, "off", 16)
     with pytest.raises(ProtocolError):
         bare.fin_received(2000)  # beyond our credit

@@ -103,6 +103,15 @@ if TYPE_CHECKING:
 
 # ====================================================================== configuration
 
+#: Out-of-order pieces of data one stream may hold (default of ``Limits.max_reorder_pieces``).
+#: Legitimate reordering comes from striping: a piece is a frame that overtook a frame still on
+#: another connection. Bulk data goes in frames of up to 1 MiB, so a 16 MiB stream window holds a
+#: few dozen pieces at most; 4096 leaves room for small-frame traffic (an interactive stream, the
+#: postcopy return path) behind a connection that stalls for seconds. More is a peer flooding
+#: tiny out-of-order frames, each of which would cost far more memory and time than its bytes
+#: (credit counts bytes, not pieces): the session ends with a PROTOCOL error.
+MAX_REORDER_PIECES = 4096
+
 
 @dataclass(frozen=True, slots=True)
 class Limits:
@@ -115,6 +124,8 @@ class Limits:
     ``stream_window``: per-stream receive window. ``max_streams``: streams
     the peer may have open towards us at once. ``max_connections``: per
     session. ``handshake_timeout``/``grace``: seconds.
+    ``max_reorder_pieces``: out-of-order pieces one stream may hold (see
+    :data:`MAX_REORDER_PIECES`); beyond it the session ends with ProtocolError.
 
     Raises ValueError for inconsistent values.
     """
@@ -127,6 +138,7 @@ class Limits:
     max_connections: int = 16
     handshake_timeout: float = 10.0
     grace: float = 60.0
+    max_reorder_pieces: int = MAX_REORDER_PIECES
 
     def __post_init__(self) -> None:
         if not 4096 <= self.max_frame_payload <= (64 << 20):
@@ -139,6 +151,8 @@ class Limits:
             raise ValueError("max_streams and max_connections must be positive")
         if self.handshake_timeout <= 0 or self.grace <= 0:
             raise ValueError("handshake_timeout and grace must be positive")
+        if self.max_reorder_pieces < 1:
+            raise ValueError(f"max_reorder_pieces must be positive, got {self.max_reorder_pieces}")
 
     @property
     def recv_window(self) -> int:
@@ -248,7 +262,8 @@ class Session:
         self._encoder_codec: Codec | None = None
         self._decoders = decoders()
         # streams (their state machine: stream_state.py)
-        self._table = StreamTable(role == Role.CLIENT, keep_closed=4 * self.limits.max_streams)
+        self._table = StreamTable(role == Role.CLIENT, keep_closed=4 * self.limits.max_streams,
+                                  max_reorder_pieces=self.limits.max_reorder_pieces)
         self._streams = self._table.live
         self._sendable: deque[StreamState] = deque()
         self._blocked: set[int] = set()

@@ -105,7 +105,8 @@ class StreamState:
         "fin_offset",
     )
 
-    def __init__(self, sid: int, name: str, local: bool, window: int, comp_mode: str) -> None:
+    def __init__(self, sid: int, name: str, local: bool, window: int, comp_mode: str,
+                 max_reorder_pieces: int) -> None:
         self.sid = sid
         self.name = name
         self.local = local
@@ -130,7 +131,7 @@ class StreamState:
         self.consumed = 0
         self.ack_recv = 0
         self.ack_limit = 0
-        self.reorder = _Reorder()
+        self.reorder = _Reorder(max_reorder_pieces)
         self.held: list[tuple[int, Buffer]] = []
         self.fin_offset: int | None = None
 
@@ -356,15 +357,23 @@ class StreamState:
         """Bytes ``[off, off+len(data))`` arrived (not all below ``recv_next``).
 
         Returns the pieces that continue the stream now, in order (``recv_next`` moved past them),
-        and how many of the bytes were duplicates of bytes already delivered.
+        and how many of the bytes were duplicates of bytes already delivered. Bytes that continue
+        the stream never enter the reorder buffer (so the frame that fills the gap is taken even
+        when the buffer is full); later ones do, and raise ProtocolError if they would be one
+        out-of-order piece too many (``max_reorder_pieces``).
         """
-        if off == self.recv_next and not self.reorder:
-            self.recv_next = off + len(data)
-            return [(off, data)], 0
-        dup = self.recv_next - off if off < self.recv_next else 0
-        self.reorder.insert(off, data)
-        ready = self.reorder.pop_ready(self.recv_next)
-        if ready:
+        nxt = self.recv_next
+        if off > nxt:
+            try:
+                self.reorder.insert(off, data)
+            except ProtocolError as exc:
+                raise ProtocolError(f"stream {self.sid}: {exc.reason}") from None
+            return [], 0
+        dup = nxt - off
+        ready = [(nxt, data if dup == 0 else memoryview(data)[dup:])]
+        self.recv_next = off + len(data)
+        if self.reorder:
+            ready += self.reorder.pop_ready(self.recv_next)  # held pieces the new bytes reach
             o, d = ready[-1]
             self.recv_next = o + len(d)
         return ready, dup
@@ -442,9 +451,9 @@ class StreamTable:
     """
 
     __slots__ = ("live", "local_open", "remote_open", "recent_closed", "_client", "_next_local",
-                 "_next_remote", "_keep_closed")
+                 "_next_remote", "_keep_closed", "_max_reorder")
 
-    def __init__(self, client: bool, keep_closed: int) -> None:
+    def __init__(self, client: bool, keep_closed: int, max_reorder_pieces: int) -> None:
         self.live: dict[int, StreamState] = {}
         self.local_open = 0
         self.remote_open = 0
@@ -453,6 +462,7 @@ class StreamTable:
         self._next_local = 1 if client else 2
         self._next_remote = 2 if client else 1
         self._keep_closed = keep_closed
+        self._max_reorder = max_reorder_pieces
 
     def open_local(self, name: str, window: int, comp_mode: str) -> StreamState:
         """Allocate the next id of ours for a stream we open. Raises LimitExceeded when ids run out."""
@@ -460,7 +470,7 @@ class StreamTable:
         if sid > MAX_U32:
             raise LimitExceeded("stream ids exhausted")
         self._next_local += 2
-        st = StreamState(sid, name, True, window, comp_mode)
+        st = StreamState(sid, name, True, window, comp_mode, self._max_reorder)
         self.live[sid] = st
         self.local_open += 1
         return st
@@ -474,7 +484,7 @@ class StreamTable:
         self._next_remote += 2
         if self.remote_open >= max_streams:
             return None
-        st = StreamState(sid, name, False, window, comp_mode)
+        st = StreamState(sid, name, False, window, comp_mode, self._max_reorder)
         self.live[sid] = st
         self.remote_open += 1
         return st
