@@ -760,6 +760,47 @@ def test_garbage_instead_of_a_preface_closes_the_connection_only():
     assert h.closed and not p.server.terminated
 
 
+def test_acceptor_caps_the_connections_in_their_handshake():
+    from dataplane.channel.acceptor import MAX_PENDING_HANDSHAKES, refusal
+
+    assert Acceptor().max_pending == MAX_PENDING_HANDSHAKES == 128
+    acc = Acceptor(max_pending=2)
+    a, b = acc.accept("x", 0.0), acc.accept("x", 0.0)
+    assert acc.pending == 2
+    with pytest.raises(LimitExceeded, match="2 connections are already in their handshake"):
+        acc.accept("x", 0.0)
+    a.connection_lost(0.5)  # one goes away: room for one more
+    c = acc.accept("x", 0.5)
+    assert acc.pending == 2
+    assert c.tick(20.0) and acc.pending == 1  # one times out
+    client = Session.client(0.0)
+    ch = client.connect(0.0)
+    b.receive_data(ch.data_to_send(), 1.0)  # one completes its HELLO: bound, no longer pending
+    assert b.session is not None and acc.pending == 0
+    # what a refused connection is told
+    wire = b"".join(refusal(LimitExceeded("busy")))
+    assert wire[:PREFACE_SIZE] == encode_preface()
+    (refuse,) = FrameDecoder(1 << 20).feed(wire[PREFACE_SIZE:])
+    assert (refuse.type, refuse.aux, bytes(refuse.payload)) == (FrameType.REFUSE, ErrorCode.LIMIT, b"busy")
+
+
+def test_a_stripe_refused_for_lack_of_room_ends_only_that_connection():
+    """Before the session exists, a LIMIT refusal of an extra stripe drops that stripe alone; the
+    creating connection goes on and the session is established."""
+    from dataplane.channel.acceptor import refusal
+
+    p = Pair(2, settle=False)
+    stripe = p.wires[1]
+    wire = b"".join(refusal(LimitExceeded("128 connections are already in their handshake")))
+    events = stripe.ch.receive_data(wire, p.t)  # the listener had no room for it
+    (closed,) = [e for e in events if isinstance(e, ConnectionClosed)]
+    assert closed.conn_id == stripe.ch.conn_id and isinstance(closed.error, LimitExceeded)
+    assert stripe.ch.closed and not p.client.terminated
+    stripe.alive = False
+    p.run()
+    assert p.client.established and p.client.ready_connections == 1 and not p.c.of(SessionTerminated)
+
+
 def test_reset_stream_mid_transfer_restores_session_credit():
     limits = Limits(session_memory=6 * MiB, replay_buffer=3 * MiB, stream_window=2 * MiB)
     p = Pair(limits=limits, server_consume=False)

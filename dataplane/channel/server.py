@@ -11,11 +11,12 @@ from collections import deque
 from collections.abc import Callable
 from typing import cast
 
-from dataplane.channel.acceptor import Acceptor
+from dataplane.channel.acceptor import MAX_PENDING_HANDSHAKES, Acceptor, refusal
 from dataplane.channel.addr import format_hostport
 from dataplane.channel.connection import LIVENESS_TIMEOUT, _ChannelConnection, describe_error, lost_reason
 from dataplane.channel.driver import _SessionDriver
 from dataplane.channel.errors import (
+    LimitExceeded,
     StateError,
 )
 from dataplane.channel.events import (
@@ -53,9 +54,17 @@ class _ServerConnection(_ChannelConnection):
         if srv.closing:
             cast(asyncio.Transport, transport).abort()
             return
-        srv.pending.add(self)
         now = time.monotonic()
-        self.handle = srv.acceptor.accept(self.identity, now)
+        try:
+            self.handle = srv.acceptor.accept(self.identity, now)
+        except LimitExceeded as exc:
+            log.warning("refusing the connection from %s at once: %s", self.peer, exc.reason)
+            tr = cast(asyncio.Transport, transport)
+            tr.writelines(refusal(exc, srv.config.versions))
+            self.failed = True
+            self.close_transport()
+            return
+        srv.pending.add(self)
         loop = asyncio.get_running_loop()
         self._hs_timer = loop.call_later(max(0.0, self.handle.handshake_deadline - now), self._hs_tick)
         log.debug("connection from %s accepted", self.peer)
@@ -101,13 +110,17 @@ class ChannelServer:
     ``on_stream(stream)`` is called for every stream a peer opens: it must
     eventually call ``stream.accept(handler)`` or ``stream.refuse(reason)``
     (the peer opens its next stream only after that answer). ``bandwidth``:
-    bytes/s cap of each session's sending (None: unlimited).
+    bytes/s cap of each session's sending (None: unlimited). ``max_pending``:
+    connections that may be in their channel handshake at once (see
+    :data:`~dataplane.channel.acceptor.MAX_PENDING_HANDSHAKES`); beyond it a
+    new connection is refused at once, with a warning in the log.
     Raises ValueError for an inconsistent configuration.
     """
 
     def __init__(self, host: str, port: int, tls: TLSConfig | None, *, plaintext: bool = False,
                  limits: Limits | None = None, config: SessionConfig | None = None,
                  bandwidth: float | None = None, max_sessions: int = 64,
+                 max_pending: int = MAX_PENDING_HANDSHAKES,
                  on_stream: Callable[[ChannelStream], None] | None = None,
                  liveness_timeout: float = LIVENESS_TIMEOUT) -> None:
         if tls is None and not plaintext:
@@ -123,7 +136,7 @@ class ChannelServer:
         self.bandwidth = bandwidth
         self.on_stream = on_stream
         self.liveness_timeout = liveness_timeout
-        self.acceptor = Acceptor(self.limits, self.config, max_sessions=max_sessions)
+        self.acceptor = Acceptor(self.limits, self.config, max_sessions=max_sessions, max_pending=max_pending)
         self.sessions: dict[bytes, _SessionDriver] = {}
         self.ended: deque[dict[str, object]] = deque(maxlen=KEEP_ENDED_SESSIONS)
         self.pending: set[_ServerConnection] = set()

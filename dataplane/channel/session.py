@@ -419,6 +419,7 @@ class Session:
         assert self.session_id is not None
         proto.send_frame(FrameType.WELCOME, self._params(self.session_id, token).pack(),
                          flags=FLAG_JOINED if joined else 0)
+        proto.handshake_answered()
         proto.handshake_deadline = now + self.limits.handshake_timeout
         link.handshaken = True
         self._emit_acks(link, full=True)
@@ -1094,7 +1095,8 @@ class Session:
 
     def _on_refuse(self, link: _Link, f: Frame, events: list[Event]) -> None:
         err = error_from_code(f.aux, decode_text(f.payload))
-        if self._established and isinstance(err, LimitExceeded):
+        if isinstance(err, LimitExceeded) and (self._established or link.cid != self._creator):
+            # a join or an extra stripe the listener has no room for: only this connection ends
             self._drop_link(link, self._now, events, err, notify=True)
             return
         self._terminate(err, True, events)
