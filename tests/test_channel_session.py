@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import sys
 import time
 from collections import defaultdict, deque
@@ -939,6 +940,84 @@ def test_graceful_close():
     assert cterm.error is None and not cterm.remote
     assert sterm.error is None and sterm.remote
     assert all(w.ch.closed and w.sh.closed for w in p.wires)
+
+
+def test_drain_delivers_what_was_handed_over_just_before_then_ends_the_session():
+    data = payload(3 * MiB + 17, 4)
+    # for contrast: an abrupt close drops what is not on the wire yet
+    q = Pair(2)
+    sid = q.open("x")
+    assert q.client.send(sid, data) == len(data)
+    q.client.close("now")
+    q.run()
+    assert len(q.s.data[sid]) < len(data) and not q.client.all_acknowledged
+
+    p = Pair(2)
+    sid = p.open("x")
+    assert p.client.send(sid, data) == len(data)  # handed over, not one byte on the wire yet
+    assert not p.client.all_acknowledged
+    p.client.drain(p.t, 5.0, "done")
+    assert p.client.draining and not p.client.terminated
+    with pytest.raises(StreamClosedError):
+        p.client.send(sid, b"more")  # no new data
+    with pytest.raises(SessionClosedError, match="closing"):
+        p.client.open_stream("late")
+    p.run()
+    assert bytes(p.s.data[sid]) == data
+    assert [e.stream_id for e in p.s.of(StreamEnded)] == [sid]  # the stream ended orderly (FIN)
+    (cterm,) = p.c.of(SessionTerminated)
+    (sterm,) = p.s.of(SessionTerminated)
+    assert cterm.error is None and not cterm.remote and sterm.error is None and sterm.remote
+    assert p.client.all_acknowledged and p.client.stats.bytes_sent == len(data)
+    assert all(w.ch.closed and w.sh.closed for w in p.wires)
+
+
+def test_drain_answers_the_peer_and_refuses_its_new_streams():
+    p = Pair()
+    p.c.auto_accept = False
+    mine = p.open("mine")
+    pending = p.server.open_stream("early")
+    p.run()
+    assert [e.stream_id for e in p.c.of(StreamOpened)] == [pending]
+    back = payload(200_000, 6)
+    p.client.drain(p.t, 5.0)
+    late = p.server.open_stream("late")
+    p.client.accept_stream(pending)  # still answered; it may carry data to us, we send nothing
+    p.write(p.server, pending, back)
+    p.run()
+    assert bytes(p.c.data[pending]) == back
+    (refused,) = p.s.of(StreamRefused)
+    assert (refused.stream_id, refused.code) == (late, ErrorCode.REFUSED)
+    assert refused.reason == "the session is closing"
+    assert sorted(e.stream_id for e in p.s.of(StreamEnded)) == [mine, pending]  # our FIN on both
+    (cterm,) = p.c.of(SessionTerminated)
+    assert cterm.error is None and p.client.all_acknowledged and p.server.terminated
+
+
+def test_drain_times_out_and_says_so():
+    p = Pair()
+    sid = p.open("x")
+    p.client.send(sid, payload(MiB, 1))
+    p.drop(p.wires[0], partial=False)  # nothing can be acknowledged any more
+    p.client.drain(p.t, 2.0)
+    assert p.client.next_deadline() == pytest.approx(p.t + 2.0)
+    p.tick(1.9)
+    assert not p.client.terminated
+    p.tick(0.2)
+    (cterm,) = p.c.of(SessionTerminated)
+    assert isinstance(cterm.error, ChannelTimeout) and cterm.error.code == ErrorCode.TIMEOUT
+    assert re.match(rf"graceful close timed out: {MiB} bytes( and \d+ control frames?)? not acknowledged "
+                    "by the peer; closed anyway$", cterm.error.reason), cterm.error.reason
+    assert not p.client.all_acknowledged
+
+
+def test_drain_before_the_session_exists_ends_it_at_once():
+    s = Session.client(0.0)
+    s.connect(0.0)
+    s.drain(0.0, 5.0)
+    assert s.terminated and [type(e) for e in s.tick(0.0)] == [SessionTerminated]
+    with pytest.raises(SessionClosedError):
+        s.drain(0.0, 5.0)
 
 
 def test_max_connections_refusal_keeps_the_session():

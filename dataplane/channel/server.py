@@ -14,7 +14,7 @@ from typing import cast
 from dataplane.channel.acceptor import MAX_PENDING_HANDSHAKES, Acceptor, refusal
 from dataplane.channel.addr import format_hostport
 from dataplane.channel.connection import LIVENESS_TIMEOUT, _ChannelConnection, describe_error, lost_reason
-from dataplane.channel.driver import _SessionDriver
+from dataplane.channel.driver import DRAIN_TIMEOUT, _SessionDriver
 from dataplane.channel.errors import (
     LimitExceeded,
     StateError,
@@ -218,14 +218,29 @@ class ChannelServer:
             "sessions": [d.stats() for d in self.sessions.values()] + list(self.ended),
         }
 
-    async def close(self, reason: str = "the listener is shutting down", timeout: float = 2.0) -> None:
-        """Stop listening, close every session in an orderly way (GOAWAY) and wait for the connections."""
+    async def close(self, reason: str = "the listener is shutting down", timeout: float = 2.0, *,
+                    graceful: bool = True, drain_timeout: float = DRAIN_TIMEOUT) -> bool:
+        """Stop listening, close every session, and wait (up to *timeout* s) for the connections to go.
+
+        *graceful* (the default): each session first delivers what was
+        handed to it: no new data is taken, every stream is half-closed
+        after its queued bytes, and the session ends (GOAWAY NO_ERROR) once
+        the peer acknowledged every byte, or after *drain_timeout* seconds
+        anyway, with a warning in the log (see
+        :meth:`~dataplane.channel.session.Session.drain`); the sessions
+        drain together. Otherwise at once: bytes not yet acknowledged are
+        dropped (for aborts). Connections still in their handshake are
+        aborted. Returns True if every session's peer acknowledged every
+        byte. Never raises.
+        """
         self.closing = True
         if self._server is not None:
             self._server.close()
         for conn in list(self.pending):
             conn.abort()
         drivers = list(self.sessions.values())
+        if graceful and drivers:
+            await asyncio.gather(*(drv.drain(reason, drain_timeout) for drv in drivers))
         for drv in drivers:
             drv.close(reason)
         await asyncio.sleep(0)
@@ -234,6 +249,7 @@ class ChannelServer:
         if self._server is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), timeout)
+        return all(drv.session.all_acknowledged for drv in drivers)
 
 
 # =============================================================================== client

@@ -288,6 +288,10 @@ class Session:
         self._ack_due_at: float | None = None
         self._ack_sess_sent = 0
         self._deferred: list[Event] = []
+        # graceful close (drain): when it must be over, and what GOAWAY then says
+        self._drain_deadline: float | None = None
+        self._drain_reason = ""
+        self._acked_at_end = False
         self.stats = SessionStats()
 
     # ------------------------------------------------------------------ construction
@@ -490,6 +494,8 @@ class Session:
             self._terminate(exc, False, events)
             return
         self._after_credit(events)
+        if self._drain_deadline is not None:
+            self._check_drained(events)
 
     def buffers_to_send(self, conn_id: int, max_bytes: int | None = None) -> list[Buffer]:
         """Pull the next bytes for connection *conn_id* as a list of buffers (for ``writelines``).
@@ -597,6 +603,16 @@ class Session:
                 and now - self._no_link_since >= self.limits.grace):
             self._terminate(GraceExpired(f"no connection for {self.limits.grace:g} s"), False, events)
             return events
+        if self._drain_deadline is not None:
+            self._check_drained(events)
+            if self._terminated:
+                return events
+        if self._drain_deadline is not None and now >= self._drain_deadline:
+            n = len(self._ctl)
+            ctl = f" and {n} control frame{'s' if n > 1 else ''}" if n else ""
+            self._terminate(ChannelTimeout(f"graceful close timed out: {self._send_buffered} bytes{ctl} "
+                                           "not acknowledged by the peer; closed anyway"), False, events)
+            return events
         self.stats.recv_buffered = self._recv_total - self._recv_credit
         self.stats.send_buffered = self._send_buffered
         self.stats.sample(now)
@@ -620,6 +636,8 @@ class Session:
                 cands.append(min(link.next_ping, link.last_recv + self.config.idle_timeout, link.probe_at))
         if self._ready_count == 0 and self._no_link_since is not None:
             cands.append(self._no_link_since + self.limits.grace)
+        if self._drain_deadline is not None:
+            cands.append(self._drain_deadline)
         return min(cands) if cands else None
 
     def ping(self, now: float) -> None:
@@ -640,21 +658,80 @@ class Session:
     # ------------------------------------------------------------------ session end
 
     def close(self, reason: str = "") -> None:
-        """End the session in an orderly way: GOAWAY(NO_ERROR) on every connection.
+        """End the session at once: GOAWAY(NO_ERROR) on every connection (for an abort).
 
-        Live streams are reset; the :class:`SessionTerminated` event comes
-        out of the next event-returning call. Flush and close every
-        connection afterwards. No-op if already terminated.
+        Bytes not yet sent or acknowledged are dropped (:meth:`drain` waits
+        for them) and live streams are reset; the :class:`SessionTerminated`
+        event comes out of the next event-returning call. Flush and close
+        every connection afterwards. No-op if already terminated.
         """
         if self._terminated:
             return
         self._terminate(None, False, self._deferred, reason=reason or "closed")
+
+    def drain(self, now: float, timeout: float, reason: str = "") -> None:
+        """Close gracefully: deliver what was handed to the session, then end it.
+
+        From now on the session takes no new data: every stream of ours is
+        half-closed (FIN after the bytes already queued, so ``send`` raises
+        StreamClosedError), :meth:`open_stream` raises SessionClosedError and
+        streams the peer opens are refused. Once the peer acknowledged every
+        byte and control frame (:attr:`all_acknowledged`), the session sends
+        a last ACK and GOAWAY(NO_ERROR, *reason*) and ends
+        (:class:`SessionTerminated` without error). If that has not happened
+        *timeout* seconds after *now*, :meth:`tick` ends it anyway with
+        GOAWAY(TIMEOUT) and a :class:`~dataplane.channel.errors.ChannelTimeout`
+        saying how much was not acknowledged. Receiving goes on meanwhile.
+        A session not yet established ends at once. Calling it again only
+        brings the deadline closer. Raises SessionClosedError if the session
+        ended, ValueError for a negative *timeout*.
+        """
+        self._check_alive()
+        if timeout < 0:
+            raise ValueError(f"timeout must be >= 0, got {timeout}")
+        self._now = now
+        deadline = now + timeout
+        if self._drain_deadline is not None:
+            self._drain_deadline = min(self._drain_deadline, deadline)
+            return
+        self._drain_deadline = deadline
+        self._drain_reason = reason or "closed"
+        if not self._established:
+            self._terminate(None, False, self._deferred, reason=self._drain_reason)
+            return
+        for st in list(self._streams.values()):
+            if st.phase in (StreamPhase.OPENING, StreamPhase.OPEN):
+                self._queue_fin(st)
+        self._check_drained(self._deferred)
+
+    @property
+    def draining(self) -> bool:
+        """True once :meth:`drain` was called (the session takes no new data)."""
+        return self._drain_deadline is not None
+
+    @property
+    def all_acknowledged(self) -> bool:
+        """True when the peer acknowledged every byte and control frame handed to the session: so far
+        while it lives, at its end once it ended (False for bytes dropped by an abort)."""
+        if self._terminated:
+            return self._acked_at_end
+        return self._send_buffered == 0 and not self._ctl
+
+    def _check_drained(self, events: list[Event]) -> None:
+        """While draining: end the session once everything is acknowledged."""
+        if self._terminated or self._send_buffered or self._ctl:
+            return
+        for link in self._links.values():
+            if link.ready:  # acknowledge what we received before saying goodbye (the peer may drain too)
+                self._emit_acks(link, full=True)
+        self._terminate(None, False, events, reason=self._drain_reason)
 
     def _terminate(self, error: ChannelError | None, remote: bool, events: list[Event],
                    reason: str = "") -> None:
         if self._terminated:
             return
         self._terminated = True
+        self._acked_at_end = self._send_buffered == 0 and not self._ctl
         self.error = error
         code = error.code if error is not None else ErrorCode.NO_ERROR
         why = error.reason if error is not None else reason
@@ -696,10 +773,13 @@ class Session:
         The peer application sees :class:`StreamOpened` in the order streams
         were opened; we get :class:`StreamAccepted` or :class:`StreamRefused`.
         The stream is not writable before it is accepted. Raises
-        SessionClosedError, LimitExceeded (the peer's ``max_streams`` or ids
-        exhausted), ValueError for a bad name.
+        SessionClosedError (also while :meth:`drain` closes the session),
+        LimitExceeded (the peer's ``max_streams`` or ids exhausted),
+        ValueError for a bad name.
         """
         self._check_alive()
+        if self.draining:
+            raise SessionClosedError("the session is closing")
         raw = name.encode("utf-8")
         if not 1 <= len(raw) <= MAX_NAME:
             raise ValueError(f"stream name must be 1..{MAX_NAME} bytes of UTF-8")
@@ -724,6 +804,8 @@ class Session:
         st.ack_limit = st.recv_limit()
         self.stats.streams_opened += 1
         self._queue_control(FrameType.OPEN_OK, stream_id, offset=st.ack_limit)
+        if self.draining:
+            self._queue_fin(st)  # it may receive, but we send nothing more
         if st.fin_offset is not None:
             self._check_end(st, self._deferred)
 
@@ -845,11 +927,16 @@ class Session:
         us), SessionClosedError.
         """
         st = self._get(stream_id)
-        if not st.begin_fin():
+        if st.begin_fin():
+            self._queue_fin(st)
+
+    def _queue_fin(self, st: StreamState) -> None:
+        """Queue our FIN at the stream's current offset (unless it was queued already)."""
+        if st.fin_seq or (st.fin_local is None and not st.begin_fin()):
             return
-        st.fin_seq = self._queue_control(FrameType.FIN, stream_id, offset=st.written)
-        self._fin_wait.add(stream_id)
-        self._blocked.discard(stream_id)
+        st.fin_seq = self._queue_control(FrameType.FIN, st.sid, offset=st.written)
+        self._fin_wait.add(st.sid)
+        self._blocked.discard(st.sid)
 
     def reset_stream(self, stream_id: int, reason: str = "", code: int = ErrorCode.CANCEL) -> None:
         """Abort a stream in both directions (RESET with *code* and *reason*). No-op if already reset.
@@ -1263,12 +1350,13 @@ class Session:
     def _on_open(self, f: Frame, events: list[Event]) -> None:
         sid = f.stream_id
         name = decode_text(f.payload)
+        closing = self.draining
         st = self._table.open_remote(sid, name, self.limits.stream_window, self.config.compression,
-                                     self.limits.max_streams)
+                                     0 if closing else self.limits.max_streams)
         if st is None:
-            reason = f"too many streams (max {self.limits.max_streams})"
-            self._queue_control(FrameType.OPEN_FAIL, sid, aux=ErrorCode.LIMIT,
-                                payload=encode_text(reason, MAX_REASON))
+            code, reason = ((ErrorCode.REFUSED, "the session is closing") if closing
+                            else (ErrorCode.LIMIT, f"too many streams (max {self.limits.max_streams})"))
+            self._queue_control(FrameType.OPEN_FAIL, sid, aux=code, payload=encode_text(reason, MAX_REASON))
             return
         st.raise_peer_limit(f.offset)
         events.append(StreamOpened(sid, name))
