@@ -28,6 +28,7 @@ from dataplane.channel.frames import (
     frame_bytes,
 )
 from dataplane.channel.server import ChannelServer
+from dataplane.channel.session import Limits
 from dataplane.channel.tls import TLSConfig, client_context
 
 MiB = 1 << 20
@@ -193,3 +194,47 @@ def test_a_listener_caps_pending_handshakes_by_default() -> None:
     from dataplane.channel.acceptor import MAX_PENDING_HANDSHAKES
 
     assert ChannelServer("127.0.0.1", 0, None, plaintext=True).acceptor.max_pending == MAX_PENDING_HANDSHAKES
+
+
+# ====================================================================== idle connections
+
+
+async def test_idle_plaintext_connection_is_closed_with_an_info_line(caplog):
+    caplog.set_level(logging.INFO, logger="dataplane.channel")
+    server = ChannelServer("127.0.0.1", 0, None, plaintext=True, limits=Limits(handshake_timeout=1.0))
+    port = (await server.start())[1]
+    try:
+        raw = await Raw.open(port)  # connects, sends nothing
+        t0 = asyncio.get_running_loop().time()
+        await raw.until_closed(timeout=5)
+        raw.close()
+        assert 0.8 < asyncio.get_running_loop().time() - t0 < 3.0
+        local = raw.writer.get_extra_info("sockname")
+        rec = logged(caplog, rf"closing connection from 127\.0\.0\.1:{local[1]}: no handshake within 1 s "
+                             r"\(nothing received\)", logging.INFO)
+        assert "TIMEOUT" not in rec.getMessage()
+    finally:
+        await server.close()
+
+
+@pytest.mark.parametrize("tls_done", [False, True], ids=["no-tls-handshake", "tls-then-silence"])
+async def test_idle_tls_connection_is_closed_with_an_info_line(tls_done, pki, caplog):
+    """A TCP connection to a TLS listener that never starts TLS used to be closed by the loop after
+    10 s without a word; one that completes TLS and then sends nothing is timed by the channel."""
+    caplog.set_level(logging.INFO, logger="dataplane.channel")
+    server = ChannelServer("127.0.0.1", 0, pki.server_config())  # the default handshake timeout
+    assert server.limits.handshake_timeout == 10.0
+    port = (await server.start())[1]
+    try:
+        raw = await Raw.open(port, pki.client_config() if tls_done else None)
+        local = raw.writer.get_extra_info("sockname")
+        t0 = asyncio.get_running_loop().time()
+        await raw.until_closed(timeout=15)
+        raw.close()
+        assert 9.5 < asyncio.get_running_loop().time() - t0 < 12.0
+        why = "nothing received" if tls_done else "TLS"
+        logged(caplog, rf"closing connection from 127\.0\.0\.1:{local[1]}: no handshake within 10 s "
+                       rf"\({why}\)", logging.INFO)
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "closing" in r.getMessage()]
+    finally:
+        await server.close()
