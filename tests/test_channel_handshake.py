@@ -164,14 +164,18 @@ async def test_connections_beyond_the_pending_cap_are_refused_at_once(mode, pki,
             await raw.send(encode_preface())
             waiting.append(raw)
         await wait_pending(server, 2)
-        third = await Raw.open(port, ctls)
         t0 = asyncio.get_running_loop().time()
-        wire = await third.until_closed()  # closed at once, without our sending anything
-        third.close()
+        if mode == "tls":  # no TLS for it, hence no REFUSE: closed at once
+            with pytest.raises((ssl.SSLError, ConnectionError)):
+                await Raw.open(port, ctls)
+        else:
+            third = await Raw.open(port, ctls)
+            wire = await third.until_closed()  # closed at once, without our sending anything
+            third.close()
+            ((ftype, aux, reason),) = frames_of(wire)
+            assert (ftype, aux) == (FrameType.REFUSE, ErrorCode.LIMIT)
+            assert reason == b"2 connections are already in their handshake"
         assert asyncio.get_running_loop().time() - t0 < 2.0
-        ((ftype, aux, reason),) = frames_of(wire)
-        assert (ftype, aux) == (FrameType.REFUSE, ErrorCode.LIMIT)
-        assert reason == b"2 connections are already in their handshake"
         logged(caplog, r"refusing the connection from 127\.0\.0\.1:\d+ at once: "
                        r"2 connections are already in their handshake", logging.WARNING)
         assert server.acceptor.pending == 2 and server.stats()["pending_connections"] == 2
@@ -187,6 +191,37 @@ async def test_connections_beyond_the_pending_cap_are_refused_at_once(mode, pki,
     finally:
         for raw in waiting:
             raw.close()
+        await server.close()
+
+
+async def test_tls_handshakes_under_way_count_towards_the_cap(pki, caplog):
+    """TCP connections that never start TLS hold their place too: a TLS client beyond the cap is
+    closed before its TLS handshake, with the warning; once they are gone it gets in."""
+    caplog.set_level(logging.INFO, logger="dataplane.channel")
+    server = ChannelServer("127.0.0.1", 0, pki.server_config(), max_pending=2,
+                           limits=Limits(handshake_timeout=1.5))
+    port = (await server.start())[1]
+    try:
+        idle = [await Raw.open(port) for _ in range(2)]  # plain TCP: they never send a ClientHello
+        async with asyncio.timeout(5):
+            while server.handshaking != 2:
+                await asyncio.sleep(0.01)
+        assert server.stats()["tls_handshakes"] == 2
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            await Raw.open(port, pki.client_config())  # closed at once: the TLS handshake fails
+        logged(caplog, r"refusing the connection from 127\.0\.0\.1:\d+ at once: 2 connections are already "
+                       r"in their handshake", logging.WARNING)
+        for raw in idle:
+            raw.close()
+        async with asyncio.timeout(5):
+            while server.handshaking:
+                await asyncio.sleep(0.01)
+        ok = await Raw.open(port, pki.client_config())
+        await ok.send(encode_preface() + frame_bytes(FrameType.HELLO, HelloParams().pack()))
+        got = await ok.reader.readexactly(PREFACE_SIZE + HEADER_SIZE + 80)
+        assert frames_of(got)[0][0] == FrameType.WELCOME
+        ok.close()
+    finally:
         await server.close()
 
 

@@ -26,8 +26,9 @@ from dataplane.channel.frames import (
 from dataplane.channel.protocol import Connection, Role
 from dataplane.channel.session import ConnectionHandle, Limits, Session, SessionConfig
 
-#: Connections that may be in their channel handshake at once, per acceptor (per listener): accepted
-#: (TLS done) but their HELLO not yet bound to a session. A client dials all of a session's
+#: Connections that may be in their handshake at once, per acceptor (per listener): accepted but
+#: their HELLO not yet bound to a session (ChannelServer counts those still in their TLS handshake
+#: against the same bound). A client dials all of a session's
 #: connections at once (at most ``Limits.max_connections``, 16) and the extra ones stay pending
 #: until the first is welcomed: 128 lets 8 such sessions start or reconnect in the same instant.
 #: Beyond it a new connection is refused at once (REFUSE with LIMIT) without reading from it; a

@@ -54,6 +54,10 @@ BACKLOG = 256
 ACCEPT_RETRY = 0.1
 
 
+def _peer_text(addr: Any) -> str:
+    return format_hostport(str(addr[0]), int(addr[1])) if isinstance(addr, tuple) else str(addr)
+
+
 async def _listen_sockets(host: str | None, port: int) -> list[socket.socket]:
     """Bound, listening, non-blocking sockets for every address *host* resolves to (None: all
     interfaces), as ``loop.create_server`` makes them. Raises OSError (address in use, ...)."""
@@ -82,8 +86,16 @@ class _ServerConnection(_ChannelConnection):
         super().__init__(server.tls, server.liveness_timeout)
         self.server = server
         self._hs_timer: asyncio.TimerHandle | None = None
+        self.in_tls = False  # counted in the listener's TLS handshakes until connection_made
+
+    def tls_done(self) -> None:
+        """Leave the listener's count of TLS handshakes (once)."""
+        if self.in_tls:
+            self.in_tls = False
+            self.server._tls_handshakes -= 1
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.tls_done()  # from here on it counts as pending in the acceptor
         if not self._setup(transport):
             return
         srv = self.server
@@ -151,9 +163,9 @@ class ChannelServer:
     eventually call ``stream.accept(handler)`` or ``stream.refuse(reason)``
     (the peer opens its next stream only after that answer). ``bandwidth``:
     bytes/s cap of each session's sending (None: unlimited). ``max_pending``:
-    connections that may be in their channel handshake at once (see
-    :data:`~dataplane.channel.acceptor.MAX_PENDING_HANDSHAKES`); beyond it a
-    new connection is refused at once, with a warning in the log.
+    connections that may be in their handshake at once, TLS's or the
+    channel's (see :data:`~dataplane.channel.acceptor.MAX_PENDING_HANDSHAKES`);
+    beyond it a new connection is refused at once, with a warning in the log.
     Raises ValueError for an inconsistent configuration.
     """
 
@@ -186,6 +198,7 @@ class ChannelServer:
         self._accepting: list[asyncio.Task[None]] = []
         self._wrapping: set[asyncio.Task[None]] = set()  # accepted sockets in their TLS handshake
         self._unwrapped: set[socket.socket] = set()  # accepted, not yet handed to the loop's transport
+        self._tls_handshakes = 0  # accepted connections in their TLS handshake
         self._bound: tuple[str, int] | None = None
         self._started = time.time()
 
@@ -218,29 +231,46 @@ class ChannelServer:
                 log.warning("cannot accept a connection: %s", os_error_text(exc))
                 await asyncio.sleep(ACCEPT_RETRY)
                 continue
+            proto = _ServerConnection(self)
+            if self._ctx is not None:
+                if self.handshaking >= self.acceptor.max_pending:
+                    # no TLS yet, so no REFUSE: closed at once (a real client redials with backoff)
+                    log.warning("refusing the connection from %s at once: %d connections are already in "
+                                "their handshake", _peer_text(addr), self.acceptor.max_pending)
+                    conn.close()
+                    continue
+                proto.in_tls = True
+                self._tls_handshakes += 1
             self._unwrapped.add(conn)
-            task = loop.create_task(self._wrap(conn, addr))
+            task = loop.create_task(self._wrap(conn, addr, proto))
             self._wrapping.add(task)
             task.add_done_callback(self._wrapping.discard)
 
-    async def _wrap(self, conn: socket.socket, addr: Any) -> None:
+    async def _wrap(self, conn: socket.socket, addr: Any, proto: _ServerConnection) -> None:
         """Give an accepted socket its protocol, after the TLS handshake for a TLS listener."""
         loop = asyncio.get_running_loop()
         self._unwrapped.discard(conn)  # the transport made below (before any await) owns and closes it
         if self._ctx is None:
-            await loop.connect_accepted_socket(lambda: _ServerConnection(self), conn)
+            await loop.connect_accepted_socket(lambda: proto, conn)
             return
         timeout = self.limits.handshake_timeout
-        peer = format_hostport(str(addr[0]), int(addr[1])) if isinstance(addr, tuple) else str(addr)
+        peer = _peer_text(addr)
         try:
             # our own deadline (the loop's is a backstop): the loop closes the socket when it passes
             await asyncio.wait_for(loop.connect_accepted_socket(
-                lambda: _ServerConnection(self), conn, ssl=self._ctx, ssl_handshake_timeout=timeout + 5.0),
-                timeout)
+                lambda: proto, conn, ssl=self._ctx, ssl_handshake_timeout=timeout + 5.0), timeout)
         except TimeoutError:
             log.info("closing connection from %s: no handshake within %g s (TLS)", peer, timeout)
         except (ssl.SSLError, OSError) as exc:  # a refusal (the context's hook logged why) or a reset
             log.debug("TLS with %s failed: %s", peer, exc)
+        finally:
+            proto.tls_done()
+
+    @property
+    def handshaking(self) -> int:
+        """Connections in their handshake: in TLS's, or past it and their HELLO not bound yet (both count
+        towards ``max_pending``)."""
+        return self._tls_handshakes + self.acceptor.pending
 
     @property
     def address(self) -> tuple[str, int]:
@@ -297,6 +327,7 @@ class ChannelServer:
             "uptime": time.time() - self._started,
             "bandwidth_limit": self.bandwidth,
             "pending_connections": len(self.pending),
+            "tls_handshakes": self._tls_handshakes,
             "sessions": [d.stats() for d in self.sessions.values()] + list(self.ended),
         }
 
@@ -323,6 +354,7 @@ class ChannelServer:
         for sock in [*self._socks, *self._unwrapped]:
             sock.close()
         self._unwrapped.clear()
+        self._tls_handshakes = 0
         for conn in list(self.pending):
             conn.abort()
         drivers = list(self.sessions.values())
