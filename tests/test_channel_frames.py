@@ -20,6 +20,7 @@ from dataplane.channel.frames import (
     HEADER,
     HEADER_SIZE,
     MAGIC,
+    MAX_HANDSHAKE_FRAME,
     MAX_NAME,
     PREFACE_SIZE,
     Frame,
@@ -405,6 +406,56 @@ def test_connection_preface_split_and_buffered_path():
         pos += n
         got += server.buffer_updated(n)
     assert [f.type for f in got] == [FrameType.HELLO]
+
+
+def test_connection_refuses_a_non_handshake_frame_from_its_header():
+    """Before the handshake a DATA header claiming 1 MiB is refused at once: no payload buffer."""
+    head = frame_bytes(FrameType.DATA, bytes(MAX), stream_id=1, aux=MAX)[:HEADER_SIZE]
+    server = Connection(Role.SERVER, max_frame_payload=MAX)
+    with pytest.raises(ProtocolError, match="unexpected DATA frame during the handshake .expected HELLO"):
+        server.receive(encode_preface() + head)
+    assert server.buffered == 0
+    client = Connection(Role.CLIENT, max_frame_payload=MAX)
+    with pytest.raises(ProtocolError, match="expected WELCOME/REFUSE"):
+        client.receive(encode_preface() + head)
+
+
+def test_connection_takes_only_small_handshake_frames_in_small_reads():
+    server = Connection(Role.SERVER, max_frame_payload=MAX)
+    sizes = []
+    blob = encode_preface() + frame_bytes(FrameType.HELLO, HELLO)
+    pos = 0
+    while server.state != ConnState.OPEN:
+        buf = server.get_buffer(-1)
+        sizes.append(len(buf))
+        n = min(len(buf), len(blob) - pos)
+        buf[:n] = blob[pos:pos + n]
+        pos += n
+        server.buffer_updated(n)
+    assert max(sizes) <= MAX_HANDSHAKE_FRAME == HEADER_SIZE + 1024
+    # a REFUSE is the largest handshake frame: its limit, and one byte more in the header
+    client = Connection(Role.CLIENT, max_frame_payload=MAX)
+    (refuse,) = client.receive(encode_preface() + frame_bytes(FrameType.REFUSE, b"r" * 1024, aux=9))
+    assert len(refuse.payload) == 1024
+    head = bytearray(frame_bytes(FrameType.REFUSE, b"r")[:HEADER_SIZE])
+    struct.pack_into("!I", head, 4, MAX_HANDSHAKE_FRAME - HEADER_SIZE + 1)
+    with pytest.raises(FrameSizeError):
+        Connection(Role.CLIENT, max_frame_payload=MAX).receive(encode_preface() + bytes(head))
+
+
+def test_server_connection_takes_nothing_after_hello_until_it_answered():
+    server = Connection(Role.SERVER, max_frame_payload=MAX)
+    with pytest.raises(ProtocolError, match="PING frame during the handshake .expected nothing"):
+        server.receive(encode_preface() + frame_bytes(FrameType.HELLO, HELLO) + frame_bytes(FrameType.PING))
+    server = Connection(Role.SERVER, max_frame_payload=MAX)
+    server.receive(encode_preface() + frame_bytes(FrameType.HELLO, HELLO))
+    server.handshake_answered()
+    assert [f.type for f in server.receive(frame_bytes(FrameType.PING))] == [FrameType.PING]
+    # the client takes the server's first ACK right behind its WELCOME
+    client = Connection(Role.CLIENT, max_frame_payload=MAX)
+    welcome = frame_bytes(FrameType.WELCOME, HELLO)
+    frames = client.receive(encode_preface() + welcome + frame_bytes(FrameType.ACK))
+    assert [f.type for f in frames] == [FrameType.WELCOME, FrameType.ACK]
 
 
 def test_encode_text_truncates_on_a_character_boundary():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import sys
 import time
 from collections import defaultdict, deque
@@ -440,6 +441,92 @@ def test_buffered_protocol_receive_path():
     assert bytes(p.s.data[sid]) == data and bytes(p.c.data[sid]) == data[::-1]
 
 
+# ====================================================================== reorder buffer bound
+
+
+@pytest.fixture
+def reorder_peak(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """``[peak]``: the most out-of-order pieces any stream held after any insert, while the test runs."""
+    from dataplane.channel.buffers import _Reorder
+
+    peak = [0]
+    insert = _Reorder.insert
+
+    def counting(self: _Reorder, off: int, data: bytes) -> int:
+        try:
+            return insert(self, off, data)
+        finally:
+            peak[0] = max(peak[0], len(self))
+
+    monkeypatch.setattr(_Reorder, "insert", counting)
+    return peak
+
+
+def tiny_frames(sid: int, offsets: list[int], size: int = 2) -> bytes:
+    return b"".join(frame_bytes(FrameType.DATA, bytes(size), stream_id=sid, aux=size, offset=o)
+                    for o in offsets)
+
+
+def test_flood_of_tiny_out_of_order_frames_ends_the_session(reorder_peak):
+    """200,000 two-byte frames, each ahead of a gap and in descending order (the worst case for a
+    sorted insert): refused once a stream holds MAX_REORDER_PIECES pieces, the rest never looked at."""
+    from dataplane.channel.session import MAX_REORDER_PIECES
+
+    p = Pair()
+    sid = p.open("x")
+    flood = tiny_frames(sid, [4 * k + 2 for k in reversed(range(200_000))])
+    h = p.wires[0].sh
+    events: list[Event] = []
+    for k in range(0, len(flood), 256 * 1024):
+        events += h.receive_data(flood[k:k + 256 * 1024], p.t)
+    p.s.handle(events)
+    (term,) = p.s.of(SessionTerminated)
+    assert isinstance(term.error, ProtocolError) and term.error.code == ErrorCode.PROTOCOL
+    assert f"stream {sid}: more than {MAX_REORDER_PIECES} pieces" in term.error.reason
+    assert "out of order" in term.error.reason
+    assert 0 < reorder_peak[0] <= MAX_REORDER_PIECES
+    assert reorder_peak[0] == MAX_REORDER_PIECES  # the bound was reached, not something else
+    assert p.server.stats.frames_received == MAX_REORDER_PIECES + 1  # nothing after the offending one
+    assert not p.s.of(DataReceived)
+    p.c.handle(p.wires[0].ch.receive_data(h.data_to_send(), p.t))  # the GOAWAY tells the peer why
+    (cterm,) = p.c.of(SessionTerminated)
+    assert cterm.remote and cterm.error is not None and cterm.error.code == ErrorCode.PROTOCOL
+
+
+def test_reorder_bound_holds_exactly_max_pieces_and_delivers_them_in_order(reorder_peak):
+    p = Pair(limits=Limits(max_reorder_pieces=8))
+    sid = p.open("x")
+    h = p.wires[0].sh
+    p.s.handle(h.receive_data(tiny_frames(sid, [4 * k + 2 for k in reversed(range(8))]), p.t))
+    assert reorder_peak[0] == 8 and not p.server.terminated and not p.s.of(DataReceived)
+    gaps = b"".join(frame_bytes(FrameType.DATA, b"\x01\x01", stream_id=sid, aux=2, offset=4 * k)
+                    for k in range(8))
+    p.s.handle(h.receive_data(gaps, p.t))  # every gap filled: all 32 bytes, in order, exactly once
+    assert bytes(p.s.data[sid]) == b"\x01\x01\x00\x00" * 8
+    assert p.server.memory()["reorder"] == 0 and not p.server.terminated
+    p.s.handle(h.receive_data(tiny_frames(sid, [32 + 4 * k + 2 for k in range(9)]), p.t))
+    (term,) = p.s.of(SessionTerminated)
+    assert isinstance(term.error, ProtocolError) and "more than 8 pieces" in term.error.reason
+    assert reorder_peak[0] == 8
+
+
+def test_small_frames_striped_and_reordered_stay_within_the_bound(reorder_peak):
+    """Normal out-of-order delivery across striped connections, many small frames: all of it
+    arrives, in order, and the reorder buffer held pieces without reaching the bound."""
+    from dataplane.channel.session import MAX_REORDER_PIECES
+
+    p = Pair(3, config=SessionConfig(frame_size=512), seed=11)
+    sids = [p.open(f"s{k}") for k in range(2)]
+    datas = {sid: payload(300_000 + sid, sid) for sid in sids}
+    for sid, d in datas.items():
+        p.write(p.client, sid, d, close=True)
+    p.run(shuffle=True, max_bytes=16 * 1024)
+    for sid, d in datas.items():
+        assert bytes(p.s.data[sid]) == d
+    assert not p.server.terminated
+    assert 1 < reorder_peak[0] < MAX_REORDER_PIECES
+
+
 # ====================================================================== flow control
 
 
@@ -674,6 +761,47 @@ def test_garbage_instead_of_a_preface_closes_the_connection_only():
     assert h.closed and not p.server.terminated
 
 
+def test_acceptor_caps_the_connections_in_their_handshake():
+    from dataplane.channel.acceptor import MAX_PENDING_HANDSHAKES, refusal
+
+    assert Acceptor().max_pending == MAX_PENDING_HANDSHAKES == 128
+    acc = Acceptor(max_pending=2)
+    a, b = acc.accept("x", 0.0), acc.accept("x", 0.0)
+    assert acc.pending == 2
+    with pytest.raises(LimitExceeded, match="2 connections are already in their handshake"):
+        acc.accept("x", 0.0)
+    a.connection_lost(0.5)  # one goes away: room for one more
+    c = acc.accept("x", 0.5)
+    assert acc.pending == 2
+    assert c.tick(20.0) and acc.pending == 1  # one times out
+    client = Session.client(0.0)
+    ch = client.connect(0.0)
+    b.receive_data(ch.data_to_send(), 1.0)  # one completes its HELLO: bound, no longer pending
+    assert b.session is not None and acc.pending == 0
+    # what a refused connection is told
+    wire = b"".join(refusal(LimitExceeded("busy")))
+    assert wire[:PREFACE_SIZE] == encode_preface()
+    (refuse,) = FrameDecoder(1 << 20).feed(wire[PREFACE_SIZE:])
+    assert (refuse.type, refuse.aux, bytes(refuse.payload)) == (FrameType.REFUSE, ErrorCode.LIMIT, b"busy")
+
+
+def test_a_stripe_refused_for_lack_of_room_ends_only_that_connection():
+    """Before the session exists, a LIMIT refusal of an extra stripe drops that stripe alone; the
+    creating connection goes on and the session is established."""
+    from dataplane.channel.acceptor import refusal
+
+    p = Pair(2, settle=False)
+    stripe = p.wires[1]
+    wire = b"".join(refusal(LimitExceeded("128 connections are already in their handshake")))
+    events = stripe.ch.receive_data(wire, p.t)  # the listener had no room for it
+    (closed,) = [e for e in events if isinstance(e, ConnectionClosed)]
+    assert closed.conn_id == stripe.ch.conn_id and isinstance(closed.error, LimitExceeded)
+    assert stripe.ch.closed and not p.client.terminated
+    stripe.alive = False
+    p.run()
+    assert p.client.established and p.client.ready_connections == 1 and not p.c.of(SessionTerminated)
+
+
 def test_reset_stream_mid_transfer_restores_session_credit():
     limits = Limits(session_memory=6 * MiB, replay_buffer=3 * MiB, stream_window=2 * MiB)
     p = Pair(limits=limits, server_consume=False)
@@ -812,6 +940,84 @@ def test_graceful_close():
     assert cterm.error is None and not cterm.remote
     assert sterm.error is None and sterm.remote
     assert all(w.ch.closed and w.sh.closed for w in p.wires)
+
+
+def test_drain_delivers_what_was_handed_over_just_before_then_ends_the_session():
+    data = payload(3 * MiB + 17, 4)
+    # for contrast: an abrupt close drops what is not on the wire yet
+    q = Pair(2)
+    sid = q.open("x")
+    assert q.client.send(sid, data) == len(data)
+    q.client.close("now")
+    q.run()
+    assert len(q.s.data[sid]) < len(data) and not q.client.all_acknowledged
+
+    p = Pair(2)
+    sid = p.open("x")
+    assert p.client.send(sid, data) == len(data)  # handed over, not one byte on the wire yet
+    assert not p.client.all_acknowledged
+    p.client.drain(p.t, 5.0, "done")
+    assert p.client.draining and not p.client.terminated
+    with pytest.raises(StreamClosedError):
+        p.client.send(sid, b"more")  # no new data
+    with pytest.raises(SessionClosedError, match="closing"):
+        p.client.open_stream("late")
+    p.run()
+    assert bytes(p.s.data[sid]) == data
+    assert [e.stream_id for e in p.s.of(StreamEnded)] == [sid]  # the stream ended orderly (FIN)
+    (cterm,) = p.c.of(SessionTerminated)
+    (sterm,) = p.s.of(SessionTerminated)
+    assert cterm.error is None and not cterm.remote and sterm.error is None and sterm.remote
+    assert p.client.all_acknowledged and p.client.stats.bytes_sent == len(data)
+    assert all(w.ch.closed and w.sh.closed for w in p.wires)
+
+
+def test_drain_answers_the_peer_and_refuses_its_new_streams():
+    p = Pair()
+    p.c.auto_accept = False
+    mine = p.open("mine")
+    pending = p.server.open_stream("early")
+    p.run()
+    assert [e.stream_id for e in p.c.of(StreamOpened)] == [pending]
+    back = payload(200_000, 6)
+    p.client.drain(p.t, 5.0)
+    late = p.server.open_stream("late")
+    p.client.accept_stream(pending)  # still answered; it may carry data to us, we send nothing
+    p.write(p.server, pending, back)
+    p.run()
+    assert bytes(p.c.data[pending]) == back
+    (refused,) = p.s.of(StreamRefused)
+    assert (refused.stream_id, refused.code) == (late, ErrorCode.REFUSED)
+    assert refused.reason == "the session is closing"
+    assert sorted(e.stream_id for e in p.s.of(StreamEnded)) == [mine, pending]  # our FIN on both
+    (cterm,) = p.c.of(SessionTerminated)
+    assert cterm.error is None and p.client.all_acknowledged and p.server.terminated
+
+
+def test_drain_times_out_and_says_so():
+    p = Pair()
+    sid = p.open("x")
+    p.client.send(sid, payload(MiB, 1))
+    p.drop(p.wires[0], partial=False)  # nothing can be acknowledged any more
+    p.client.drain(p.t, 2.0)
+    assert p.client.next_deadline() == pytest.approx(p.t + 2.0)
+    p.tick(1.9)
+    assert not p.client.terminated
+    p.tick(0.2)
+    (cterm,) = p.c.of(SessionTerminated)
+    assert isinstance(cterm.error, ChannelTimeout) and cterm.error.code == ErrorCode.TIMEOUT
+    assert re.match(rf"graceful close timed out: {MiB} bytes( and \d+ control frames?)? not acknowledged "
+                    "by the peer; closed anyway$", cterm.error.reason), cterm.error.reason
+    assert not p.client.all_acknowledged
+
+
+def test_drain_before_the_session_exists_ends_it_at_once():
+    s = Session.client(0.0)
+    s.connect(0.0)
+    s.drain(0.0, 5.0)
+    assert s.terminated and [type(e) for e in s.tick(0.0)] == [SessionTerminated]
+    with pytest.raises(SessionClosedError):
+        s.drain(0.0, 5.0)
 
 
 def test_max_connections_refusal_keeps_the_session():
@@ -1229,3 +1435,59 @@ def test_zero_copy_frames_never_straddle_chunks(monkeypatch):
     p.run()
     assert bytes(p.s.data[sid]) == data
     assert len(cut) >= 5 and all(isinstance(v, memoryview) for v in cut)  # views: never joined copies
+
+
+# ====================================================================== one stream's state machine
+
+
+def test_stream_state_transitions_and_the_ones_refused():
+    from dataplane.channel.stream_state import RecvState, StreamPhase, StreamState, StreamTable
+
+    table = StreamTable(client=True, keep_closed=4, max_reorder_pieces=16)
+    local = table.open_local("ram", window=1000, comp_mode="off")
+    assert (local.sid, local.phase, local.recv) == (1, StreamPhase.OPENING, RecvState.OPEN)
+    assert local.send_credit() == 0  # no credit before OPEN_OK
+    local.held.append((0, b"early"))
+    assert local.open_confirmed(500) == [(0, b"early")] and local.held == []
+    assert local.phase == StreamPhase.OPEN and local.send_credit() == 500
+    with pytest.raises(ProtocolError):
+        local.open_confirmed(500)  # a second OPEN_OK
+    with pytest.raises(ProtocolError):
+        local.open_failed()  # OPEN_FAIL after OPEN_OK
+    assert local.begin_fin() and not local.begin_fin()  # idempotent
+    with pytest.raises(StreamClosedError):
+        local.check_sendable()
+    assert local.send_finished(ctl_acked=local.fin_seq + 1)  # nothing written: FIN alone, acknowledged
+
+    with pytest.raises(ProtocolError):
+        table.open_remote(4, "x", 1000, "off", max_streams=2)  # the peer's first id is 2
+    remote = table.open_remote(2, "nbd", 1000, "off", max_streams=2)
+    assert remote is not None and remote.phase == StreamPhase.PENDING and remote.recv_limit() == 0
+    with pytest.raises(StreamError):
+        remote.begin_fin()  # must be answered first
+    remote.fin_received(0)
+    assert remote.recv == RecvState.FIN and not remote.end_reached()  # not accepted yet
+    remote.accepted()
+    assert remote.end_reached() and remote.recv == RecvState.ENDED
+    with pytest.raises(StreamError):
+        remote.accepted()
+    assert remote.reset() == 0 and remote.phase == StreamPhase.RESET and remote.stopped
+    with pytest.raises(StreamResetError):
+        remote.accepted()
+    assert remote.settle(0) == (0, 0) and remote.recv_settled and remote.recv_finished()
+
+    refused = table.open_remote(4, "y", 1000, "off", max_streams=2)
+    assert refused is not None
+    refused.refused()
+    assert refused.phase == StreamPhase.CLOSED and refused.recv_settled
+    assert table.remove(refused) and not table.remove(refused)
+    assert table.open_remote(6, "z", 1000, "off", max_streams=1) is None  # over the limit: refuse it
+    assert table.known_id(6) and not table.known_id(8) and table.never_opened_by_us(3)
+
+    crossing = table.open_local("late", window=1000, comp_mode="off")
+    crossing.reset()
+    assert crossing.open_failed() is False  # OPEN_FAIL crossing our RESET: the application knows
+    assert crossing.phase == StreamPhase.CLOSED
+    bare = StreamState(99, "n", True, 1000, "off", 16)
+    with pytest.raises(ProtocolError):
+        bare.fin_received(2000)  # beyond our credit

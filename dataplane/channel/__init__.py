@@ -7,8 +7,12 @@ Layering (imports point down only)::
     addr.py          parsing of addresses, endpoints, NAME=ENDPOINT mappings and rates (pure)
     tls.py           mutual TLS contexts and the peer certificate fingerprint (the identity that
                      the driver passes to Session.connect / Acceptor.accept); stdlib only
-    session.py       Session / Acceptor / ConnectionHandle: streams, striping, reordering,
-                     credit flow control, replay buffer, resume, keepalive, stats
+    acceptor.py      Acceptor: the server side of the handshake, routing connections to sessions
+    session.py       Session / ConnectionHandle: connections, striping, control channel,
+                     session credit, replay, resume, keepalive, frame dispatch, stats
+    stream_state.py  one stream's life: phases and named transitions, both halves,
+                     per-stream credit, reordering; the table of live streams and their ids
+    buffers.py       a stream's send (replay) buffer and reorder buffer
     protocol.py      Connection: preface, version negotiation, handshake order, frame I/O
     frames.py        wire format: header struct, frame types, encoders, bounded decoder
     codec.py         per-stream adaptive compression over a Codec (native page codec / zlib)

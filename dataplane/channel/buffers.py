@@ -1,11 +1,12 @@
 """The send and reorder buffers of one stream (sans-IO, bounded): what the session core keeps of the
 bytes it sent until they are acknowledged, and of the bytes it received out of order until the
-gap before them is filled. Used by :mod:`dataplane.channel.session`."""
+gap before them is filled. Used by :mod:`dataplane.channel.stream_state`."""
 
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 
+from dataplane.channel.errors import ProtocolError
 from dataplane.channel.frames import (
     Buffer,
     alloc,
@@ -152,26 +153,43 @@ class _SendBuffer:
 
 
 class _Reorder:
-    """Out-of-order received chunks of one stream: sorted, non-overlapping."""
+    """Out-of-order received pieces of one stream: disjoint, by offset, at most ``max_pieces``.
 
-    __slots__ = ("starts", "chunks", "nbytes")
+    ``starts`` is the sorted list of the pieces' offsets and ``chunks`` maps
+    each offset to its bytes. An insert finds its place by bisection and
+    moves only the offsets after it, one pointer each; since the number of
+    pieces is bounded (:meth:`insert` refuses to go beyond ``max_pieces``),
+    no insert moves more than that many, whatever order pieces come in.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("starts", "chunks", "nbytes", "max_pieces")
+
+    def __init__(self, max_pieces: int) -> None:
         self.starts: list[int] = []
-        self.chunks: list[Buffer] = []
+        self.chunks: dict[int, Buffer] = {}
         self.nbytes = 0
+        self.max_pieces = max_pieces
 
     def __bool__(self) -> bool:
         return bool(self.starts)
 
+    def __len__(self) -> int:
+        """Pieces held."""
+        return len(self.starts)
+
     def insert(self, off: int, data: Buffer) -> int:
-        """Store the parts of ``[off, off+len)`` not already held; return the bytes stored."""
+        """Store the parts of ``[off, off+len)`` not already held; return the bytes stored.
+
+        Raises ProtocolError, storing nothing, if that would hold more than
+        ``max_pieces`` pieces (a peer flooding small out-of-order frames).
+        """
         end = off + len(data)
         starts, chunks = self.starts, self.chunks
         i = bisect_right(starts, off)
         cur = off
         if i > 0:
-            prev_end = starts[i - 1] + len(chunks[i - 1])
+            prev = starts[i - 1]
+            prev_end = prev + len(chunks[prev])
             if prev_end > cur:
                 cur = prev_end
         pieces: list[tuple[int, int]] = []
@@ -180,17 +198,19 @@ class _Reorder:
                 s = starts[i]
                 if s > cur:
                     pieces.append((cur, s))
-                cur = max(cur, s + len(chunks[i]))
+                cur = max(cur, s + len(chunks[s]))
                 i += 1
             else:
                 pieces.append((cur, end))
                 cur = end
+        if len(starts) + len(pieces) > self.max_pieces:
+            raise ProtocolError(f"more than {self.max_pieces} pieces of data held out of order "
+                                "(a flood of small out-of-order frames)")
         stored = 0
         for a, b in pieces:
             piece = data if (a == off and b == end) else memoryview(data)[a - off:b - off]
-            k = bisect_left(starts, a)
-            starts.insert(k, a)
-            chunks.insert(k, piece)
+            starts.insert(bisect_left(starts, a), a)
+            chunks[a] = piece
             stored += b - a
         self.nbytes += stored
         return stored
@@ -202,7 +222,7 @@ class _Reorder:
         k = 0
         while k < len(starts) and starts[k] <= nxt:
             s = starts[k]
-            d = chunks[k]
+            d = chunks.pop(s)
             k += 1
             self.nbytes -= len(d)
             e = s + len(d)
@@ -215,13 +235,9 @@ class _Reorder:
             nxt = e
         if k:
             del starts[:k]
-            del chunks[:k]
         return out
 
     def clear(self) -> None:
         self.starts.clear()
         self.chunks.clear()
         self.nbytes = 0
-
-
-# ====================================================================== per-connection and per-stream state

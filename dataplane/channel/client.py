@@ -20,7 +20,7 @@ from dataplane.channel.connection import (
     lost_reason,
     tune_socket,
 )
-from dataplane.channel.driver import _SessionDriver
+from dataplane.channel.driver import DRAIN_TIMEOUT, _SessionDriver
 from dataplane.channel.errors import (
     AuthError,
     ChannelError,
@@ -218,9 +218,25 @@ class ChannelClient:
             "sessions": [self.driver.stats()] if self.driver is not None else [],
         }
 
-    async def close(self, reason: str = "the dialer is shutting down", timeout: float = 2.0) -> None:
-        """Close the session in an orderly way (GOAWAY), then the connections."""
+    async def close(self, reason: str = "the dialer is shutting down", timeout: float = 2.0, *,
+                    graceful: bool = True, drain_timeout: float = DRAIN_TIMEOUT) -> bool:
+        """Close the session, then the connections (waiting up to *timeout* s for them to go).
+
+        *graceful* (the default): first deliver what was handed to the
+        session: no new data is taken, every stream is half-closed after its
+        queued bytes, and the session ends (GOAWAY NO_ERROR) once the
+        listener acknowledged every byte, or after *drain_timeout* seconds
+        anyway, with a warning in the log (see
+        :meth:`~dataplane.channel.session.Session.drain`). Otherwise, or if
+        the session is not established, at once: bytes not yet acknowledged
+        are dropped (for aborts). Returns True if the listener acknowledged
+        every byte handed to the session. Never raises.
+        """
+        drv = self.driver
+        if graceful and drv is not None and drv.session.established and not drv.session.terminated:
+            await drv.drain(reason, drain_timeout)
         await self._shutdown(abort=False, reason=reason, timeout=timeout)
+        return drv.session.all_acknowledged if drv is not None else True
 
     async def _shutdown(self, *, abort: bool, reason: str = "", timeout: float = 2.0) -> None:
         self._closing = True

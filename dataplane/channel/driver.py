@@ -40,6 +40,7 @@ from typing import Any
 from dataplane.channel.connection import _ChannelConnection, describe_error
 from dataplane.channel.errors import (
     ChannelError,
+    ChannelTimeout,
     ErrorCode,
     GraceExpired,
     LimitExceeded,
@@ -69,6 +70,11 @@ __all__: list[str] = []
 log = logging.getLogger("dataplane.channel")
 
 KEEP_CLOSED_STREAMS = 64
+#: Seconds ChannelServer.close() and ChannelClient.close() wait by default, when closing
+#: gracefully, for the peer to acknowledge every byte already handed to the session; then they
+#: close anyway, with a warning. Long enough for a few MiB in flight and a reconnect, short enough
+#: not to hold a shutdown up for long.
+DRAIN_TIMEOUT = 3.0
 
 
 class _SessionDriver:
@@ -340,6 +346,8 @@ class _SessionDriver:
         if ev.error is None:
             why = "closed by the peer" if ev.remote else "closed"
             log.info("%s with %s %s", self.label, self.peer, why)
+        elif not ev.remote and self.session.draining and isinstance(ev.error, ChannelTimeout):
+            log.warning("%s with %s: %s", self.label, self.peer, ev.error.reason)
         else:
             who = "the peer reported: " if ev.remote else ""
             hint = ""
@@ -373,10 +381,25 @@ class _SessionDriver:
     # ---------------------------------------------------------------- end and stats
 
     def close(self, reason: str) -> None:
-        """Orderly close (GOAWAY NO_ERROR); the SessionTerminated event follows through the timer."""
+        """Close at once (GOAWAY NO_ERROR; what is not acknowledged is dropped); the SessionTerminated
+        event follows through the timer."""
         if not self.session.terminated:
             self.session.close(reason)
         self.kick()
+
+    async def drain(self, reason: str, timeout: float) -> bool:
+        """Close gracefully (:meth:`Session.drain`): wait until the peer acknowledged every byte
+        handed to the session, then GOAWAY; after *timeout* seconds close anyway (logged at
+        warning). Returns :attr:`Session.all_acknowledged` at the end. Never raises."""
+        s = self.session
+        if not s.terminated:
+            s.drain(time.monotonic(), max(0.0, timeout), reason)
+            self.kick()
+            with contextlib.suppress(asyncio.TimeoutError):  # the core's deadline comes first
+                await asyncio.wait_for(asyncio.shield(self.terminated), timeout + 1.0)
+            if not s.terminated:
+                self.close(reason)
+        return s.all_acknowledged
 
     async def wait_closed(self, timeout: float) -> None:
         """Wait (at most *timeout* s) until every connection is gone, then abort the rest."""

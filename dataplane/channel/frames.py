@@ -145,6 +145,12 @@ FLAG_JOINED = 0x01
 
 MAX_NAME = 1024  # OPEN payload (stream name, UTF-8)
 MAX_REASON = 1024  # REFUSE / GOAWAY / OPEN_FAIL / RESET payload (UTF-8 reason)
+#: The largest frame (header included) a peer may send before the channel handshake completes:
+#: HELLO and WELCOME carry 80 bytes, REFUSE a reason of at most MAX_REASON bytes. A decoder
+#: expecting a handshake frame checks type and size in the header, before reading any payload.
+MAX_HANDSHAKE_FRAME = HEADER_SIZE + MAX_REASON
+#: Frame types that may open a connection's frame sequence (see FrameDecoder.expect).
+HANDSHAKE_TYPES = frozenset({FrameType.HELLO, FrameType.WELCOME, FrameType.REFUSE})
 ACK_ENTRY = struct.Struct("!IIQQ")  # stream_id, reserved, received offset, limit
 MAX_ACK_ENTRIES = 2048
 MAX_ACK_PAYLOAD = ACK_ENTRY.size * MAX_ACK_ENTRIES
@@ -333,12 +339,17 @@ class FrameDecoder:
       previous payload is read on its own.
 
     Memory held between calls is at most one partial frame
-    (``2 * HEADER_SIZE + max_data_payload``) plus a fixed scratch buffer. After
-    an error the decoder stays failed and raises ProtocolError on any input.
+    (``2 * HEADER_SIZE + max_data_payload``) plus a fixed scratch buffer,
+    allocated on the first :meth:`get_buffer`. While :meth:`expect` restricts
+    the frame types, a frame of another type, or larger than
+    :data:`MAX_HANDSHAKE_FRAME`, is refused from its header, before any of its
+    payload is read. After an error the decoder stays failed and raises
+    ProtocolError on any input.
     """
 
     __slots__ = ("max_data_payload", "_hdr", "_hfill", "_fields", "_headbytes", "_payload", "_plen",
-                 "_pfill", "_scratch", "_direct", "_bulk", "_failed")
+                 "_pfill", "_scratch", "_scratch_size", "_direct", "_bulk", "_failed", "_expect",
+                 "_expect_next", "_expect_first")
 
     def __init__(self, max_data_payload: int, *, scratch_size: int = 256 * 1024) -> None:
         if max_data_payload < 1 or max_data_payload > MAX_U32:
@@ -351,10 +362,27 @@ class FrameDecoder:
         self._payload: bytearray | None = None  # buffer of the partial payload: _plen bytes (+ slack)
         self._plen = 0
         self._pfill = 0
-        self._scratch = memoryview(bytearray(max(scratch_size, HEADER_SIZE)))
+        self._scratch: memoryview | None = None  # allocated by the first get_buffer
+        self._scratch_size = max(scratch_size, HEADER_SIZE)
         self._direct = False
         self._bulk = False  # the last frame completed was a large one
         self._failed: ProtocolError | None = None
+        self._expect: frozenset[int] | None = None  # frame types allowed next (None: any)
+        self._expect_next: frozenset[int] | None = None  # ... and after that one
+        self._expect_first = False  # _expect applies to the first frame since expect()
+
+    def expect(self, first: frozenset[int] | None, then: frozenset[int] | None = None) -> None:
+        """Allow only the types in *first* for the next frame, then only those in *then*, until the
+        next call (None: any type; an empty set: no frame at all).
+
+        While types are restricted a frame must also fit :data:`MAX_HANDSHAKE_FRAME`. Both checks
+        are made on the header, before any of the payload is read: that is how a connection takes
+        only small handshake frames before its handshake completes. Raises nothing itself; the
+        feeding calls raise ProtocolError (FrameSizeError for the size).
+        """
+        self._expect = first
+        self._expect_next = then
+        self._expect_first = True
 
     @property
     def buffered(self) -> int:
@@ -390,15 +418,18 @@ class FrameDecoder:
         """
         p = self._payload
         self._direct = False
+        scratch = self._scratch
+        if scratch is None:
+            scratch = self._scratch = memoryview(bytearray(self._scratch_size))
         if p is not None:
             if len(p) > self._plen:  # a large payload: read the rest in place, plus the next header
                 self._direct = True
                 return memoryview(p)[self._pfill:]
             if self._bulk:  # a small frame within a run of large ones: up to the next header only
-                return self._scratch[:self._plen - self._pfill + HEADER_SIZE]
+                return scratch[:self._plen - self._pfill + HEADER_SIZE]
         elif self._bulk:  # in a run of large frames: the header alone, its payload then goes in place
-            return self._scratch[:HEADER_SIZE - self._hfill]
-        return self._scratch
+            return scratch[:HEADER_SIZE - self._hfill]
+        return scratch
 
     def buffer_updated(self, nbytes: int) -> list[Frame]:
         """Account for *nbytes* written into the last :meth:`get_buffer` view; return completed frames.
@@ -409,9 +440,10 @@ class FrameDecoder:
         if self._failed is not None:
             raise ProtocolError(f"decoder already failed: {self._failed}")
         if not self._direct:
-            if not 0 <= nbytes <= len(self._scratch):
+            scratch = self._scratch
+            if scratch is None or not 0 <= nbytes <= len(scratch):
                 raise ValueError(f"buffer_updated({nbytes}) beyond the buffer")
-            return self.feed(self._scratch[:nbytes])
+            return self.feed(scratch[:nbytes])
         self._direct = False
         p = self._payload
         assert p is not None
@@ -501,6 +533,17 @@ class FrameDecoder:
         if rule is None:
             raise ProtocolError(f"unknown frame type 0x{ftype:02x}")
         limit = self.max_data_payload if rule.max_len < 0 else rule.max_len
+        allowed = self._expect
+        if allowed is not None:
+            if ftype not in allowed:
+                name = FrameType(ftype).name
+                if not self._expect_first and ftype in HANDSHAKE_TYPES:
+                    raise ProtocolError(f"{name} frame after the handshake")
+                wanted = "/".join(FrameType(t).name for t in sorted(allowed)) or "nothing before our answer"
+                raise ProtocolError(f"unexpected {name} frame during the handshake (expected {wanted})")
+            limit = min(limit, MAX_HANDSHAKE_FRAME - HEADER_SIZE)
+            self._expect = self._expect_next
+            self._expect_first = False
         if length > limit:
             raise FrameSizeError(
                 f"{FrameType(ftype).name} frame of {length} bytes exceeds the limit of {limit}")

@@ -8,7 +8,12 @@ It knows nothing of sessions or streams: it
   queues a REFUSE frame with the reason first, so the client learns why);
 * decodes frames with a bounded :class:`FrameDecoder`;
 * enforces the handshake order: the first frame must be HELLO (at a server)
-  or WELCOME/REFUSE (at a client), and no handshake frame may follow;
+  or WELCOME/REFUSE (at a client), and no handshake frame may follow; a
+  server takes nothing after the HELLO until it answered it
+  (:meth:`Connection.handshake_answered`). Until then a frame of another type,
+  or larger than :data:`~dataplane.channel.frames.MAX_HANDSHAKE_FRAME`, is
+  refused from its header, before its payload is read, and reads are at most
+  that size: a connection still in its handshake holds about one KiB;
 * collects outgoing frames until the driver takes them.
 
 States: ``PREFACE`` -> ``HANDSHAKE`` -> ``OPEN``; ``closed`` is set when the
@@ -22,6 +27,8 @@ from enum import Enum, IntEnum
 
 from dataplane.channel.errors import ProtocolError, VersionError
 from dataplane.channel.frames import (
+    HANDSHAKE_TYPES,
+    MAX_HANDSHAKE_FRAME,
     MAX_REASON,
     MAX_VERSION,
     MIN_VERSION,
@@ -54,7 +61,7 @@ class ConnState(IntEnum):
     OPEN = 2
 
 
-_HANDSHAKE_TYPES = frozenset({FrameType.HELLO, FrameType.WELCOME, FrameType.REFUSE})
+_FIRST = {"server": frozenset({FrameType.HELLO}), "client": frozenset({FrameType.WELCOME, FrameType.REFUSE})}
 
 
 class Connection:
@@ -86,6 +93,9 @@ class Connection:
         self._pre = bytearray()
         self._pview: memoryview | None = None
         self._decoder = FrameDecoder(max_frame_payload)
+        # the first frame is the peer's HELLO (server; then nothing until we answered it) or its
+        # WELCOME/REFUSE (client; followed at once by the server's first ACK)
+        self._decoder.expect(_FIRST[role.value], frozenset() if role == Role.SERVER else None)
         self._out: list[Buffer] = [encode_preface(*versions)]
         self._out_bytes = PREFACE_SIZE
 
@@ -118,6 +128,10 @@ class Connection:
         if self.state == ConnState.PREFACE:
             # read the preface on its own so that frames always go through the decoder
             self._pview = memoryview(bytearray(PREFACE_SIZE - len(self._pre)))
+            return self._pview
+        if self.state == ConnState.HANDSHAKE:
+            # small reads until the handshake frame came: no large buffer for a peer not yet known
+            self._pview = memoryview(bytearray(MAX_HANDSHAKE_FRAME))
             return self._pview
         return self._decoder.get_buffer(sizehint)
 
@@ -162,9 +176,13 @@ class Connection:
                 if not first_ok:
                     raise ProtocolError(f"unexpected {FrameType(f.type).name} frame during the handshake")
                 self.state = ConnState.OPEN
-            elif f.type in _HANDSHAKE_TYPES:
+            elif f.type in HANDSHAKE_TYPES:
                 raise ProtocolError(f"{FrameType(f.type).name} frame after the handshake")
         return frames
+
+    def handshake_answered(self) -> None:
+        """Server: we answered the peer's HELLO with WELCOME; from now on it may send any frame."""
+        self._decoder.expect(None)
 
     # ---------------------------------------------------------------- output
 

@@ -5,6 +5,13 @@ sans-IO: bytes and the time (``now``, any monotonic clock in seconds) come in
 as arguments, events come out as return values, bytes to write are pulled
 with ``data_to_send``. Nothing here sleeps, reads a clock or touches a socket.
 
+This module holds the session: its connections, the frames in and out, the
+control channel, session credit, replay and resume, and the dispatch of
+frames to handlers. Each stream's life (phases, the two halves, per-stream
+credit, the named transitions) is in :mod:`dataplane.channel.stream_state`;
+the session calls those transitions and applies what they return to the
+session's totals.
+
 How the pieces fit (details in ``docs/wire-format.md``):
 
 * **Striping.** DATA frames are cut when a connection asks for bytes
@@ -33,14 +40,11 @@ How the pieces fit (details in ``docs/wire-format.md``):
 from __future__ import annotations
 
 import hmac
-from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import IntEnum
 from typing import TYPE_CHECKING
 
-from dataplane.channel.buffers import _Reorder, _SendBuffer
 from dataplane.channel.codec import MODES, Codec, StreamCompressor, decoder_mask, decoders, make_codecs
 from dataplane.channel.errors import (
     AuthError,
@@ -52,9 +56,7 @@ from dataplane.channel.errors import (
     LimitExceeded,
     ProtocolError,
     SessionClosedError,
-    StreamClosedError,
     StreamError,
-    StreamResetError,
     error_from_code,
 )
 from dataplane.channel.events import (
@@ -94,11 +96,21 @@ from dataplane.channel.frames import (
 )
 from dataplane.channel.protocol import Connection, ConnState, Role
 from dataplane.channel.stats import SessionStats, StreamStats, count_both
+from dataplane.channel.stream_state import StreamPhase, StreamState, StreamTable
 
 if TYPE_CHECKING:
     from dataplane.channel.acceptor import Acceptor
 
 # ====================================================================== configuration
+
+#: Out-of-order pieces of data one stream may hold (default of ``Limits.max_reorder_pieces``).
+#: Legitimate reordering comes from striping: a piece is a frame that overtook a frame still on
+#: another connection. Bulk data goes in frames of up to 1 MiB, so a 16 MiB stream window holds a
+#: few dozen pieces at most; 4096 leaves room for small-frame traffic (an interactive stream, the
+#: postcopy return path) behind a connection that stalls for seconds. More is a peer flooding
+#: tiny out-of-order frames, each of which would cost far more memory and time than its bytes
+#: (credit counts bytes, not pieces): the session ends with a PROTOCOL error.
+MAX_REORDER_PIECES = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +124,8 @@ class Limits:
     ``stream_window``: per-stream receive window. ``max_streams``: streams
     the peer may have open towards us at once. ``max_connections``: per
     session. ``handshake_timeout``/``grace``: seconds.
+    ``max_reorder_pieces``: out-of-order pieces one stream may hold (see
+    :data:`MAX_REORDER_PIECES`); beyond it the session ends with ProtocolError.
 
     Raises ValueError for inconsistent values.
     """
@@ -124,6 +138,7 @@ class Limits:
     max_connections: int = 16
     handshake_timeout: float = 10.0
     grace: float = 60.0
+    max_reorder_pieces: int = MAX_REORDER_PIECES
 
     def __post_init__(self) -> None:
         if not 4096 <= self.max_frame_payload <= (64 << 20):
@@ -136,6 +151,8 @@ class Limits:
             raise ValueError("max_streams and max_connections must be positive")
         if self.handshake_timeout <= 0 or self.grace <= 0:
             raise ValueError("handshake_timeout and grace must be positive")
+        if self.max_reorder_pieces < 1:
+            raise ValueError(f"max_reorder_pieces must be positive, got {self.max_reorder_pieces}")
 
     @property
     def recv_window(self) -> int:
@@ -180,38 +197,6 @@ class SessionConfig:
             raise ValueError("ack_delay must be >= 0; ping_interval, idle_timeout, probe_timeout > 0")
 
 
-class StreamPhase(IntEnum):
-    """Where a stream is in its life, as the core sees it; transitions only through the named
-    methods of ``_Stream`` (:meth:`~_Stream.accepted`, :meth:`~_Stream.open_confirmed`,
-    :meth:`~_Stream.reset`)::
-
-        local stream:   OPENING --OPEN_OK--> OPEN --RESET (either side)--> RESET
-                        OPENING --OPEN_FAIL--> (freed)
-        remote stream:  PENDING --accept_stream--> OPEN --RESET--> RESET
-                        PENDING --refuse_stream--> (freed once OPEN_FAIL is acknowledged)
-
-    The two halves of an OPEN stream end on their own, and ``_Stream`` says how far each got:
-
-    ==================  ===============================================================
-    send half           ``fin_local`` (offset of our FIN, None before), ``reset_sent``
-                        (RESET or OPEN_FAIL queued: nothing more is sent), ``blocked``
-                        (out of credit), ``queued`` (in the sendable round robin)
-    receive half        ``fin_offset`` (the peer's FIN), ``ended`` (StreamEnded
-                        delivered), ``recv_settled`` (nothing more is accepted),
-                        ``reset_notified`` (StreamReset delivered)
-    ==================  ===============================================================
-    """
-
-    OPENING = 0  # OPEN sent, no answer yet
-    PENDING = 1  # OPEN received, the application has not answered
-    OPEN = 2
-    RESET = 3
-
-
-_OPENING, _PENDING = StreamPhase.OPENING, StreamPhase.PENDING
-_OPEN, _RESET = StreamPhase.OPEN, StreamPhase.RESET
-
-
 class _Link:
     __slots__ = ("cid", "proto", "handshaken", "ready", "hello_sent", "joined", "inflight", "inflight_cap",
                  "backlogged", "last_recv", "next_ping", "pings", "ping_seq", "probe_at")
@@ -223,7 +208,7 @@ class _Link:
         self.ready = False  # and the peer's first ACK received: data may flow
         self.hello_sent = False
         self.joined = False
-        self.inflight: deque[tuple[_Stream, int, int]] = deque()
+        self.inflight: deque[tuple[StreamState, int, int]] = deque()
         self.inflight_cap = 1024
         self.backlogged = True  # until the driver says otherwise, assume the link is the bottleneck
         self.last_recv = now
@@ -231,90 +216,6 @@ class _Link:
         self.pings: dict[int, float] = {}
         self.ping_seq = 0
         self.probe_at = float("inf")  # must hear from the peer by then (liveness probe)
-
-
-class _Stream:
-    __slots__ = (
-        "sid", "name", "local", "phase", "stats", "comp", "comp_mode",
-        # send half
-        "sbuf", "written", "next_new", "acked", "peer_limit", "resend", "fin_local", "fin_seq",
-        "reset_sent", "blocked", "queued",
-        # receive half
-        "window", "recv_next", "recv_hw", "consumed", "ack_recv", "ack_limit", "reorder", "held",
-        "fin_offset", "ended", "recv_settled", "reset_notified",
-    )
-
-    def __init__(self, sid: int, name: str, local: bool, phase: StreamPhase, window: int,
-                 comp_mode: str) -> None:
-        self.sid = sid
-        self.name = name
-        self.local = local
-        self.phase = phase
-        self.stats = StreamStats(sid, name)
-        self.comp: StreamCompressor | None = None
-        self.comp_mode = comp_mode
-        self.sbuf = _SendBuffer()
-        self.written = 0
-        self.next_new = 0
-        self.acked = 0
-        self.peer_limit = 0
-        self.resend: list[tuple[int, int]] = []
-        self.fin_local: int | None = None
-        self.fin_seq = 0
-        self.reset_sent = False
-        self.blocked = False
-        self.queued = False
-        self.window = window
-        self.recv_next = 0
-        self.recv_hw = 0
-        self.consumed = 0
-        self.ack_recv = 0
-        self.ack_limit = 0
-        self.reorder = _Reorder()
-        self.held: list[tuple[int, Buffer]] | None = [] if local else None
-        self.fin_offset: int | None = None
-        self.ended = False
-        self.recv_settled = False
-        self.reset_notified = False
-
-    # -- phase transitions (see StreamPhase)
-
-    def accepted(self) -> None:
-        """The application accepted the peer's stream: PENDING -> OPEN. Raises StreamError otherwise."""
-        if self.phase != _PENDING:
-            raise StreamError(f"stream {self.sid} is not awaiting acceptance")
-        self.phase = _OPEN
-
-    def open_confirmed(self) -> None:
-        """The peer answered our OPEN with OPEN_OK: OPENING -> OPEN. Raises ProtocolError otherwise."""
-        if not self.local or self.phase != _OPENING:
-            raise ProtocolError(f"OPEN_OK for stream {self.sid} that is not opening")
-        self.phase = _OPEN
-
-    def reset(self) -> None:
-        """Either side reset the stream: any phase -> RESET, and nothing more is sent."""
-        self.reset_sent = True
-        self.phase = _RESET
-
-    def recv_limit(self) -> int:
-        return 0 if self.phase == _PENDING else self.consumed + self.window
-
-    def has_send_work(self) -> bool:
-        return not self.reset_sent and (bool(self.resend) or self.next_new < self.written)
-
-    def add_resend(self, a: int, b: int) -> None:
-        """Merge ``[a, b)`` into the sorted, disjoint resend ranges."""
-        r = self.resend
-        k = bisect_left(r, (a, b))
-        r.insert(k, (a, b))
-        merged: list[tuple[int, int]] = []
-        for s, e in r:
-            if merged and s <= merged[-1][1]:
-                if e > merged[-1][1]:
-                    merged[-1] = (merged[-1][0], e)
-            else:
-                merged.append((s, e))
-        self.resend = merged
 
 
 def _as_bytes_view(data: Buffer) -> Buffer:
@@ -360,13 +261,11 @@ class Session:
         self._peer_session_limit = 0
         self._encoder_codec: Codec | None = None
         self._decoders = decoders()
-        # streams
-        self._streams: dict[int, _Stream] = {}
-        self._next_sid = 1 if role == Role.CLIENT else 2
-        self._peer_next_sid = 2 if role == Role.CLIENT else 1
-        self._local_open = 0
-        self._remote_open = 0
-        self._sendable: deque[_Stream] = deque()
+        # streams (their state machine: stream_state.py)
+        self._table = StreamTable(role == Role.CLIENT, keep_closed=4 * self.limits.max_streams,
+                                  max_reorder_pieces=self.limits.max_reorder_pieces)
+        self._streams = self._table.live
+        self._sendable: deque[StreamState] = deque()
         self._blocked: set[int] = set()
         self._fin_wait: set[int] = set()
         # credit accounting (see docs/wire-format.md, "Flow control")
@@ -384,12 +283,15 @@ class Session:
         self._ctl_recv_next = 1
         # acknowledgements
         self._dirty: set[int] = set()
-        self._recent_closed: dict[int, int] = {}  # freed stream -> final offset, to answer late replays
         self._final_acks: set[int] = set()
         self._ack_urgent = False
         self._ack_due_at: float | None = None
         self._ack_sess_sent = 0
         self._deferred: list[Event] = []
+        # graceful close (drain): when it must be over, and what GOAWAY then says
+        self._drain_deadline: float | None = None
+        self._drain_reason = ""
+        self._acked_at_end = False
         self.stats = SessionStats()
 
     # ------------------------------------------------------------------ construction
@@ -521,6 +423,7 @@ class Session:
         assert self.session_id is not None
         proto.send_frame(FrameType.WELCOME, self._params(self.session_id, token).pack(),
                          flags=FLAG_JOINED if joined else 0)
+        proto.handshake_answered()
         proto.handshake_deadline = now + self.limits.handshake_timeout
         link.handshaken = True
         self._emit_acks(link, full=True)
@@ -591,6 +494,8 @@ class Session:
             self._terminate(exc, False, events)
             return
         self._after_credit(events)
+        if self._drain_deadline is not None:
+            self._check_drained(events)
 
     def buffers_to_send(self, conn_id: int, max_bytes: int | None = None) -> list[Buffer]:
         """Pull the next bytes for connection *conn_id* as a list of buffers (for ``writelines``).
@@ -651,8 +556,7 @@ class Session:
             self.stats.connections = self._ready_count
             self.stats.connections_lost += 1
         for st, a, b in link.inflight:
-            if not st.reset_sent and b > st.acked and self._streams.get(st.sid) is st:
-                st.add_resend(max(a, st.acked), b)
+            if st.requeue(a, b):
                 self._schedule(st)
         link.inflight.clear()
         if self._ctl_link == link.cid:
@@ -699,6 +603,16 @@ class Session:
                 and now - self._no_link_since >= self.limits.grace):
             self._terminate(GraceExpired(f"no connection for {self.limits.grace:g} s"), False, events)
             return events
+        if self._drain_deadline is not None:
+            self._check_drained(events)
+            if self._terminated:
+                return events
+        if self._drain_deadline is not None and now >= self._drain_deadline:
+            n = len(self._ctl)
+            ctl = f" and {n} control frame{'s' if n > 1 else ''}" if n else ""
+            self._terminate(ChannelTimeout(f"graceful close timed out: {self._send_buffered} bytes{ctl} "
+                                           "not acknowledged by the peer; closed anyway"), False, events)
+            return events
         self.stats.recv_buffered = self._recv_total - self._recv_credit
         self.stats.send_buffered = self._send_buffered
         self.stats.sample(now)
@@ -722,6 +636,8 @@ class Session:
                 cands.append(min(link.next_ping, link.last_recv + self.config.idle_timeout, link.probe_at))
         if self._ready_count == 0 and self._no_link_since is not None:
             cands.append(self._no_link_since + self.limits.grace)
+        if self._drain_deadline is not None:
+            cands.append(self._drain_deadline)
         return min(cands) if cands else None
 
     def ping(self, now: float) -> None:
@@ -742,21 +658,80 @@ class Session:
     # ------------------------------------------------------------------ session end
 
     def close(self, reason: str = "") -> None:
-        """End the session in an orderly way: GOAWAY(NO_ERROR) on every connection.
+        """End the session at once: GOAWAY(NO_ERROR) on every connection (for an abort).
 
-        Live streams are reset; the :class:`SessionTerminated` event comes
-        out of the next event-returning call. Flush and close every
-        connection afterwards. No-op if already terminated.
+        Bytes not yet sent or acknowledged are dropped (:meth:`drain` waits
+        for them) and live streams are reset; the :class:`SessionTerminated`
+        event comes out of the next event-returning call. Flush and close
+        every connection afterwards. No-op if already terminated.
         """
         if self._terminated:
             return
         self._terminate(None, False, self._deferred, reason=reason or "closed")
+
+    def drain(self, now: float, timeout: float, reason: str = "") -> None:
+        """Close gracefully: deliver what was handed to the session, then end it.
+
+        From now on the session takes no new data: every stream of ours is
+        half-closed (FIN after the bytes already queued, so ``send`` raises
+        StreamClosedError), :meth:`open_stream` raises SessionClosedError and
+        streams the peer opens are refused. Once the peer acknowledged every
+        byte and control frame (:attr:`all_acknowledged`), the session sends
+        a last ACK and GOAWAY(NO_ERROR, *reason*) and ends
+        (:class:`SessionTerminated` without error). If that has not happened
+        *timeout* seconds after *now*, :meth:`tick` ends it anyway with
+        GOAWAY(TIMEOUT) and a :class:`~dataplane.channel.errors.ChannelTimeout`
+        saying how much was not acknowledged. Receiving goes on meanwhile.
+        A session not yet established ends at once. Calling it again only
+        brings the deadline closer. Raises SessionClosedError if the session
+        ended, ValueError for a negative *timeout*.
+        """
+        self._check_alive()
+        if timeout < 0:
+            raise ValueError(f"timeout must be >= 0, got {timeout}")
+        self._now = now
+        deadline = now + timeout
+        if self._drain_deadline is not None:
+            self._drain_deadline = min(self._drain_deadline, deadline)
+            return
+        self._drain_deadline = deadline
+        self._drain_reason = reason or "closed"
+        if not self._established:
+            self._terminate(None, False, self._deferred, reason=self._drain_reason)
+            return
+        for st in list(self._streams.values()):
+            if st.phase in (StreamPhase.OPENING, StreamPhase.OPEN):
+                self._queue_fin(st)
+        self._check_drained(self._deferred)
+
+    @property
+    def draining(self) -> bool:
+        """True once :meth:`drain` was called (the session takes no new data)."""
+        return self._drain_deadline is not None
+
+    @property
+    def all_acknowledged(self) -> bool:
+        """True when the peer acknowledged every byte and control frame handed to the session: so far
+        while it lives, at its end once it ended (False for bytes dropped by an abort)."""
+        if self._terminated:
+            return self._acked_at_end
+        return self._send_buffered == 0 and not self._ctl
+
+    def _check_drained(self, events: list[Event]) -> None:
+        """While draining: end the session once everything is acknowledged."""
+        if self._terminated or self._send_buffered or self._ctl:
+            return
+        for link in self._links.values():
+            if link.ready:  # acknowledge what we received before saying goodbye (the peer may drain too)
+                self._emit_acks(link, full=True)
+        self._terminate(None, False, events, reason=self._drain_reason)
 
     def _terminate(self, error: ChannelError | None, remote: bool, events: list[Event],
                    reason: str = "") -> None:
         if self._terminated:
             return
         self._terminated = True
+        self._acked_at_end = self._send_buffered == 0 and not self._ctl
         self.error = error
         code = error.code if error is not None else ErrorCode.NO_ERROR
         why = error.reason if error is not None else reason
@@ -770,11 +745,9 @@ class Session:
         self._ready_count = 0
         self.stats.connections = 0
         for st in self._streams.values():
-            if not st.reset_notified:
-                st.reset_notified = True
+            if st.phase != StreamPhase.RESET:  # a reset stream was reported when it was reset
                 events.append(StreamReset(st.sid, int(code), why, remote))
-            st.sbuf.clear()
-            st.reorder.clear()
+            st.freed()
         self._streams.clear()
         self._sendable.clear()
         self._ctl.clear()
@@ -800,28 +773,25 @@ class Session:
         The peer application sees :class:`StreamOpened` in the order streams
         were opened; we get :class:`StreamAccepted` or :class:`StreamRefused`.
         The stream is not writable before it is accepted. Raises
-        SessionClosedError, LimitExceeded (the peer's ``max_streams`` or ids
-        exhausted), ValueError for a bad name.
+        SessionClosedError (also while :meth:`drain` closes the session),
+        LimitExceeded (the peer's ``max_streams`` or ids exhausted),
+        ValueError for a bad name.
         """
         self._check_alive()
+        if self.draining:
+            raise SessionClosedError("the session is closing")
         raw = name.encode("utf-8")
         if not 1 <= len(raw) <= MAX_NAME:
             raise ValueError(f"stream name must be 1..{MAX_NAME} bytes of UTF-8")
         peer_max = self._peer.max_streams if self._peer is not None else self.limits.max_streams
-        if self._local_open >= peer_max:
+        if self._table.local_open >= peer_max:
             raise LimitExceeded(f"peer allows {peer_max} concurrent streams")
         if len(self._ctl) >= 4 * (self.limits.max_streams + peer_max):
             raise LimitExceeded("too many unacknowledged control frames")
-        sid = self._next_sid
-        if sid > MAX_U32:
-            raise LimitExceeded("stream ids exhausted")
-        self._next_sid += 2
-        st = _Stream(sid, name, True, _OPENING, self.limits.stream_window, self.config.compression)
-        self._streams[sid] = st
-        self._local_open += 1
+        st = self._table.open_local(name, self.limits.stream_window, self.config.compression)
         st.ack_limit = st.recv_limit()
-        self._queue_control(FrameType.OPEN, sid, offset=st.ack_limit, payload=raw)
-        return sid
+        self._queue_control(FrameType.OPEN, st.sid, offset=st.ack_limit, payload=raw)
+        return st.sid
 
     def accept_stream(self, stream_id: int) -> None:
         """Accept a stream announced by :class:`StreamOpened` (sends OPEN_OK with our receive credit).
@@ -830,12 +800,12 @@ class Session:
         StreamResetError if the peer already reset it, SessionClosedError.
         """
         st = self._get(stream_id)
-        if st.reset_sent:
-            raise StreamResetError(f"stream {stream_id} was reset")
         st.accepted()
         st.ack_limit = st.recv_limit()
         self.stats.streams_opened += 1
         self._queue_control(FrameType.OPEN_OK, stream_id, offset=st.ack_limit)
+        if self.draining:
+            self._queue_fin(st)  # it may receive, but we send nothing more
         if st.fin_offset is not None:
             self._check_end(st, self._deferred)
 
@@ -845,24 +815,18 @@ class Session:
         Raises StreamError if it is unknown or not awaiting an answer, SessionClosedError.
         """
         st = self._get(stream_id)
-        if st.phase != _PENDING or st.reset_sent:
-            raise StreamError(f"stream {stream_id} is not awaiting acceptance")
+        st.refused()
         self._queue_control(FrameType.OPEN_FAIL, stream_id, aux=int(code),
                             payload=encode_text(reason, MAX_REASON))
-        st.reset_sent = True
-        st.recv_settled = True
         self._free(st, None)
 
-    def _open_for_sending(self, stream_id: int) -> _Stream:
+    def _open_for_sending(self, stream_id: int) -> StreamState:
         """The stream, if bytes may still be queued on it; raises like :meth:`send`."""
         st = self._get(stream_id)
-        if st.reset_sent:
-            raise StreamResetError(f"stream {stream_id} was reset")
-        if st.fin_local is not None:
-            raise StreamClosedError(f"stream {stream_id} is closed for sending")
+        st.check_sendable()
         return st
 
-    def _mark_blocked(self, st: _Stream) -> None:
+    def _mark_blocked(self, st: StreamState) -> None:
         """*st* has no credit left: it gets :class:`StreamWritable` when it has again."""
         st.blocked = True
         self._blocked.add(st.sid)
@@ -932,7 +896,7 @@ class Session:
         st = self._get(stream_id)
         return st.written - st.next_new >= self._frame_size()
 
-    def _written(self, st: _Stream, n: int) -> None:
+    def _written(self, st: StreamState, n: int) -> None:
         st.written += n
         self._sent_total += n
         self._send_buffered += n
@@ -948,10 +912,11 @@ class Session:
         """True if :meth:`send` would accept at least one byte now."""
         return self.send_capacity(stream_id) > 0
 
-    def _capacity(self, st: _Stream) -> int:
-        if st.phase != _OPEN or st.reset_sent or st.fin_local is not None:
+    def _capacity(self, st: StreamState) -> int:
+        credit = st.send_credit()
+        if credit <= 0:
             return 0
-        return max(0, min(st.peer_limit - st.written,
+        return max(0, min(credit,
                           self._peer_session_limit - self._sent_total,
                           self.limits.replay_buffer - self._send_buffered))
 
@@ -962,16 +927,16 @@ class Session:
         us), SessionClosedError.
         """
         st = self._get(stream_id)
-        if st.reset_sent:
-            raise StreamResetError(f"stream {stream_id} was reset")
-        if st.phase == _PENDING:
-            raise StreamError(f"stream {stream_id} must be accepted or refused first")
-        if st.fin_local is not None:
+        if st.begin_fin():
+            self._queue_fin(st)
+
+    def _queue_fin(self, st: StreamState) -> None:
+        """Queue our FIN at the stream's current offset (unless it was queued already)."""
+        if st.fin_seq or (st.fin_local is None and not st.begin_fin()):
             return
-        st.fin_local = st.written
-        st.fin_seq = self._queue_control(FrameType.FIN, stream_id, offset=st.written)
-        self._fin_wait.add(stream_id)
-        self._blocked.discard(stream_id)
+        st.fin_seq = self._queue_control(FrameType.FIN, st.sid, offset=st.written)
+        self._fin_wait.add(st.sid)
+        self._blocked.discard(st.sid)
 
     def reset_stream(self, stream_id: int, reason: str = "", code: int = ErrorCode.CANCEL) -> None:
         """Abort a stream in both directions (RESET with *code* and *reason*). No-op if already reset.
@@ -979,7 +944,7 @@ class Session:
         Buffered data is dropped. Raises StreamError (unknown), SessionClosedError.
         """
         st = self._get(stream_id)
-        if st.reset_sent:
+        if st.stopped:
             return
         self._local_reset(st, int(code), reason, None)
         self._maybe_free(st, self._deferred)
@@ -994,16 +959,14 @@ class Session:
         self._check_alive()
         st = self._streams.get(stream_id)
         if st is None:
-            if self._known_id(stream_id):
+            if self._table.known_id(stream_id):
                 return
             raise StreamError(f"unknown stream {stream_id}")
-        if st.recv_settled or st.reset_sent:
+        if st.stopped:
             return
-        if n < 0 or st.consumed + n > st.recv_next:
-            raise ValueError(f"consumed({n}) exceeds the {st.recv_next - st.consumed} undelivered bytes")
+        st.consume(n)
         if n == 0:
             return
-        st.consumed += n
         self._recv_credit += n
         self._mark_dirty(st)
         if st.fin_offset is not None and st.consumed == st.fin_offset:
@@ -1021,42 +984,23 @@ class Session:
         if st.comp is not None:
             st.comp.set_mode(mode)
 
-    def _get(self, stream_id: int) -> _Stream:
+    def _get(self, stream_id: int) -> StreamState:
         self._check_alive()
         st = self._streams.get(stream_id)
         if st is None:
             raise StreamError(f"unknown or closed stream {stream_id}")
         return st
 
-    def _known_id(self, sid: int) -> bool:
-        """True if *sid* was allocated at some point (by either side)."""
-        local_parity = 1 if self.role == Role.CLIENT else 0
-        if sid & 1 == local_parity:
-            return 0 < sid < self._next_sid
-        return 0 < sid < self._peer_next_sid
-
-    def _stream_for_frame(self, sid: int, what: str) -> _Stream | None:
-        st = self._streams.get(sid)
-        if st is None and not self._known_id(sid):
-            raise ProtocolError(f"{what} for unknown stream {sid}")
-        return st
-
-    def _schedule(self, st: _Stream) -> None:
+    def _schedule(self, st: StreamState) -> None:
         if not st.queued and st.has_send_work():
             st.queued = True
             self._sendable.append(st)
 
-    def _local_reset(self, st: _Stream, code: int, reason: str, events: list[Event] | None,
+    def _local_reset(self, st: StreamState, code: int, reason: str, events: list[Event] | None,
                      remote: bool = False) -> None:
-        st.reset()
+        self._send_buffered -= st.reset()
         self._queue_control(FrameType.RESET, st.sid, aux=code, offset=st.written,
                             payload=encode_text(reason, MAX_REASON))
-        self._send_buffered -= st.written - st.acked
-        st.acked = st.written
-        st.sbuf.clear()
-        st.resend = []
-        st.reorder.clear()
-        st.held = None
         self._blocked.discard(st.sid)
         self._fin_wait.discard(st.sid)
         self._dirty.discard(st.sid)
@@ -1064,57 +1008,36 @@ class Session:
         if st.fin_offset is not None:
             self._settle_recv(st, st.fin_offset)
         if events is not None:
-            st.reset_notified = True
             events.append(StreamReset(st.sid, code, reason, remote))
-        else:
-            st.reset_notified = True
 
-    def _settle_recv(self, st: _Stream, final: int) -> None:
+    def _settle_recv(self, st: StreamState, final: int) -> None:
         """Account a reset stream's receive half up to the peer's final size (frees session credit)."""
-        if st.recv_settled:
-            return
-        st.recv_settled = True
-        self._recv_total += final - st.recv_hw
-        st.recv_hw = final
-        self._recv_credit += final - st.consumed
-        st.consumed = final
+        sent, credit = st.settle(final)
+        self._recv_total += sent
+        self._recv_credit += credit
         self._check_session_credit()
 
-    def _maybe_free(self, st: _Stream, events: list[Event] | None) -> None:
-        send_done = st.reset_sent or (
-            st.fin_local is not None and st.acked == st.fin_local and self._ctl_acked > st.fin_seq)
-        recv_done = st.recv_settled or (st.fin_offset is not None and st.consumed == st.fin_offset)
-        if send_done and recv_done:
+    def _maybe_free(self, st: StreamState, events: list[Event] | None) -> None:
+        if st.send_finished(self._ctl_acked) and st.recv_finished():
             self._free(st, events)
 
-    def _free(self, st: _Stream, events: list[Event] | None) -> None:
-        if self._streams.pop(st.sid, None) is None:
+    def _free(self, st: StreamState, events: list[Event] | None) -> None:
+        if not self._table.remove(st):
             return
-        if st.local:
-            self._local_open -= 1
-        else:
-            self._remote_open -= 1
-        self._send_buffered -= st.written - st.acked
-        st.sbuf.clear()
-        st.reorder.clear()
-        st.reset_sent = True  # stops any scheduling
+        ended_normally = st.ended_normally()
+        self._send_buffered -= st.freed()  # CLOSED: stops any scheduling
         self._blocked.discard(st.sid)
         self._fin_wait.discard(st.sid)
         self._dirty.discard(st.sid)
         self.stats.streams_closed += 1
-        if st.fin_offset is not None and not st.recv_settled:
+        if ended_normally:
             # the receive half ended normally: the peer still needs our ACK of its last bytes
-            self._remember_closed(st.sid, st.fin_offset)
+            assert st.fin_offset is not None
+            self._table.remember_closed(st.sid, st.fin_offset)
             if st.ack_recv < st.fin_offset:
                 self._final_ack(st.sid)
         if events is not None:
             events.append(StreamClosed(st.sid, st.stats))
-
-    def _remember_closed(self, sid: int, final: int) -> None:
-        recent = self._recent_closed
-        recent[sid] = final
-        if len(recent) > 4 * self.limits.max_streams:
-            del recent[next(iter(recent))]
 
     def _final_ack(self, sid: int) -> None:
         self._final_acks.add(sid)
@@ -1148,7 +1071,7 @@ class Session:
 
     # ------------------------------------------------------------------ acknowledgements
 
-    def _mark_dirty(self, st: _Stream) -> None:
+    def _mark_dirty(self, st: StreamState) -> None:
         self._dirty.add(st.sid)
         quarter = st.window >> 2
         if st.recv_next - st.ack_recv >= quarter or st.recv_limit() - st.ack_limit >= quarter:
@@ -1166,13 +1089,13 @@ class Session:
 
     def _emit_acks(self, link: _Link, full: bool) -> None:
         if full:
-            chosen = [st for st in self._streams.values() if not st.reset_sent]
+            chosen = [st for st in self._streams.values() if not st.stopped]
         else:
             chosen = [st for sid in self._dirty
-                      if (st := self._streams.get(sid)) is not None and not st.reset_sent]
+                      if (st := self._streams.get(sid)) is not None and not st.stopped]
         self._dirty.clear()
-        entries = [(sid, self._recent_closed[sid], self._recent_closed[sid])
-                   for sid in self._final_acks if sid in self._recent_closed]
+        recent = self._table.recent_closed
+        entries = [(sid, recent[sid], recent[sid]) for sid in self._final_acks if sid in recent]
         self._final_acks.clear()
         for st in chosen:
             lim = st.recv_limit()
@@ -1206,33 +1129,11 @@ class Session:
         peer_max = self._peer.max_frame_payload if self._peer is not None else self.limits.max_frame_payload
         return min(self.config.frame_size, peer_max)
 
-    def _send_data_frame(self, link: _Link, st: _Stream) -> bool:
-        if st.reset_sent:
+    def _send_data_frame(self, link: _Link, st: StreamState) -> bool:
+        rng = st.next_range(self._frame_size())
+        if rng is None:
             return False
-        fsize = self._frame_size()
-        replay = False
-        resend = st.resend
-        while resend:
-            a, b = resend[0]
-            if b <= st.acked:
-                resend.pop(0)
-                continue
-            if a < st.acked:
-                a = st.acked
-            n = min(b - a, fsize, st.sbuf.contiguous(a))
-            if a + n >= b:
-                resend.pop(0)
-            else:
-                resend[0] = (a + n, b)
-            replay = True
-            break
-        else:
-            a = st.next_new
-            n = min(st.written - a, fsize)
-            if n <= 0:
-                return False
-            n = min(n, st.sbuf.contiguous(a))  # frames never straddle two chunks: no copy
-            st.next_new = a + n
+        a, n, replay = rng
         data = st.sbuf.view(a, n)
         comp = st.comp
         if comp is None:
@@ -1245,7 +1146,7 @@ class Session:
             inflight.popleft()
         inflight.append((st, a, a + n))
         if len(inflight) > link.inflight_cap:
-            link.inflight = deque(r for r in inflight if r[2] > r[0].acked and not r[0].reset_sent)
+            link.inflight = deque(r for r in inflight if r[2] > r[0].acked and not r[0].stopped)
             link.inflight_cap = max(1024, 2 * len(link.inflight))
         ss = st.stats
         count_both(ss, self.stats, frames_sent=1, raw_data_sent=n, payload_sent=len(payload))
@@ -1281,7 +1182,8 @@ class Session:
 
     def _on_refuse(self, link: _Link, f: Frame, events: list[Event]) -> None:
         err = error_from_code(f.aux, decode_text(f.payload))
-        if self._established and isinstance(err, LimitExceeded):
+        if isinstance(err, LimitExceeded) and (self._established or link.cid != self._creator):
+            # a join or an extra stripe the listener has no room for: only this connection ends
             self._drop_link(link, self._now, events, err, notify=True)
             return
         self._terminate(err, True, events)
@@ -1301,23 +1203,15 @@ class Session:
                 self._ctl_unsent = cack
         if f.offset > self._peer_session_limit:
             self._peer_session_limit = f.offset
-        local_parity = 1 if self.role == Role.CLIENT else 0
         for sid, recv, limit in decode_ack_entries(f.payload):
             st = self._streams.get(sid)
             if st is None:
-                if sid & 1 == local_parity and sid >= self._next_sid:
+                if self._table.never_opened_by_us(sid):
                     raise ProtocolError(f"ACK for stream {sid} that we never opened")
                 continue  # closed, or a peer stream whose OPEN we have not processed yet
-            if st.reset_sent:
+            if st.stopped:
                 continue
-            if recv > st.next_new:
-                raise ProtocolError(f"ACK of stream {sid} covers bytes never sent ({recv} > {st.next_new})")
-            if recv > st.acked:
-                self._send_buffered -= recv - st.acked
-                st.acked = recv
-                st.sbuf.release(recv)
-            if limit > st.peer_limit:
-                st.peer_limit = limit
+            self._send_buffered -= st.acknowledged(recv, limit)
         if not link.ready:
             self._link_ready(link, events)
         if self._fin_wait:
@@ -1357,7 +1251,7 @@ class Session:
             return
         for sid in list(self._blocked):
             st = self._streams.get(sid)
-            if st is None or st.reset_sent or st.fin_local is not None:
+            if st is None or st.stopped or st.fin_local is not None:
                 self._blocked.discard(sid)
             elif self._capacity(st) > 0:
                 self._blocked.discard(sid)
@@ -1385,9 +1279,9 @@ class Session:
         if not link.ready:
             raise ProtocolError("DATA before the handshake completed")
         sid = f.stream_id
-        st = self._stream_for_frame(sid, "DATA")
+        st = self._table.for_frame(sid, "DATA")
         if st is None:
-            if sid in self._recent_closed:
+            if sid in self._table.recent_closed:
                 self._final_ack(sid)  # a replay of bytes we already had: acknowledge them again
             return
         if st.recv_settled:
@@ -1399,19 +1293,16 @@ class Session:
         ss.frames_received += 1
         ss.wire_bytes_received += HEADER_SIZE + len(f.payload)
         self.stats.frames_received += 1
-        if end > st.recv_limit():
-            raise FlowControlError(f"stream {sid}: data up to {end} beyond the credit {st.recv_limit()}")
-        if st.fin_offset is not None and end > st.fin_offset:
-            raise ProtocolError(f"stream {sid}: data up to {end} beyond its FIN at {st.fin_offset}")
-        if end > st.recv_hw:
-            self._recv_total += end - st.recv_hw
-            st.recv_hw = end
+        st.check_data(end)
+        grown = st.advance_hw(end)
+        if grown:
+            self._recv_total += grown
             if self._recv_total > self._recv_credit + self._recv_window:
                 raise FlowControlError("session credit exceeded")
             buffered = self._recv_total - self._recv_credit
             if buffered > self.stats.recv_buffered_peak:
                 self.stats.recv_buffered_peak = buffered
-        if st.reset_sent:
+        if st.stopped:
             return
         if end <= st.recv_next:
             count_both(ss, self.stats, duplicate_bytes=n)
@@ -1424,30 +1315,22 @@ class Session:
             data: Buffer = codec.decode(f.payload, n)
         else:
             data = f.payload
-        if off == st.recv_next and not st.reorder:
-            self._deliver(st, off, data, events)
-        else:
-            if off < st.recv_next:
-                count_both(ss, self.stats, duplicate_bytes=st.recv_next - off)
-            st.reorder.insert(off, data)
-            for o, d in st.reorder.pop_ready(st.recv_next):
-                self._deliver(st, o, d, events)
+        ready, dup = st.take_data(off, data)
+        if dup:
+            count_both(ss, self.stats, duplicate_bytes=dup)
+        hold = st.phase == StreamPhase.OPENING  # our OPEN is not answered yet: report after StreamAccepted
+        for o, d in ready:
+            count_both(ss, self.stats, bytes_received=len(d))
+            if hold:
+                st.held.append((o, d))
+            else:
+                events.append(DataReceived(sid, o, d))
+            self._mark_dirty(st)
         if st.fin_offset is not None:
             self._check_end(st, events)
 
-    def _deliver(self, st: _Stream, off: int, data: Buffer, events: list[Event]) -> None:
-        n = len(data)
-        st.recv_next = off + n
-        count_both(st.stats, self.stats, bytes_received=n)
-        if st.held is not None:
-            st.held.append((off, data))
-        else:
-            events.append(DataReceived(st.sid, off, data))
-        self._mark_dirty(st)
-
-    def _check_end(self, st: _Stream, events: list[Event]) -> None:
-        if (not st.ended and st.recv_next == st.fin_offset and st.phase == _OPEN and st.held is None):
-            st.ended = True
+    def _check_end(self, st: StreamState, events: list[Event]) -> None:
+        if st.end_reached():
             events.append(StreamEnded(st.sid))
             if st.consumed == st.fin_offset:
                 self._maybe_free(st, events)
@@ -1466,75 +1349,58 @@ class Session:
 
     def _on_open(self, f: Frame, events: list[Event]) -> None:
         sid = f.stream_id
-        if sid != self._peer_next_sid:
-            raise ProtocolError(f"OPEN of stream {sid}, expected id {self._peer_next_sid}")
-        self._peer_next_sid += 2
         name = decode_text(f.payload)
-        if self._remote_open >= self.limits.max_streams:
-            reason = f"too many streams (max {self.limits.max_streams})"
-            self._queue_control(FrameType.OPEN_FAIL, sid, aux=ErrorCode.LIMIT,
-                                payload=encode_text(reason, MAX_REASON))
+        closing = self.draining
+        st = self._table.open_remote(sid, name, self.limits.stream_window, self.config.compression,
+                                     0 if closing else self.limits.max_streams)
+        if st is None:
+            code, reason = ((ErrorCode.REFUSED, "the session is closing") if closing
+                            else (ErrorCode.LIMIT, f"too many streams (max {self.limits.max_streams})"))
+            self._queue_control(FrameType.OPEN_FAIL, sid, aux=code, payload=encode_text(reason, MAX_REASON))
             return
-        st = _Stream(sid, name, False, _PENDING, self.limits.stream_window, self.config.compression)
-        st.peer_limit = f.offset
-        self._streams[sid] = st
-        self._remote_open += 1
+        st.raise_peer_limit(f.offset)
         events.append(StreamOpened(sid, name))
 
     def _on_open_ok(self, f: Frame, events: list[Event]) -> None:
-        st = self._stream_for_frame(f.stream_id, "OPEN_OK")
-        if st is None or st.phase == _RESET:
+        st = self._table.for_frame(f.stream_id, "OPEN_OK")
+        if st is None or st.phase == StreamPhase.RESET:
             return
-        st.open_confirmed()
-        if f.offset > st.peer_limit:
-            st.peer_limit = f.offset
+        held = st.open_confirmed(f.offset)
         self.stats.streams_opened += 1
         events.append(StreamAccepted(st.sid))
-        held, st.held = st.held, None
-        for off, data in held or ():
+        for off, data in held:
             events.append(DataReceived(st.sid, off, data))
         if st.blocked:
             self._blocked.add(st.sid)
 
     def _on_open_fail(self, f: Frame, events: list[Event]) -> None:
-        st = self._stream_for_frame(f.stream_id, "OPEN_FAIL")
+        st = self._table.for_frame(f.stream_id, "OPEN_FAIL")
         if st is None:
             return
-        if not st.local or st.phase not in (_OPENING, _RESET):
-            raise ProtocolError(f"OPEN_FAIL for stream {f.stream_id} that is not opening")
-        notify = st.phase == _OPENING
-        st.recv_settled = True
-        st.reset_sent = True
-        st.reset_notified = True
+        notify = st.open_failed()
         self._free(st, None)
         if notify:
             events.append(StreamRefused(st.sid, f.aux, decode_text(f.payload)))
 
     def _on_fin(self, f: Frame, events: list[Event]) -> None:
-        st = self._stream_for_frame(f.stream_id, "FIN")
+        st = self._table.for_frame(f.stream_id, "FIN")
         if st is None or st.recv_settled:
             return
         final = f.offset
-        if st.fin_offset is not None:
-            raise ProtocolError(f"second FIN on stream {st.sid}")
-        if final < st.recv_hw or final > st.recv_limit():
-            raise ProtocolError(f"FIN of stream {st.sid} at {final} is inconsistent with the data received")
-        st.fin_offset = final
-        if st.reset_sent:
+        st.fin_received(final)
+        if st.stopped:
             self._settle_recv(st, final)
             self._maybe_free(st, events)
             return
         self._check_end(st, events)
 
     def _on_reset(self, f: Frame, events: list[Event]) -> None:
-        st = self._stream_for_frame(f.stream_id, "RESET")
+        st = self._table.for_frame(f.stream_id, "RESET")
         if st is None:
             return
         final = f.offset
-        if (final < st.recv_hw or (st.fin_offset is not None and final != st.fin_offset)
-                or final > st.consumed + st.window):
-            raise ProtocolError(f"RESET of stream {st.sid} has an inconsistent final size {final}")
-        if not st.reset_sent:
+        st.check_reset_size(final)
+        if not st.stopped:
             self._local_reset(st, f.aux, decode_text(f.payload), events, remote=True)
         self._settle_recv(st, final)
         self._maybe_free(st, events)
