@@ -35,7 +35,7 @@ def dst(status: str, migration: str) -> SideState:
     (src("finish-migrate", "postcopy-active"), dst("paused", "postcopy-active"), COMMIT, "completed"),
     (src("finish-migrate", "postcopy-paused"), dst("inmigrate", "active"), REFUSE, "in-doubt"),
     (src("postmigrate", "completed"), dst("inmigrate", "active"), ABORT, "rolled-back"),
-    (src("postmigrate", "completed"), dst("unreachable", "unknown"), ABORT, "rolled-back"),
+    (src("postmigrate", "completed"), dst("unreachable", "unknown"), REFUSE, "in-doubt"),
     (src("finish-migrate", "pre-switchover"), dst("inmigrate", "active"), ABORT, "rolled-back"),
     (src("finish-migrate", "pre-switchover"), dst("paused", "completed"), ABORT, "rolled-back"),
     (src("unreachable", "unknown"), dst("inmigrate", "active"), REFUSE, "in-doubt"),

@@ -2,7 +2,8 @@
 
 The work is done by :mod:`dataplane.migration.cclm`; this module parses options, opens the QMP
 connection and the channel, prints progress (text or JSON lines) and maps outcomes to exit statuses
-(0 completed, 1 failed or rolled back, 2 wrong command line).
+(0 completed, 1 refused or rolled back, 2 wrong command line, 3 in doubt), and settles an in-doubt
+migration (``dataplane resolve``).
 """
 
 from __future__ import annotations
@@ -197,7 +198,7 @@ def register_migration(commands: Commands) -> None:
             "  - one side runs already: nothing changes; both run: refused, a person must choose.\n"
             "Anything unsafe is refused and changes nothing. If the other side's QEMU is destroyed for\n"
             "good, --peer-destroyed resolves alone (you vouch that it can never run): the destination\n"
-            "resumes if it holds the whole guest, the source resumes otherwise.\n"
+            "resumes if it holds the whole guest; the source resumes unless a postcopy moved its state.\n"
             "\n"
             "exit status: 0 resolved (the report says which copy runs), 1 refused or failed (nothing\n"
             "unsafe was done), 2 wrong command line."

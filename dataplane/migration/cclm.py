@@ -5,8 +5,9 @@ destination's channel listener (:func:`run_target`, ``dataplane receive``).
 Over that one session travel:
 
 * the control stream (:mod:`dataplane.migration.control`): the plan,
-  ``ready`` / ``refused``, ``abort`` either way, and the destination's
-  ``done``;
+  ``ready`` / ``refused``, ``abort`` either way, the source's ``commit``
+  and the destination's ``done`` (the switchover is a commit: the
+  destination resumes only on its QEMU's completion and ``commit``);
 * one NBD stream per disk (QEMU's NBD client on the source connects to a
   local unix socket of the source relay; the destination relay connects the
   stream to the destination QEMU's NBD server);
@@ -27,10 +28,10 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from dataplane.aio import cancel_and_collect, first_done
 from dataplane.channel.addr import Endpoint
@@ -39,7 +40,7 @@ from dataplane.channel.relay import DestinationRelay, SourceRelay
 from dataplane.channel.server import ChannelServer
 from dataplane.channel.stream import ChannelStream
 from dataplane.storage.writeback import EarlyWriteback
-from qmp_driver import DriverError, QemuDriver
+from qmp_driver import CommandError, DriverError, QemuDriver
 
 from .control import (
     CONTROL_STREAM,
@@ -79,13 +80,18 @@ from .target import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Seconds the source waits for the destination's answer to the plan.
 PLAN_TIMEOUT = 60.0
-#: Seconds the source waits, after ``commit``, for the destination to confirm it resumed.
+#: Seconds the source waits, after ``commit``, for the destination to confirm it resumed, beyond the
+#: session's grace period.
 DONE_TIMEOUT = 60.0
-#: Seconds the destination waits, once its QEMU completed, for the source's ``commit``.
+#: Seconds the destination waits, once its QEMU completed, for the source's ``commit``, beyond
+#: the session's grace period (a link cut within it must not end the wait).
 COMMIT_TIMEOUT = 60.0
+#: Seconds a destination that gave up waits for the source to confirm that it runs the guest.
+ACK_TIMEOUT = 15.0
 
 
 EventCallback = Callable[[dict[str, Any]], object]
@@ -242,6 +248,9 @@ async def run_source(client: ChannelClient, src: QemuDriver, *, disks: Iterable[
     handed: list[str] = []  # the source QEMU status at which ``commit`` was sent
     try:
         client.open_stream(CONTROL_STREAM, control)
+        status = await src.query_status()
+        if status.status not in ("running", "paused"):
+            raise PlanRefused(f"the source VM is {status.status!r}, not running or paused")
         plan = await discover_plan(src, disks, options)
         _emit(on_event, {"event": "phase", "phase": "plan", "disks": [asdict(d) for d in plan.disks],
                          "memory_size": plan.memory_size})
@@ -290,16 +299,12 @@ async def run_source(client: ChannelClient, src: QemuDriver, *, disks: Iterable[
                 cause = _exception(watch)
                 log.warning("stopping the migration: %s", cause)
                 await cancel_and_collect(mig)
-                if not final:  # stopped before the migration reported anything: ask its QEMU
-                    state = await _qemu_state(src)
-                    if state["migration"] == "completed" and state["status"] == "postmigrate":
-                        empty = MigrationReport("completed", "completed", 0.0, None, 0, 0, str(cause))
-                        raise RolledBack(await _take_back(src, empty))
+                if not final:  # stopped before this run's migration started: nothing to take back
                     raise MigrationError(f"migration stopped: {cause}")
                 report = final[0] = _with_cause(final[0], cause)
                 if report.outcome == "completed" and not handed:
                     # the source QEMU completed, but the guest was never handed over: take it back
-                    raise RolledBack(await _take_back(src, report))
+                    raise RolledBack(await _shielded(_take_back(src, report)))
                 if report.switched_over:
                     return await _in_doubt(client, src, report, "the handover could not be confirmed")
                 raise RolledBack(report) from cause
@@ -316,9 +321,11 @@ async def run_source(client: ChannelClient, src: QemuDriver, *, disks: Iterable[
                 cause = _exception(watch) if watch.done() else None
                 if cause is None and interrupt is not None and interrupt.is_set():
                     cause = Interrupted("interrupted by the operator")
+                if cause is None and (client.done.done() or control.lost.done()):
+                    cause = ControlLost("the channel session ended before the commit")
                 if cause is not None:
                     log.warning("not handing the guest over: %s", cause)
-                    raise RolledBack(await _take_back(src, _with_cause(report, cause)))
+                    raise RolledBack(await _shielded(_take_back(src, _with_cause(report, cause))))
                 watch.cancel()
                 control.send(Commit("completed"))
                 handed.append("completed")
@@ -331,12 +338,31 @@ async def run_source(client: ChannelClient, src: QemuDriver, *, disks: Iterable[
             await cancel_and_collect(mig, watch)
     except BaseException as exc:
         if not handed:  # no commit went out: the destination must never resume
+            if final and final[0].outcome == "completed" and not isinstance(exc, RolledBack):
+                # cancelled while the source QEMU had completed: take the guest back first
+                final[0] = await _shielded(_take_back(src, _with_cause(final[0], exc)))
             control.send(Abort(_reason(exc)))
         raise
     finally:
         await control.drain()
         await relay.close()
         shutil.rmtree(wd, ignore_errors=True)
+
+
+async def _shielded(aw: Awaitable[T]) -> T:
+    """Await ``aw`` to its end even if the caller is cancelled meanwhile (the cancellation is then
+    delivered afterwards)."""
+    task = asyncio.ensure_future(aw)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        task.result()
+        raise asyncio.CancelledError
+    return task.result()
 
 
 def _exception(task: asyncio.Future[Any]) -> BaseException | None:
@@ -401,7 +427,7 @@ async def _await_done(client: ChannelClient, control: ControlStream, src: QemuDr
     """After ``commit``: the destination's ``done`` (completed), its ``abort`` (it never ran: the
     source is taken back, unless a postcopy moved the guest's state), or nothing (in doubt)."""
     _emit(on_event, {"event": "phase", "phase": "waiting-for-destination"})
-    deadline = time.monotonic() + DONE_TIMEOUT
+    deadline = time.monotonic() + DONE_TIMEOUT + float(getattr(getattr(client, "limits", None), "grace", 0.0))
     while True:
         try:
             msg = await control.recv(max(0.01, deadline - time.monotonic()))
@@ -415,8 +441,10 @@ async def _await_done(client: ChannelClient, control: ControlStream, src: QemuDr
                 return await _in_doubt(client, src, report, f"the destination aborted after a postcopy "
                                                             f"handover: {msg.reason}")
             log.warning("the destination refused the handover: %s", msg.reason)
-            raise RolledBack(await _take_back(src, dataclasses.replace(
+            taken = await _shielded(_take_back(src, dataclasses.replace(
                 report, error=f"the destination aborted after the commit: {msg.reason}")))
+            control.send(Abort("the source took the guest back"))  # the destination waits for this
+            raise RolledBack(taken)
         log.warning("control: ignoring an unexpected %r message", msg.type)
 
 
@@ -551,6 +579,9 @@ class _TargetRole:
                                        MIGRATION_STREAM: Endpoint("unix", path=str(self.mig_sock))})
         self.routing = _TargetSession(self.relay)
         self.server = server_factory(self.routing.on_stream)
+        grace = float(getattr(getattr(self.server, "limits", None), "grace", 0.0))
+        self.commit_timeout = COMMIT_TIMEOUT + grace
+        self.cont_sent = False  # ``cont`` went to the destination QEMU (its outcome may be unknown)
         self.control: ControlStream | None = None
         self.allowed = allowed
         self.prepared: PreparedTarget | None = None
@@ -588,12 +619,23 @@ class _TargetRole:
         except _Ended as ended:
             return ended.report
         except asyncio.CancelledError:
-            if self.control is not None and not self.resumed:
+            if self.control is not None and not self.cont_sent:
                 self.control.send(Abort("the destination was interrupted"))
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(abort_target(self.dst, self.prepared))
+                if self.prepared is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(abort_target(self.dst, self.prepared))
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self.control.drain())
+            raise
+        except Exception as exc:  # a bug or an unexpected error: the guest stays paused here
+            log.exception("receive failed unexpectedly")
+            if self.control is not None and not self.cont_sent:
+                self.control.send(Abort(f"the destination failed: {exc}"))
+                if self.prepared is not None:
+                    await abort_target(self.dst, self.prepared)
+                await self.control.drain()
+                return self.report("rolled-back" if not self.switched else "in-doubt",
+                                   await self._guest_status(), f"{type(exc).__name__}: {exc}")
             raise
         finally:
             await self._close()
@@ -673,6 +715,25 @@ class _TargetRole:
         await control.drain()
         return _Ended(self.report("rolled-back", await self._guest_status(), why))
 
+    async def _give_up_confirmed(self, control: ControlStream, why: str) -> _Ended:
+        """The destination has the whole guest and gives up: ``abort`` to the source, and rolled back
+        only once the source answers that it runs the guest (its own ``abort``); otherwise this
+        side cannot know that anybody runs it: in doubt (the guest stays paused here)."""
+        control.send(Abort(why))
+        await abort_target(self.dst, self.prepared)
+        try:
+            while True:
+                msg = await control.recv(ACK_TIMEOUT)
+                if isinstance(msg, Abort):
+                    await control.drain()
+                    return _Ended(self.report("rolled-back", await self._guest_status(),
+                                              f"{why}; the source runs the guest ({msg.reason})"))
+                if isinstance(msg, Commit):  # crossed our abort: the source takes the guest back on it
+                    continue
+        except (TimeoutError, ControlLost) as exc:
+            return _Ended(await self._in_doubt(f"{why}, and the source did not confirm that it runs the "
+                                               f"guest ({exc})"))
+
     def _interrupted(self) -> bool:
         """Interrupted (also in the same loop turn as the signal, before ``intr`` saw it)."""
         return self.intr.done() or (self.interrupt is not None and self.interrupt.is_set())
@@ -723,19 +784,21 @@ class _TargetRole:
             await hook_reached("destination-completed")
             # 2. the guest is here, paused: resume only on the source's commit
             if not answer.done():
-                await first_done(answer, self.intr, timeout=COMMIT_TIMEOUT)
+                await first_done(answer, self.intr, timeout=self.commit_timeout)
             if answer.done() and _exception(answer) is None:
                 self.committed = answer.result()
                 return
-            if self._interrupted() and not answer.done():
-                raise await self._give_up(control, "the destination was interrupted before the source "
-                                                   "committed", tell=True)
-            if not answer.done():
-                raise await self._give_up(control, f"no commit from the source within {COMMIT_TIMEOUT:g} s "
-                                                   f"of the destination's completion", tell=True)
-            why = _exception(answer)
+            why = _exception(answer) if answer.done() else None
             if isinstance(why, PeerAborted):
                 raise await self._give_up(control, str(why), tell=False)
+            if status == "postcopy-active":  # the guest's state moves on: the source cannot take it back
+                cause = why or "interrupted"
+                raise _Ended(await self._in_doubt(f"a postcopy started and no commit came ({cause})"))
+            if why is None:  # interrupted, or no commit in time: give up, if the source takes the guest back
+                what = ("the destination was interrupted before the source committed" if self._interrupted()
+                        else f"no commit from the source within {self.commit_timeout:g} s of the "
+                             f"destination's completion")
+                raise await self._give_up_confirmed(control, what)
             # the source is gone without a word: it may have committed (in doubt) or rolled back
             raise _Ended(await self._in_doubt(f"the source went away before committing: {why}"))
         finally:
@@ -743,7 +806,7 @@ class _TargetRole:
 
     async def _in_doubt(self, why: str) -> TargetReport:
         state = await _qemu_state(self.dst)
-        error = (f"in doubt: {why}; the guest stays paused here ({state['status']}, migration "
+        error = (f"in doubt: {why}; the guest here is {state['status']} (migration "
                  f"{state['migration']}) until `dataplane resolve` decides")
         log.error("%s", error)
         return dataclasses.replace(self.report("in-doubt", state["status"], error), state=state)
@@ -760,15 +823,22 @@ class _TargetRole:
             await control.drain()
             await self.writeback.stop()
 
+        self.cont_sent = True  # from here a failure may hide a guest that runs: never abort blindly
         try:
             await resume_target(self.dst, self.prepared, self.switched[0], resume=not self.paused,
                                 timeout=None, after_resume=resumed)
         except (MigrationError, DriverError) as exc:
-            if not self.resumed:  # cont failed: the guest never ran here, the source may take it back
-                raise await self._give_up(control, f"the destination cannot resume: {exc}",
-                                          tell=True) from None
-            return self.report("in-doubt", await self._guest_status(),
-                               f"after the destination resumed: {exc}")
+            if self.resumed:
+                return await self._in_doubt(f"after the destination resumed: {exc}")
+            state = await _qemu_state(self.dst)
+            if isinstance(exc, CommandError) and state["status"] not in ("running", "unreachable"):
+                # QEMU refused: the guest never ran here, the source may take it back
+                why = f"the destination cannot resume: {exc}"
+                raise await self._give_up_confirmed(control, why) from None
+            if state["status"] == "running":  # it runs although the call failed: it took over
+                await resumed()
+                return self.report("completed", "running", f"resumed despite: {exc}")
+            return await self._in_doubt(f"resuming the destination failed: {exc}")
         total = plan.memory_size + sum(d.size for d in plan.disks)
         log.info("migration of %.1f GiB received; guest %s", total / (1 << 30), status)
         return self.report("completed", status)

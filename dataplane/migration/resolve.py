@@ -19,7 +19,7 @@ the destination runs                                        none       (committe
 the source runs                                             none       (rolled back already)
 the source QEMU is in postcopy (its state moved on)         commit     the destination resumes
 both QEMUs ``completed``                                    commit     the destination resumes
-the source QEMU does not answer                             refuse     nothing (``--peer-destroyed``)
+either QEMU does not answer                                 refuse     nothing (``--peer-destroyed``)
 otherwise                                                   abort      the source resumes
 ========================================================== ========== ===========================
 
@@ -98,6 +98,10 @@ def decide(source: SideState, destination: SideState) -> Resolution:
         return Resolution(NONE, "completed", "the destination runs already; the source stays stopped")
     if source.running:
         return Resolution(NONE, "rolled-back", "the source runs already; the destination stays paused")
+    if destination.status == "unreachable" or destination.migration == "unknown":
+        return Resolution(REFUSE, "in-doubt", "the destination QEMU does not answer: it may run; if it is "
+                                              "gone for good, resolve on the source alone with "
+                                              "--peer-destroyed")
     dst_has_guest = destination.migration == "completed" or destination.migration.startswith("postcopy")
     if source.migration.startswith("postcopy"):
         if dst_has_guest and destination.status != "unreachable":
@@ -118,9 +122,16 @@ def decide(source: SideState, destination: SideState) -> Resolution:
 
 def decide_alone(me: SideState) -> Resolution:
     """The decision when the peer is destroyed (the operator vouches that it can never run)."""
-    gone = SideState(DESTINATION if me.role == SOURCE else SOURCE, "unreachable", "unknown")
     if me.role == SOURCE:
-        return decide(me, gone)
+        # the destination is gone: the source resumes unless a postcopy moved its state on
+        if me.running:
+            return Resolution(NONE, "rolled-back", "the source runs already")
+        if me.status == "unreachable":
+            return Resolution(REFUSE, "in-doubt", "the source QEMU does not answer")
+        if me.migration.startswith("postcopy"):
+            return Resolution(REFUSE, "in-doubt", "the source handed the guest over in postcopy: its "
+                                                  "memory is no longer whole here")
+        return Resolution(ABORT, "rolled-back", "the destination is destroyed: the source resumes")
     # the source is gone: the destination resumes if it holds the whole guest, whatever the source did
     if me.running:
         return Resolution(NONE, "completed", "the destination runs already")
@@ -231,10 +242,11 @@ async def resolve_with_peer(drv: QemuDriver, role: str, control: ControlStream,
             raise ResolveError(f"the peer did not agree to {resolution.action} (it sent {agree!r})")
         await apply(drv, role, resolution)
     else:
-        # this side stays stopped: check again right before promising it
+        # this side stays stopped: check again right before promising it (only a QEMU that answers
+        # with a state other than running can promise that)
         now = await side_state(drv, role)
-        if now.running:
-            raise ResolveError(f"the {role} started running meanwhile; nothing was agreed")
+        if now.running or now.status == "unreachable":
+            raise ResolveError(f"the {role} is {now.status} now; nothing was agreed")
         control.send(Agree(resolution.action))
     return resolution, me, peer
 

@@ -424,9 +424,17 @@ class _SourceMigration:
             # Any postcopy status means the guest's state moved on: the source must never be resumed.
             if status == "completed":
                 return await self._completed_anyway(exc)
+            # QEMU restarts a source whose postcopy failed early (in postcopy_start) by itself; the
+            # guest's state may already run on the destination: stop this copy again at once
+            note = ""
+            with contextlib.suppress(DriverError):
+                if (await src.query_status()).running:
+                    await src.stop()
+                    note = "; QEMU had restarted the source by itself: stopped it again"
             log.error("postcopy failed (%s, status %s): the destination is authoritative; the source "
-                      "stays paused", _describe(exc), status)
-            return self.report("failed-after-switchover", reached, f"{_describe(exc)} (migration {status})")
+                      "stays paused%s", _describe(exc), status, note)
+            return self.report("failed-after-switchover", reached,
+                               f"{_describe(exc)} (migration {status}){note}")
         if self.migrate_started:
             try:
                 if status == "completed":  # the switchover happened: nothing to roll back

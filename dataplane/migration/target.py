@@ -158,8 +158,12 @@ async def resume_target(dst: QemuDriver, prepared: PreparedTarget | None, status
     if after_resume is not None:
         await after_resume()
     if status == "postcopy-active":
-        await _await_migration(dst, MIGRATION_DONE, timeout, "postcopy did not complete",
-                               "postcopy {status} on the destination")
+        # postcopy-paused: the stream broke; the guest runs here but lacks pages until recovered
+        end = await _await_migration(dst, MIGRATION_DONE | {"postcopy-paused"}, timeout,
+                                     "postcopy did not complete", "postcopy {status} on the destination")
+        if end == "postcopy-paused":
+            raise MigrationError("postcopy paused on the destination: the migration stream broke; the guest "
+                                 "runs here and waits for the pages still on the source (postcopy recovery)")
 
 
 async def finish_target(dst: QemuDriver, resume: bool = True, timeout: float | None = 120.0,
