@@ -15,8 +15,8 @@ from dataplane.units import format_bytes
 
 __all__ = ["DISK_PHASES", "progress_line", "terminal_width"]
 
-#: Phases in which the disks are what moves (RAM has not started).
-DISK_PHASES = ("preparing", "mirror", "mirror-ready")
+#: Phases in which the disks are what moves (RAM has not started; ``copy``: a storage migration).
+DISK_PHASES = ("preparing", "mirror", "mirror-ready", "copy")
 _MIN_BAR = 10
 _MAX_BAR = 30
 

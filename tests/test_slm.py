@@ -126,7 +126,7 @@ async def test_target_that_fills_up_rolls_back(vm_factory, tmp_path):
             rep = info.value.report
             assert rep.outcome == "rolled-back" and str(small / "d.raw") in (rep.error or ""), rep
             assert not [n.node_name for n in await drv.query_named_block_nodes()
-                        if n.node_name.startswith("dpslm")]
+                        if n.node_name.startswith("dpslm")]  # this run's target nodes are gone
             assert await drv.query_jobs() == []
             files = {n.node_name: n.filename for n in await drv.query_named_block_nodes()}
             assert files["data"] == str(data)
@@ -221,3 +221,30 @@ def test_copy_monitor_sees_a_sawtooth_that_does_not_shrink():
     saw = CopyMonitor(1.0, 0.05, 0.0)
     stalls = [saw.stalled(t / 10, [4, 3, 2, 1, 3, 4][t % 6] << 20) for t in range(1, 60)]
     assert any(stalls) and not any(stalls[:19])  # the first window only sets the mark
+
+
+@pytest.mark.e2e
+def test_storage_migrate_command(vm_factory, tmp_path):
+    """`dataplane storage-migrate` end to end: JSON events, the report, exit 0; the guest on the new
+    file; then a second run onto an existing file without --reuse is refused with one error line."""
+    import json
+    import sys
+
+    vm, _jrnl, data = _guest(vm_factory, tmp_path)
+    new = tmp_path / "cli.qcow2"
+    cmd = [sys.executable, "-m", "dataplane", "storage-migrate", "--qmp", str(vm.qmp_path),
+           "--disk", f"data={new}", "--format", "qcow2", "--output", "json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    events = [json.loads(line) for line in out.stdout.splitlines()]
+    report = events[-1]
+    assert report["event"] == "report" and report["outcome"] == "completed", report
+    assert report["disks"][0]["file"] == str(new) and report["disks"][0]["pivoted"]
+    assert any(e["event"] == "progress" for e in events)
+    again = subprocess.run([*cmd[:6], "--disk", f"jrnl={new}"], capture_output=True, text=True, timeout=60)
+    errors = [ln for ln in again.stderr.splitlines() if "error:" in ln]
+    assert again.returncode == 1 and len(errors) == 1 and "exists; give --reuse" in errors[0], again.stderr
+    bad = subprocess.run([*cmd[:4], "--disk", "nonsense"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "expected NODE=TARGET" in bad.stderr
+    vm.stop()
+    assert images_identical(data, new, "qcow2", "qcow2")

@@ -20,6 +20,7 @@ from dataplane.cli.common import (
     UsageError,
 )
 from dataplane.cli.migration import register_migration
+from dataplane.cli.storage import register_storage
 from dataplane.cli.tunnel import register_tunnel
 
 __all__ = ["COMMAND_GROUPS", "build_parser", "main"]
@@ -27,6 +28,7 @@ __all__ = ["COMMAND_GROUPS", "build_parser", "main"]
 #: Every command group, in the order of ``dataplane --help``.
 COMMAND_GROUPS: list[Callable[[Commands], None]] = [
     register_migration,
+    register_storage,
     register_tunnel,
     register_certs,
 ]
@@ -38,13 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description=(
             "dataplane: live migration of running QEMU/KVM VMs and their non-shared disks across\n"
-            "clusters (CCLM). Storage migration and a node daemon are not there yet."
+            "clusters (CCLM), and storage live migration in place through QMP (SLM). SLM through\n"
+            "libvirt, SLM onto another node and a node daemon are not there yet."
         ),
         epilog=(
             "examples:\n"
             "  # live-migrate a VM and its disks to another cluster\n"
             "  dataplane receive --qmp /run/dst/qmp.sock --listen 0.0.0.0:7000 --certs ./pki   # cluster B\n"
             "  dataplane migrate --qmp /run/src/qmp.sock --to dst:7000 --certs ./pki            # cluster A\n"
+            "\n"
+            "  # move a running VM's disk to a new qcow2 file on the same node\n"
+            "  dataplane storage-migrate --qmp /run/vm/qmp.sock --disk vda=/fast/vda.qcow2 --format qcow2\n"
             "\n"
             "  # certificates for the channel's mutual TLS\n"
             "  dataplane certs init ./pki\n"
@@ -56,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
             "  # help on one command\n"
             "  dataplane certs init --help\n"
             "\n"
-            "exit status: 0 success, 1 failure, 2 wrong command line."
+            "exit status: 0 success, 1 failure, 2 wrong command line, 3 a migration ended in doubt\n"
+            "(see `dataplane resolve --help`)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

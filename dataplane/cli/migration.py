@@ -47,13 +47,13 @@ from dataplane.units import format_bytes
 if TYPE_CHECKING:
     from qmp_driver import QemuDriver
 
-__all__ = ["register_migration"]
+__all__ = ["connect_qemu", "qemu_options", "qemu_target", "register_migration"]
 
 
 # --------------------------------------------------------------------------- options
 
 
-def _qemu_options(parser: argparse.ArgumentParser, role: str) -> None:
+def qemu_options(parser: argparse.ArgumentParser, role: str) -> None:
     g = parser.add_argument_group(f"the {role} QEMU (one of)")
     g.add_argument("--qmp", metavar="PATH", type=Path,
                    help="the QMP unix socket of a QEMU this command may drive")
@@ -109,7 +109,7 @@ def register_migration(commands: Commands) -> None:
              "--auto-converge off --timeout-per-gib 60", "pure precopy with a hard deadline"),
         ],
     )
-    _qemu_options(mig, "source")
+    qemu_options(mig, "source")
     mig.add_argument("--to", metavar="HOST:PORT", required=True, type=arg_type(parse_to),
                      help="the destination's `dataplane receive --listen` address")
     mig.add_argument("--disk", metavar="NODE", action="append", dest="disks",
@@ -167,7 +167,7 @@ def register_migration(commands: Commands) -> None:
              "inside a launcher pod"),
         ],
     )
-    _qemu_options(rcv, "destination")
+    qemu_options(rcv, "destination")
     rcv.add_argument("--listen", metavar="HOST:PORT", required=True, type=arg_type(parse_bind),
                      help="where the channel listens ([IPv6]:PORT; :PORT for every interface; port 0 picks "
                           "one and prints it)")
@@ -211,7 +211,7 @@ def register_migration(commands: Commands) -> None:
              "alone: the destination's QEMU is gone for good"),
         ],
     )
-    _qemu_options(res, "local")
+    qemu_options(res, "local")
     where = res.add_mutually_exclusive_group()
     where.add_argument("--listen", metavar="HOST:PORT", type=arg_type(parse_bind),
                        help="the destination side: listen for the source's resolve")
@@ -230,7 +230,7 @@ def register_migration(commands: Commands) -> None:
     res.set_defaults(handler=_cmd_resolve)
 
 
-def _qemu_target(args: argparse.Namespace) -> tuple[str, Callable[[], Any]]:
+def qemu_target(args: argparse.Namespace) -> tuple[str, Callable[[], Any]]:
     """(what, connect) for --qmp / --libvirt + --domain. Raises UsageError."""
     from qmp_driver import QemuDriver
 
@@ -249,7 +249,7 @@ def _qemu_target(args: argparse.Namespace) -> tuple[str, Callable[[], Any]]:
     raise UsageError("which QEMU? give --qmp PATH or --libvirt URI --domain NAME")
 
 
-async def _connect_qemu(what: str, connect: Callable[[], Any]) -> QemuDriver:
+async def connect_qemu(what: str, connect: Callable[[], Any]) -> QemuDriver:
     from qmp_driver import DriverError
 
     try:
@@ -386,7 +386,7 @@ def _options(args: argparse.Namespace) -> Any:
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
-    what, connect = _qemu_target(args)
+    what, connect = qemu_target(args)
     options = _options(args)
     tls = tls_config(args, "client")
     check_stats_path(args.stats_json)
@@ -411,7 +411,7 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
         writer = asyncio.create_task(stats.run())
         stop = stop_event("rolling back unless the switchover already happened")
         try:
-            src = await _connect_qemu(what, connect)
+            src = await connect_qemu(what, connect)
             try:
                 try:
                     rep = await run_source(client, src, disks=args.disks, options=options,
@@ -450,7 +450,7 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_receive(args: argparse.Namespace) -> int:
-    what, connect = _qemu_target(args)
+    what, connect = qemu_target(args)
     tls = tls_config(args, "server")
     check_stats_path(args.stats_json)
     printer = _Printer(args.output)
@@ -464,7 +464,7 @@ def _cmd_receive(args: argparse.Namespace) -> int:
         from dataplane.migration.cclm import run_target
 
         host, port = args.listen
-        dst = await _connect_qemu(what, connect)
+        dst = await connect_qemu(what, connect)
         stop = stop_event("aborting unless the destination already took over")
         server_box: list[ChannelServer] = []
 
@@ -502,7 +502,7 @@ def _cmd_receive(args: argparse.Namespace) -> int:
 
 
 def _cmd_resolve(args: argparse.Namespace) -> int:
-    what, connect = _qemu_target(args)
+    what, connect = qemu_target(args)
     if args.peer_destroyed:
         if args.listen or args.to:
             raise UsageError("--peer-destroyed resolves alone: do not give --listen or --to")
@@ -536,7 +536,7 @@ def _print_resolution(args: argparse.Namespace, role: str, resolution: Any, me: 
 async def _resolve_alone(args: argparse.Namespace, what: str, connect: Callable[[], Any]) -> int:
     from dataplane.migration.resolve import ResolveError, resolve_alone
 
-    drv = await _connect_qemu(what, connect)
+    drv = await connect_qemu(what, connect)
     try:
         resolution, me = await resolve_alone(drv, args.role)
     except ResolveError as exc:
@@ -560,7 +560,7 @@ async def _resolve_pair(args: argparse.Namespace, what: str, connect: Callable[[
         serve_resolve,
     )
 
-    drv = await _connect_qemu(what, connect)
+    drv = await connect_qemu(what, connect)
     role = "destination" if args.listen else "source"
     try:
         if args.listen:

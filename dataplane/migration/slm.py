@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -210,9 +211,9 @@ class _StorageMigration:
         devices = await self.drv.query_block()
         nodes = {n.node_name: n for n in await self.drv.query_named_block_nodes()}
         jobs = {j.id for j in await self.drv.query_jobs()}
-        if any(j.startswith(SLM_JOB_PREFIX) for j in jobs) or any(
-                n.startswith(SLM_NODE_PREFIX) for n in nodes):
-            raise PlanRefused("another storage migration of this VM is running (dpslm-* nodes or jobs exist)")
+        if any(j.startswith(SLM_JOB_PREFIX) for j in jobs):
+            raise PlanRefused("another storage migration of this VM is running (a dpslm-mirror job exists)")
+        run = secrets.token_hex(3)  # node names of this run: a pivoted disk keeps its node for good
         seen: set[str] = set()
         for i, move in enumerate(self.moves):
             dev: BlockDevice = find_device(devices, move.disk)
@@ -223,9 +224,11 @@ class _StorageMigration:
             if dev.read_only:
                 raise PlanRefused(f"disk {move.disk!r} is read-only")
             node = nodes[dev.node_name]
+            self.moves[i] = move = DiskMove(move.disk, move.target.with_format(node.driver))
             self.disks.append(SlmDisk(move.disk, _device_id(dev), dev.node_name, node.filename,
                                       move.target.describe(), node.virtual_size,
-                                      target_node=f"{SLM_NODE_PREFIX}{i}", job=f"{SLM_JOB_PREFIX}{i}",
+                                      target_node=f"{SLM_NODE_PREFIX}-{run}-{i}",
+                                      job=f"{SLM_JOB_PREFIX}-{run}-{i}",
                                       now=dev.node_name, file=node.filename))
 
     async def open_targets(self) -> None:

@@ -45,6 +45,14 @@ class Target:
     format: str = "raw"
     options: dict[str, Any] = field(default_factory=dict)
 
+    def with_format(self, source_format: str) -> Target:
+        """This target with its format settled: a file target without one takes ``source_format``
+        when that is one of :data:`FORMATS`, else raw."""
+        if self.kind != "file" or self.format:
+            return self
+        fmt = source_format if source_format in FORMATS else "raw"
+        return Target(self.kind, self.path, fmt, self.options)
+
     def describe(self) -> str:
         if self.kind == "blockdev":
             return f"blockdev {json.dumps(self.options, sort_keys=True)}"
@@ -53,7 +61,8 @@ class Target:
 
 def parse_target(text: str, fmt: str | None = None) -> Target:
     """The target that ``text`` names (see the module). ``fmt`` is the image format of a file target
-    (``raw`` when None).
+    (when None: ``""``, the disk's own format where it is raw or qcow2, raw otherwise; see
+    :meth:`Target.with_format`).
 
     :raises TargetError: unparsable JSON, a JSON target without ``driver``, an unknown format, a
         format given for a block device other than raw, or an empty path.
@@ -80,7 +89,7 @@ def parse_target(text: str, fmt: str | None = None) -> Target:
         if fmt not in (None, "raw"):
             raise TargetError(f"{path} is a block device: it is written raw (no --format {fmt})")
         return Target("device", path, "raw")
-    return Target("file", path, fmt or "raw")
+    return Target("file", path, fmt or "")
 
 
 def device_size(path: str) -> int:
