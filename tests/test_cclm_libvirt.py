@@ -12,7 +12,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape
 
 import pytest
-from test_cclm_e2e import Clusters
+from cclm_support import Clusters
 from test_qmp_libvirt import URI, libvirtd, wait_serial  # noqa: F401 - fixture
 
 from dataplane.testing.guest import kernel_cmdline

@@ -40,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description=(
             "dataplane: live migration of running QEMU/KVM VMs and their non-shared disks across\n"
-            "clusters (CCLM), and storage live migration in place through QMP (SLM). SLM through\n"
-            "libvirt, SLM onto another node and a node daemon are not there yet."
+            "clusters (CCLM), and storage live migration in place (SLM), through QMP or libvirt.\n"
+            "SLM onto another node and a node daemon are not there yet."
         ),
         epilog=(
             "examples:\n"

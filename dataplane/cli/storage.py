@@ -52,7 +52,10 @@ def register_storage(commands: Commands) -> None:
             "where that is not possible or not enough, throttled until the pivot; each step is\n"
             "printed with its reason. Any failure or interruption (SIGINT/SIGTERM) before the pivot\n"
             "rolls back: the VM keeps running on its old disk, untouched; the target file is kept\n"
-            "for inspection. The old file is deleted only with --remove-source.\n"
+            "for inspection. The old file is deleted only with --remove-source. With --libvirt the\n"
+            "copy goes through libvirt's block copy API (libvirt's domain XML names the new disk; no\n"
+            "monitor passthrough), the target is a file or a block device, and a copy the guest\n"
+            "outruns is made to converge by limiting the guest's writes to that disk.\n"
             "\n"
             "exit status: 0 completed, 1 refused / rolled back / partly done (the error line says\n"
             "which disk the VM uses now), 2 wrong command line."
@@ -130,9 +133,6 @@ def _cmd_storage_migrate(args: argparse.Namespace) -> int:
     from dataplane.storage.targets import TargetError, parse_target
 
     what, connect = qemu_target(args)
-    if args.libvirt:
-        raise UsageError("storage-migrate through libvirt is not there yet: it has to use libvirt's block "
-                         "copy API (monitor passthrough would leave libvirt using the old disk); use --qmp")
     moves = []
     for disk, target in args.disks:
         try:
@@ -146,13 +146,26 @@ def _cmd_storage_migrate(args: argparse.Namespace) -> int:
         from dataplane.migration.slm import DiskMove, SlmFailed, SlmOptions, storage_migrate
 
         stop = stop_event("rolling back unless the pivot already happened")
-        drv = await connect_qemu(what, connect)
         options = SlmOptions(bandwidth=int(args.bandwidth or 0), reuse=args.reuse,
                              remove_source=args.remove_source, stall_window=args.stall_window,
                              timeout=args.timeout)
+        disk_moves = [DiskMove(d, t) for d, t in moves]
+        drv: Any
+        if args.libvirt:  # libvirt's own block copy API: libvirt must know the new disk
+            from dataplane.migration.slm_libvirt import storage_migrate_libvirt
+            from qmp_driver import DriverError
+            from qmp_driver.libvirt_blockcopy import LibvirtDomainDisks
+
+            try:
+                drv = await LibvirtDomainDisks.open(args.libvirt, args.domain)
+            except DriverError as exc:
+                raise CommandFailed(f"cannot reach the {what}: {exc}") from exc
+            work = storage_migrate_libvirt(drv, disk_moves, options, on_event=printer, interrupt=stop)
+        else:
+            drv = await connect_qemu(what, connect)
+            work = storage_migrate(drv, disk_moves, options, on_event=printer, interrupt=stop)
         try:
-            report = await storage_migrate(drv, [DiskMove(d, t) for d, t in moves], options,
-                                           on_event=printer, interrupt=stop)
+            report = await work
         except PlanRefused as exc:
             raise CommandFailed(str(exc)) from exc
         except SlmFailed as exc:

@@ -1,0 +1,87 @@
+"""Storage live migration in place where libvirt owns QEMU: `dataplane storage-migrate --libvirt` with a
+real libvirtd. libvirt's own block copy API moves the disk, so its domain XML names the new source,
+and no QMP command goes through the monitor passthrough (the domain log has no custom-monitor taint)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from test_cclm_libvirt import _xml
+from test_qmp_libvirt import URI, libvirtd, wait_serial  # noqa: F401 - fixture
+
+from dataplane.testing.journal import parse_serial, verify_journal
+from dataplane.testing.vm import make_disk
+
+pytestmark = pytest.mark.e2e
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def domain(libvirtd, guest, tmp_path):  # noqa: F811 - the fixture imported above
+    import libvirt
+
+    conn = libvirt.open(libvirtd)
+    jrnl = make_disk(tmp_path / "jrnl.raw", 16 * MiB)
+    serial = tmp_path / "serial"
+    name = f"dp-slm-{uuid.uuid4().hex[:8]}"
+    params = {"hb_ms": 100, "disk": "/dev/vda", "disk_rate": 20}
+    dom = conn.createXML(_xml(name, guest, [jrnl], serial, params, False), 0)
+    try:
+        wait_serial(serial, lambda p: p.max_ack >= 3)
+        yield {"dom": dom, "jrnl": jrnl, "serial": serial, "name": name}
+    finally:
+        try:
+            dom.destroy()
+        except libvirt.libvirtError:
+            pass
+        conn.close()
+
+
+def _storage_migrate(name: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dataplane", "storage-migrate", "--libvirt", URI, "--domain",
+                           name, "--output", "json", *extra], capture_output=True, text=True, timeout=300)
+
+
+def _source(dom) -> str:
+    import xml.etree.ElementTree as ET
+
+    disk = ET.fromstring(dom.XMLDesc(0)).find("./devices/disk/source")
+    assert disk is not None
+    return disk.get("file") or disk.get("dev") or ""
+
+
+def test_storage_migrate_through_libvirt(domain, tmp_path):
+    dom, new = domain["dom"], tmp_path / "new.qcow2"
+    out = _storage_migrate(domain["name"], "--disk", f"vda={new}", "--format", "qcow2")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.splitlines()[-1])
+    assert report["outcome"] == "completed" and report["disks"][0]["file"] == str(new), report
+    assert _source(dom) == str(new)  # libvirt knows the new disk
+    log = Path(f"/var/log/libvirt/qemu/{domain['name']}.log").read_text(errors="replace")
+    assert "custom-monitor" not in log, log[-2000:]
+    n = parse_serial(domain["serial"].read_text()).max_ack
+    after = wait_serial(domain["serial"], lambda p: p.max_ack >= n + 10)  # the journal goes on
+    dom.destroy()
+    verify_journal(str(new), "qcow2", acked_upto=after.max_ack)
+
+
+def test_storage_migrate_through_libvirt_rolls_back(domain, tmp_path):
+    """A copy capped far below what it needs within --timeout: rolled back, the domain on its old disk,
+    no block job left, the target named."""
+    dom, new = domain["dom"], tmp_path / "slow.raw"
+    out = _storage_migrate(domain["name"], "--disk", f"vda={new}", "--bandwidth", "64KiB/s", "--timeout", "2")
+    assert out.returncode == 1, out.stderr
+    assert json.loads(out.stdout.splitlines()[-1])["outcome"] == "rolled-back"
+    assert "did not converge within 2 s" in out.stderr and str(new) in out.stderr
+    assert _source(dom) == str(domain["jrnl"])
+    assert dom.blockJobInfo("vda", 0) == {}
+    n = parse_serial(domain["serial"].read_text()).max_ack
+    wait_serial(domain["serial"], lambda p: p.max_ack >= n + 5)
+    refused = _storage_migrate(domain["name"], "--disk", f"vda={new}")  # the kept target exists
+    assert refused.returncode == 1 and "exists; give --reuse" in refused.stderr
