@@ -715,10 +715,19 @@ class _TargetRole:
         await control.drain()
         return _Ended(self.report("rolled-back", await self._guest_status(), why))
 
-    async def _give_up_confirmed(self, control: ControlStream, why: str) -> _Ended:
+    async def _give_up_confirmed(self, control: ControlStream, why: str,
+                                 answer: asyncio.Future[Commit] | None = None) -> _Ended:
         """The destination has the whole guest and gives up: ``abort`` to the source, and rolled back
         only once the source answers that it runs the guest (its own ``abort``); otherwise this
-        side cannot know that anybody runs it: in doubt (the guest stays paused here)."""
+        side cannot know that anybody runs it: in doubt (the guest stays paused here). ``answer``,
+        the task reading the source's messages, is stopped first (its ``abort`` counts too)."""
+        if answer is not None:
+            await cancel_and_collect(answer)
+            said = _exception(answer) if answer.done() else None
+            if isinstance(said, PeerAborted):  # the source gave up already: it runs the guest
+                await abort_target(self.dst, self.prepared)
+                await control.drain()
+                return _Ended(self.report("rolled-back", await self._guest_status(), f"{why}; {said}"))
         control.send(Abort(why))
         await abort_target(self.dst, self.prepared)
         try:
@@ -798,7 +807,7 @@ class _TargetRole:
                 what = ("the destination was interrupted before the source committed" if self._interrupted()
                         else f"no commit from the source within {self.commit_timeout:g} s of the "
                              f"destination's completion")
-                raise await self._give_up_confirmed(control, what)
+                raise await self._give_up_confirmed(control, what, answer)
             # the source is gone without a word: it may have committed (in doubt) or rolled back
             raise _Ended(await self._in_doubt(f"the source went away before committing: {why}"))
         finally:
