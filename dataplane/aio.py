@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from typing import Any
+from typing import Any, TypeVar
 
-__all__ = ["cancel_and_collect", "first_done"]
+T = TypeVar("T")
+
+__all__ = ["cancel_and_collect", "first_done", "run_shielded", "task_exception"]
 
 
 async def cancel_and_collect(*futures: asyncio.Future[Any] | None) -> None:
@@ -53,3 +55,24 @@ async def first_done(*aws: Awaitable[Any], timeout: float | None = None) -> set[
             if t.done() and not t.cancelled():
                 t.exception()
     return done
+
+
+async def run_shielded(aw: Awaitable[T]) -> T:
+    """Await ``aw`` to its end even if the caller is cancelled meanwhile; the cancellation is then
+    delivered afterwards (:class:`asyncio.CancelledError`). Raises what ``aw`` raises."""
+    task = asyncio.ensure_future(aw)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        task.result()
+        raise asyncio.CancelledError
+    return task.result()
+
+
+def task_exception(task: asyncio.Future[Any]) -> BaseException | None:
+    """The exception a finished task raised (None if it returned or was cancelled)."""
+    return None if task.cancelled() else task.exception()

@@ -194,7 +194,8 @@ async def test_control_watcher_cancelled_at_any_step_loses_no_message(steps):
     import asyncio
     from types import SimpleNamespace
 
-    from dataplane.migration.cclm import ControlStream, _watch_peer
+    from dataplane.migration.cclm import ControlStream
+    from dataplane.migration.cclm_source import _watch_peer
     from dataplane.migration.control import Abort
     from dataplane.migration.errors import PeerAborted
 

@@ -20,6 +20,7 @@ from dataplane.cli.common import (
     UsageError,
 )
 from dataplane.cli.migration import register_migration
+from dataplane.cli.resolve import register_resolve
 from dataplane.cli.storage import register_storage
 from dataplane.cli.tunnel import register_tunnel
 
@@ -28,6 +29,7 @@ __all__ = ["COMMAND_GROUPS", "build_parser", "main"]
 #: Every command group, in the order of ``dataplane --help``.
 COMMAND_GROUPS: list[Callable[[Commands], None]] = [
     register_migration,
+    register_resolve,
     register_storage,
     register_tunnel,
     register_certs,
