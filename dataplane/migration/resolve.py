@@ -42,6 +42,7 @@ from dataplane.channel.client import ChannelClient
 from dataplane.channel.stream import ChannelStream
 from qmp_driver import DriverError, QemuDriver
 
+from .cclm_common import qemu_state
 from .control import RESOLVE_STREAM, Agree, State
 from .control_stream import ControlStream
 from .errors import ControlLost, MigrationError
@@ -143,11 +144,8 @@ def decide_alone(me: SideState) -> Resolution:
 
 async def side_state(drv: QemuDriver, role: str) -> SideState:
     """The state of the QEMU behind ``drv`` (``unreachable`` when it does not answer). Never raises."""
-    status, migration = "unreachable", "unknown"
-    with contextlib.suppress(DriverError):
-        status = (await drv.query_status()).status
-        migration = (await drv.query_migrate()).status or "none"
-    return SideState(role, status, migration)
+    state = await qemu_state(drv)
+    return SideState(role, state["status"], state["migration"])
 
 
 def acts(role: str, resolution: Resolution) -> bool:

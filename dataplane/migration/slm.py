@@ -37,9 +37,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from dataplane.aio import run_shielded
 from dataplane.storage.targets import Target, TargetError, blockdev_nodes, prepare_target_file
 from qmp_driver import BlockDevice, DriverError, DriverTimeout, QemuDriver, match
 
+from .cclm_common import emit
 from .errors import MigrationError, PlanRefused
 from .plan import find_device
 from .policy import NOTE, Decision
@@ -175,35 +177,114 @@ class CopyMonitor:
 ProgressCallback = Callable[[dict[str, Any]], object]
 
 
-class _StorageMigration:
-    def __init__(self, drv: QemuDriver, moves: Sequence[DiskMove], options: SlmOptions,
-                 on_event: ProgressCallback | None, interrupt: asyncio.Event | None) -> None:
-        self.drv = drv
-        self.interrupt = interrupt
+class SlmRun:
+    """What both ways of moving disks share (QMP here, libvirt in :mod:`.slm_libvirt`): events,
+    decisions, the report, the write-limiting step of the convergence policy, removing old files,
+    and the run with its shielded rollback. A subclass provides :meth:`plan`, :meth:`transfer`,
+    :meth:`finish`, :meth:`rollback` and :meth:`set_write_limit`."""
+
+    def __init__(self, moves: Sequence[DiskMove], options: SlmOptions, on_event: ProgressCallback | None,
+                 interrupt: asyncio.Event | None) -> None:
         self.moves = list(moves)
         self.opts = options
         self.on_event = on_event
+        self.interrupt = interrupt
         self.t0 = time.monotonic()
         self.disks: list[SlmDisk] = []
-        self.added: list[str] = []  # target nodes added, in order (deleted in reverse on rollback)
         self.decisions: list[Decision] = []
         self.throttled: dict[str, int] = {}  # device → the write rate it is throttled to (B/s)
-
-    def emit(self, event: dict[str, Any]) -> None:
-        if self.on_event is not None:
-            try:
-                self.on_event(event)
-            except Exception:  # an observer must not break a migration
-                log.exception("event callback failed")
 
     def decide(self, action: str, reason: str) -> None:
         d = Decision(action, reason, time.monotonic() - self.t0)
         self.decisions.append(d)
         log.info("policy: %s: %s", action, reason)
-        self.emit({"event": "decision", **d.as_dict()})
+        emit(self.on_event, {"event": "decision", **d.as_dict()})
 
     def report(self, outcome: str, error: str | None = None) -> SlmReport:
         return SlmReport(outcome, time.monotonic() - self.t0, tuple(self.disks), tuple(self.decisions), error)
+
+    def check_interrupt(self) -> None:
+        if self.interrupt is not None and self.interrupt.is_set():
+            raise MigrationError("interrupted by the operator")
+
+    async def plan(self) -> None:
+        raise NotImplementedError
+
+    async def transfer(self) -> None:
+        raise NotImplementedError
+
+    async def finish(self) -> None:
+        raise NotImplementedError
+
+    async def rollback(self, exc: BaseException) -> SlmReport:
+        raise NotImplementedError
+
+    async def set_write_limit(self, device: str, rate: int) -> None:
+        """Limit the guest's writes to ``device`` to ``rate`` B/s (0: no limit)."""
+        raise NotImplementedError
+
+    async def throttle(self, disk: SlmDisk, copy_rate: float, first_why: str) -> None:
+        """Slow the guest's writes to ``disk`` down: to a quarter of what the copy moves, then half
+        of that at every further stall (``first_why`` says why write-blocking is not the answer)."""
+        current = self.throttled.get(disk.device)
+        rate = max(MIN_THROTTLE, int(copy_rate / 4) if current is None else current // 2)
+        if current is not None and rate >= current:
+            self.decide(NOTE, f"disk {disk.disk!r}: the copy still does not converge with guest writes at "
+                              f"{current} B/s")
+            return
+        await self.set_write_limit(disk.device, rate)
+        self.throttled[disk.device] = rate
+        why = ("it does not even in write-blocking mode" if disk.mode == WRITE_BLOCKING else
+               first_why if current is None else f"it does not with guest writes at {current} B/s")
+        disk.mode = THROTTLE
+        self.decide("throttle", f"disk {disk.disk!r}: the copy does not converge and {why}: guest writes "
+                                f"throttled to {rate} B/s until the pivot")
+
+    async def lift_throttles(self) -> None:
+        for dev in list(self.throttled):
+            with contextlib.suppress(DriverError):
+                await self.set_write_limit(dev, 0)
+            del self.throttled[dev]
+
+    def remove_old_file(self, disk: SlmDisk) -> None:
+        """With ``remove_source``: delete the old file of a disk that pivoted and let go of it."""
+        if self.opts.remove_source and disk.old_file.startswith("/") and os.path.isfile(disk.old_file):
+            try:
+                os.unlink(disk.old_file)
+                disk.source_removed = True
+            except OSError as exc:
+                log.warning("cannot remove the old file %s: %s", disk.old_file, exc)
+
+    def failed_report(self, exc: BaseException, errors: list[str]) -> SlmReport:
+        """A rollback's report: ``partial`` if a disk pivoted; kept targets and failed steps named."""
+        why = "cancelled" if isinstance(exc, asyncio.CancelledError) else str(exc)
+        kept = [d.target for d in self.disks if not d.pivoted and d.created]
+        if kept:
+            why += f"; target kept for inspection: {', '.join(kept)}"
+        why += "".join(f"; rollback: {e}" for e in errors)
+        return self.report("partial" if any(d.pivoted for d in self.disks) else "rolled-back", why)
+
+    async def run(self) -> SlmReport:
+        await self.plan()
+        try:
+            await self.transfer()
+        except BaseException as exc:
+            report = await run_shielded(self.rollback(exc))
+            if isinstance(exc, PlanRefused) and report.outcome == "rolled-back":
+                raise
+            if isinstance(exc, Exception):
+                raise SlmFailed(report) from exc
+            raise
+        await self.finish()
+        return self.report("completed")
+
+
+class _StorageMigration(SlmRun):
+    def __init__(self, drv: QemuDriver, moves: Sequence[DiskMove], options: SlmOptions,
+                 on_event: ProgressCallback | None, interrupt: asyncio.Event | None) -> None:
+        super().__init__(moves, options, on_event, interrupt)
+        self.drv = drv
+        self.added: list[str] = []  # target nodes added, in order (deleted in reverse on rollback)
 
     # -- steps
 
@@ -256,7 +337,7 @@ class _StorageMigration:
                                            copy_mode="background", speed=self.opts.bandwidth or None,
                                            auto_finalize=True, auto_dismiss=True)
             log.info("copying disk %s (%s) to %s", disk.disk, disk.node, disk.target)
-        self.emit({"event": "phase", "phase": "copy", "disks": [d.disk for d in self.disks]})
+        emit(self.on_event, {"event": "phase", "phase": "copy", "disks": [d.disk for d in self.disks]})
 
     async def wait_ready(self) -> None:
         jobs = {d.job: d for d in self.disks}
@@ -294,7 +375,7 @@ class _StorageMigration:
                 done = sum(d.copied for d in self.disks)
                 rate = (done - last[1]) / (now - last[0]) if now > last[0] else 0.0
                 last = (now, done)
-                self.emit({"event": "progress", "phase": "copy", "elapsed": round(now - self.t0, 3),
+                emit(self.on_event, {"event": "progress", "phase": "copy", "elapsed": round(now - self.t0, 3),
                            "disk_done": done, "disk_total": sum(d.length for d in self.disks),
                            "disk_rate": rate})
                 if ready >= set(jobs):
@@ -324,38 +405,15 @@ class _StorageMigration:
             self.decide(NOTE, f"disk {disk.disk!r}: the copy does not converge, and the disk has no "
                               f"device whose writes could be throttled")
             return
-        # no write-blocking switch here, or it was not enough: slow the guest's writes down, to a
-        # quarter of what the copy moves, then halve that at every further stall
-        current = self.throttled.get(disk.device)
-        rate = max(MIN_THROTTLE, int(copy_rate / 4) if current is None else current // 2)
-        if current is not None and rate >= current:
-            self.decide(NOTE, f"disk {disk.disk!r}: the copy still does not converge with guest writes at "
-                              f"{current} B/s")
-            return
+        await self.throttle(disk, copy_rate, "this QEMU cannot switch a running copy to write-blocking")
+
+    async def set_write_limit(self, device: str, rate: int) -> None:
         await self.drv.execute("block_set_io_throttle", {
-            "id": disk.device, "bps": 0, "bps_rd": 0, "bps_wr": rate, "iops": 0, "iops_rd": 0, "iops_wr": 0})
-        self.throttled[disk.device] = rate
-        why = ("it does not even in write-blocking mode" if disk.mode == WRITE_BLOCKING else
-               "this QEMU cannot switch a running copy to write-blocking" if current is None else
-               f"it does not with guest writes at {current} B/s")
-        disk.mode = THROTTLE
-        self.decide("throttle", f"disk {disk.disk!r}: the copy does not converge and {why}: guest writes "
-                                f"throttled to {rate} B/s until the pivot")
-
-    async def lift_throttles(self) -> None:
-        for dev in list(self.throttled):
-            with contextlib.suppress(DriverError):
-                await self.drv.execute("block_set_io_throttle", {
-                    "id": dev, "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0})
-            del self.throttled[dev]
-
-    def check_interrupt(self) -> None:
-        if self.interrupt is not None and self.interrupt.is_set():
-            raise MigrationError("interrupted by the operator")
+            "id": device, "bps": 0, "bps_rd": 0, "bps_wr": rate, "iops": 0, "iops_rd": 0, "iops_wr": 0})
 
     async def pivot(self) -> None:
         self.check_interrupt()
-        self.emit({"event": "phase", "phase": "pivot"})
+        emit(self.on_event, {"event": "phase", "phase": "pivot"})
         for disk in self.disks:
             ended = match(("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"), device=disk.job)
             with self.drv.expect(ended) as sub:
@@ -385,12 +443,7 @@ class _StorageMigration:
             except DriverError as exc:
                 log.warning("the old node %s of disk %s stays open: %s", disk.node, disk.disk, exc)
                 continue
-            if self.opts.remove_source and disk.old_file.startswith("/") and os.path.isfile(disk.old_file):
-                try:
-                    os.unlink(disk.old_file)
-                    disk.source_removed = True
-                except OSError as exc:
-                    log.warning("cannot remove the old file %s: %s", disk.old_file, exc)
+            self.remove_old_file(disk)
 
     async def rollback(self, exc: BaseException) -> SlmReport:
         log.warning("storage migration failed (%s); rolling back the disks not yet pivoted",
@@ -412,35 +465,16 @@ class _StorageMigration:
                 errors.append(f"blockdev-del {node}: {e}")
         self.added.clear()
         await self.lift_throttles()
-        pivoted = [d for d in self.disks if d.pivoted]
-        why = "cancelled" if isinstance(exc, asyncio.CancelledError) else str(exc)
-        kept = [d.target for d in self.disks if not d.pivoted and d.created]
-        if kept:
-            why += f"; target kept for inspection: {', '.join(kept)}"
-        if errors:
-            why += "".join(f"; rollback: {e}" for e in errors)
-        return self.report("partial" if pivoted else "rolled-back", why)
+        return self.failed_report(exc, errors)
 
-    async def run(self) -> SlmReport:
-        await self.plan()
-        try:
-            await self.open_targets()
-            await self.start_mirrors()
-            await self.wait_ready()
-            await self.pivot()
-        except BaseException as exc:
-            task = asyncio.ensure_future(self.rollback(exc))
-            while not task.done():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.shield(task)
-            report = task.result()
-            if isinstance(exc, PlanRefused) and report.outcome == "rolled-back":
-                raise
-            if isinstance(exc, Exception):
-                raise SlmFailed(report) from exc
-            raise
+    async def transfer(self) -> None:
+        await self.open_targets()
+        await self.start_mirrors()
+        await self.wait_ready()
+        await self.pivot()
+
+    async def finish(self) -> None:
         await self.release_old()
-        return self.report("completed")
 
 
 async def _children(drv: QemuDriver, name: str) -> list[str]:

@@ -16,29 +16,26 @@ libvirt at the pivot.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
 from collections.abc import Sequence
-from typing import Any
 from xml.sax.saxutils import quoteattr
 
 from dataplane.storage.targets import Target, TargetError, device_size
-from qmp_driver import CommandError, DriverError
+from qmp_driver import CommandError
 from qmp_driver.libvirt_blockcopy import LibvirtDisk, LibvirtDomainDisks
 
+from .cclm_common import emit
 from .errors import MigrationError, PlanRefused
-from .policy import NOTE, Decision
 from .slm import (
-    MIN_THROTTLE,
     CopyMonitor,
     DiskMove,
     ProgressCallback,
     SlmDisk,
-    SlmFailed,
     SlmOptions,
     SlmReport,
+    SlmRun,
 )
 
 log = logging.getLogger(__name__)
@@ -59,35 +56,12 @@ def destination_xml(target: Target) -> str:
     raise TargetError("through libvirt a target is a file or a block device (a <disk>), not blockdev JSON")
 
 
-class _LibvirtStorageMigration:
+class _LibvirtStorageMigration(SlmRun):
     def __init__(self, lv: LibvirtDomainDisks, moves: Sequence[DiskMove], options: SlmOptions,
                  on_event: ProgressCallback | None, interrupt: asyncio.Event | None) -> None:
+        super().__init__(moves, options, on_event, interrupt)
         self.lv = lv
-        self.moves = list(moves)
-        self.opts = options
-        self.on_event = on_event
-        self.interrupt = interrupt
-        self.t0 = time.monotonic()
-        self.disks: list[SlmDisk] = []
         self.started: list[SlmDisk] = []
-        self.decisions: list[Decision] = []
-        self.throttled: dict[str, int] = {}
-
-    def emit(self, event: dict[str, Any]) -> None:
-        if self.on_event is not None:
-            try:
-                self.on_event(event)
-            except Exception:
-                log.exception("event callback failed")
-
-    def decide(self, action: str, reason: str) -> None:
-        d = Decision(action, reason, time.monotonic() - self.t0)
-        self.decisions.append(d)
-        log.info("policy: %s: %s", action, reason)
-        self.emit({"event": "decision", **d.as_dict()})
-
-    def report(self, outcome: str, error: str | None = None) -> SlmReport:
-        return SlmReport(outcome, time.monotonic() - self.t0, tuple(self.disks), tuple(self.decisions), error)
 
     async def plan(self) -> None:
         disks = await self.lv.disks()
@@ -139,7 +113,7 @@ class _LibvirtStorageMigration:
                                      reuse=reuse)
             self.started.append(disk)
             log.info("copying disk %s through libvirt to %s", disk.disk, disk.target)
-        self.emit({"event": "phase", "phase": "copy", "disks": [d.disk for d in self.disks]})
+        emit(self.on_event, {"event": "phase", "phase": "copy", "disks": [d.disk for d in self.disks]})
 
     async def wait_ready(self) -> None:
         o = self.opts
@@ -151,8 +125,7 @@ class _LibvirtStorageMigration:
             now = time.monotonic()
             if now > deadline:
                 raise MigrationError(f"the copy did not converge within {self.opts.timeout:g} s")
-            if self.interrupt is not None and self.interrupt.is_set():
-                raise MigrationError("interrupted by the operator")
+            self.check_interrupt()
             ready = 0
             rate_total = 0.0
             for disk in self.disks:
@@ -169,7 +142,7 @@ class _LibvirtStorageMigration:
                     ready += 1
                 elif monitors[disk.device].stalled(now, disk.length - disk.copied):
                     await self.converge(disk, rate)
-            self.emit({"event": "progress", "phase": "copy", "elapsed": round(now - self.t0, 3),
+            emit(self.on_event, {"event": "progress", "phase": "copy", "elapsed": round(now - self.t0, 3),
                        "disk_done": sum(d.copied for d in self.disks),
                        "disk_total": sum(d.length for d in self.disks), "disk_rate": rate_total})
             if ready == len(self.disks):
@@ -177,27 +150,13 @@ class _LibvirtStorageMigration:
             await asyncio.sleep(self.opts.progress_interval)
 
     async def converge(self, disk: SlmDisk, copy_rate: float) -> None:
-        current = self.throttled.get(disk.device)
-        rate = max(MIN_THROTTLE, int(copy_rate / 4) if current is None else current // 2)
-        if current is not None and rate >= current:
-            self.decide(NOTE, f"disk {disk.disk!r}: the copy still does not converge with guest writes at "
-                              f"{current} B/s")
-            return
-        await self.lv.throttle_writes(disk.device, rate)
-        self.throttled[disk.device] = rate
-        disk.mode = "throttle-guest-writes"
-        self.decide("throttle", f"disk {disk.disk!r}: the copy does not converge and libvirt cannot switch a "
-                                f"running copy to write-blocking: guest writes throttled to {rate} B/s until "
-                                f"the pivot")
+        await self.throttle(disk, copy_rate, "libvirt cannot switch a running copy to write-blocking")
 
-    async def lift_throttles(self) -> None:
-        for dev in list(self.throttled):
-            with contextlib.suppress(DriverError):
-                await self.lv.throttle_writes(dev, 0)
-            del self.throttled[dev]
+    async def set_write_limit(self, device: str, rate: int) -> None:
+        await self.lv.throttle_writes(device, rate)
 
     async def pivot(self) -> None:
-        self.emit({"event": "phase", "phase": "pivot"})
+        emit(self.on_event, {"event": "phase", "phase": "pivot"})
         for disk in self.disks:
             deadline = time.monotonic() + 60
             while not await self.lv.pivot(disk.device):
@@ -212,17 +171,6 @@ class _LibvirtStorageMigration:
             log.info("disk %s now runs on %s", disk.disk, disk.file)
         await self.lift_throttles()
 
-    def remove_sources(self) -> None:
-        if not self.opts.remove_source:
-            return
-        for disk in self.disks:
-            if disk.pivoted and disk.old_file.startswith("/") and os.path.isfile(disk.old_file):
-                try:
-                    os.unlink(disk.old_file)
-                    disk.source_removed = True
-                except OSError as exc:
-                    log.warning("cannot remove the old file %s: %s", disk.old_file, exc)
-
     async def rollback(self, exc: BaseException) -> SlmReport:
         errors: list[str] = []
         for disk in list(self.started):
@@ -232,31 +180,18 @@ class _LibvirtStorageMigration:
             except CommandError as e:
                 errors.append(f"cancel the copy of {disk.disk}: {e.description}")
         await self.lift_throttles()
-        why = "cancelled" if isinstance(exc, asyncio.CancelledError) else str(exc)
-        kept = [d.target for d in self.disks if not d.pivoted and d.created]
-        if kept:
-            why += f"; target kept for inspection: {', '.join(kept)}"
-        why += "".join(f"; rollback: {e}" for e in errors)
-        return self.report("partial" if any(d.pivoted for d in self.disks) else "rolled-back", why)
+        return self.failed_report(exc, errors)
 
-    async def run(self) -> SlmReport:
-        await self.plan()
-        try:
-            await self.start()
-            await self.wait_ready()
-            if self.interrupt is not None and self.interrupt.is_set():
-                raise MigrationError("interrupted by the operator")
-            await self.pivot()
-        except BaseException as exc:
-            task = asyncio.ensure_future(self.rollback(exc))
-            while not task.done():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.shield(task)
-            if isinstance(exc, Exception):
-                raise SlmFailed(task.result()) from exc
-            raise
-        self.remove_sources()
-        return self.report("completed")
+    async def transfer(self) -> None:
+        await self.start()
+        await self.wait_ready()
+        self.check_interrupt()
+        await self.pivot()
+
+    async def finish(self) -> None:
+        for disk in self.disks:
+            if disk.pivoted:
+                self.remove_old_file(disk)
 
 
 async def storage_migrate_libvirt(lv: LibvirtDomainDisks, moves: Sequence[DiskMove],
