@@ -13,8 +13,10 @@ then checks, in this order:
 3. the cell's expected outcomes (where the protocol fixes them) hold;
 4. if neither copy runs, `dataplane resolve` on both sides (or `--peer-destroyed` on the source
    when the destination QEMU is gone) leaves exactly one running;
-5. the copy that runs goes on (heartbeat); a destination that runs has the source's data disk
-   byte for byte; a source that runs has nothing of the migration left and its data disk as before.
+5. the copy that runs goes on: its heartbeat with the same boot id and clean passes of the guest's
+   RAM checker (every stamped page verified, no kernel fault); a destination that runs has the
+   source's data disk byte for byte; a source that runs has nothing of the migration left and its
+   data disk as before.
 
 Points (see the hooks module): before-continue, after-continue, source-completed (source);
 destination-completed, after-resume (destination). Faults: the link cut for longer than the grace
@@ -37,7 +39,7 @@ import pytest
 from cclm_support import Clusters, MiB, Role, make_vms
 
 from dataplane.migration.hooks import HOOK_DIR_ENV, POINTS
-from dataplane.testing.vm import QemuVM, disk_sha256, images_identical
+from dataplane.testing.vm import QemuVM, disk_sha256, images_identical, verify_continued
 
 pytestmark = [pytest.mark.e2e, pytest.mark.matrix]
 
@@ -237,7 +239,8 @@ def test_switchover_fault(point: str, fault: str, mode: str, vm_factory: Any, li
     _record(point, fault, mode, outcomes, resolved, "destination" if d == "running" else "source")
 
     if d == "running":
-        _goes_on(dst)
+        # the guest runs on at the destination, whole: same boot, its RAM checker's passes clean
+        verify_continued(src, dst, ram_passes=3, timeout=90)
         dst.stop()
         src.kill()
         assert images_identical(paths["s1"], paths["d1"], "qcow2", "qcow2")
@@ -247,6 +250,7 @@ def test_switchover_fault(point: str, fault: str, mode: str, vm_factory: Any, li
         assert not [n for n in nodes if n.startswith("dpmig")], nodes
         assert src.qmp("query-jobs") == []
         _goes_on(src)
+        src.verify_next_ram_pass(60)  # a whole clean RAM pass after the fault
         src.kill()
         assert disk_sha256(paths["s1"], "qcow2") == data_before
 
