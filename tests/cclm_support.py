@@ -3,11 +3,14 @@ from two CAs, a pair of small test VMs, and the checks of which copy of the gues
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +74,11 @@ class Clusters:
         self.pki = tmp / "pki"
         subprocess.run([sys.executable, "-m", "dataplane", "certs", "init", str(self.pki), "--two-cas",
                         "--server-name", link.addr_b], check=True, capture_output=True)
-        self.workdirs = {side: tmp / f"work-{side}" for side in "ab"}
+        # the relays' unix sockets live here: keep the paths short (AF_UNIX allows 107 bytes, and
+        # pytest's tmp_path grows with the run number, the worker and the test's name)
+        short = Path(tempfile.mkdtemp(prefix="dpc-"))
+        weakref.finalize(self, shutil.rmtree, short, True)
+        self.workdirs = {side: short / f"work-{side}" for side in "ab"}
         for wd in self.workdirs.values():
             wd.mkdir()
 
