@@ -19,7 +19,7 @@ import pytest
 from cclm_support import Clusters, MiB, Role, continues_on, make_vms, source_intact
 
 from dataplane.testing.journal import verify_journal
-from dataplane.testing.vm import Disk, QemuVM, disk_sha256, images_identical, make_disk
+from dataplane.testing.vm import Disk, QemuVM, disk_sha256, fill_random, images_identical, make_disk
 
 pytestmark = pytest.mark.e2e
 
@@ -300,3 +300,55 @@ def test_receive_disk_restricts_what_the_source_may_write(vm_factory, link, tmp_
     assert dst.qmp("query-block-exports") == []
     assert dst.qmp("query-status")["status"] == "inmigrate"
     source_intact(src)
+
+
+# ------------------------------------------------------------------------------------ new volumes
+
+
+def _allocated(path: Any) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def test_disk_map_raw_source_onto_new_qcow2_and_thin_raw_volumes(vm_factory, link_factory, tmp_path):
+    """``migrate --disk-map``: the destination's disks are new volumes of other names and formats (the
+    raw journal into a qcow2 volume, a raw data disk of 256 MiB holding 8 MiB into a new raw volume
+    that stays thin although its node has QEMU's default discard=ignore); ``receive`` refuses a map
+    onto a node it does not have before anything starts."""
+    link = link_factory("1gbit")
+    cl = Clusters(link, tmp_path)
+    s0, s1 = make_disk(tmp_path / "s0.raw", 16 * MiB), make_disk(tmp_path / "s1.raw", 256 * MiB)
+    fill_random(s1, 8 * MiB, "raw", offset=MiB, seed=11)
+    d0 = make_disk(tmp_path / "pvc-jrnl.qcow2", 16 * MiB, "qcow2")
+    d1 = make_disk(tmp_path / "pvc-data.raw", 256 * MiB)
+    src = vm_factory(disks=[Disk(s0, "raw", node_name="jrnl"), Disk(s1, "raw", node_name="data")],
+                     cmdline={"hb_ms": 100, "disk": "/dev/vda", "disk_rate": 20}, memory_mib=128,
+                     name="src")
+    dst = vm_factory(disks=[Disk(d0, "qcow2", node_name="pvc-jrnl", device_id="ua-jrnl"),
+                            Disk(d1, "raw", node_name="pvc-data")],
+                     memory_mib=128, incoming="defer", paused=True, name="dst")
+    src.wait_acks(3, 60)
+    want = disk_sha256(s1, "raw")
+
+    rcv, port = cl.receive(dst)  # a wrong map: refused, nothing changed
+    mig = cl.migrate(src, port, "--disk-map", "jrnl=ua-jrnl", "--disk-map", "data=pvc-nope")
+    assert mig.wait() == 1 and rcv.wait() == 1
+    assert "disk 'data' -> 'pvc-nope': no block node of that name on the destination" in mig.stderr()
+    assert rcv.report()["outcome"] == "refused"
+    source_intact(src)
+    assert dst.qmp("query-status")["status"] == "inmigrate"
+
+    rcv, port = cl.receive(dst)
+    mig = cl.migrate(src, port, "--disk-map", "jrnl=ua-jrnl", "--disk-map", "data=pvc-data")
+    assert mig.wait() == 0, mig.stderr()[-3000:]
+    assert rcv.wait() == 0, rcv.stderr()[-3000:]
+    assert mig.report()["outcome"] == "completed"
+    assert rcv.report()["holes"] == {"pvc-jrnl": "kept", "pvc-data": "kept"}
+    boot = continues_on(dst, src)
+    dst.wait_acks(src.serial().max_ack + 3, 60)
+    dst.stop()
+    src.kill()
+    verify_journal(str(d0), "qcow2", acked_upto=max(src.serial().max_ack, dst.serial().max_ack),
+                   expect_boot_id=boot)
+    assert disk_sha256(d1, "raw") == want
+    assert _allocated(d1) <= _allocated(s1) * 1.05, (_allocated(d1), _allocated(s1))
+    cl.assert_workdirs_clean()

@@ -220,6 +220,18 @@ def parse_rate_arg(text: str) -> float | None:
     return parse_rate(text)
 
 
+def node_pair(right: str) -> Callable[[str], tuple[str, str]]:
+    """A parser of ``NODE=<right>`` arguments (both sides non-empty) for :func:`arg_type`."""
+
+    def parse(text: str) -> tuple[str, str]:
+        node, sep, value = text.partition("=")
+        if not sep or not node or not value:
+            raise ValueError(f"expected NODE={right}, got {text!r}")
+        return node, value
+
+    return parse
+
+
 def parse_bind(text: str) -> tuple[str, int]:
     from dataplane.channel.addr import parse_hostport
 

@@ -31,6 +31,7 @@ from dataplane.cli.common import (
     check_connections,
     check_stats_path,
     log,
+    node_pair,
     non_negative_int,
     parse_bind,
     parse_to,
@@ -115,6 +116,12 @@ def register_migration(commands: Commands) -> None:
     mig.add_argument("--disk", metavar="NODE", action="append", dest="disks",
                      help="a disk to migrate, by block node name or device id; repeat (default: every "
                           "writable disk)")
+    mig.add_argument("--disk-map", metavar="NODE=DEST_NODE", action="append", dest="disk_map",
+                     type=arg_type(node_pair("DEST_NODE")),
+                     help="migrate disk NODE (node name or device id here) into the destination's node "
+                          "DEST_NODE (node name or device id there) instead of the node of the same name: "
+                          "a new volume, of any image format or backend; repeat; a mapped disk is "
+                          "migrated even if --disk names others")
     mig.add_argument("--downtime-ms", metavar="MS", type=positive_int, default=300,
                      help="the downtime QEMU may take at the switchover (default: 300)")
     mig.add_argument("--multifd", metavar="N", type=non_negative_int, default=0,
@@ -176,6 +183,11 @@ def register_migration(commands: Commands) -> None:
     rcv.add_argument("--disk", metavar="NODE", action="append", dest="disks",
                      help="a disk the source may write, by block node name or device id; repeat (default: "
                           "every guest disk; a protocol, backing or unused node is never accepted)")
+    rcv.add_argument("--preallocated", action="store_true",
+                     help="leave the disks' nodes as configured: written zeros and the source's holes are "
+                          "then allocated here (default: each disk is reopened with discard=unmap, as "
+                          "KubeVirt configures disks, so that thin volumes stay thin; a disk that cannot "
+                          "be is named in the report)")
     _output_options(rcv)
     channel_options(rcv, side="server")
     rcv.set_defaults(handler=_cmd_receive)
@@ -366,7 +378,8 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
             try:
                 try:
                     rep = await run_source(client, src, disks=args.disks, options=options,
-                                           workdir=args.workdir, on_event=printer, interrupt=stop)
+                                           workdir=args.workdir, on_event=printer, interrupt=stop,
+                                           disk_map=dict(args.disk_map or []))
                 except RolledBack as exc:
                     from dataplane.migration.cclm import CclmReport, ChannelFigures
 
@@ -431,13 +444,15 @@ def _cmd_receive(args: argparse.Namespace) -> int:
                 rep = await run_target(
                     make_server, dst, paused=args.paused, workdir=args.workdir,
                     on_listening=lambda a: ready(f"receive listening on {format_hostport(*a)}"),
-                    on_event=printer, interrupt=stop, allowed=args.disks)
+                    on_event=printer, interrupt=stop, allowed=args.disks,
+                    sparse=not args.preallocated)
             except OSError as exc:
                 raise CommandFailed(f"cannot listen on {format_hostport(host, port)}: "
                                    f"{os_error_text(exc)}") from exc
             d = rep.as_dict()
             lines = [f"outcome: {rep.outcome}" + (f" (guest {rep.status})" if rep.status else ""),
                      f"total time {rep.total_time:.1f} s" + (", postcopy" if rep.postcopy else "")]
+            lines += [f"disk {node}: holes {how}" for node, how in rep.holes.items()]
             printer.report(d, lines)
             if rep.outcome == "in-doubt":
                 raise InDoubt(f"{rep.error}; resolve with: {resolve_hint(args, 'destination')}")

@@ -20,6 +20,7 @@ from dataplane.cli.common import (
     UsageError,
     add_command,
     arg_type,
+    node_pair,
     parse_rate_arg,
     positive_float,
     run_loop,
@@ -69,8 +70,8 @@ def register_storage(commands: Commands) -> None:
     )
     qemu_options(cmd, "VM's")
     cmd.add_argument("--disk", metavar="NODE=TARGET", action="append", dest="disks", required=True,
-                     type=arg_type(_parse_move), help="a disk (block node name or device id) and where it "
-                                                      "goes; repeat for more disks")
+                     type=arg_type(node_pair("TARGET")),
+                     help="a disk (block node name or device id) and where it goes; repeat for more disks")
     cmd.add_argument("--format", choices=["raw", "qcow2"],
                      help="the image format of file targets (default: the disk's own, raw if it is neither)")
     cmd.add_argument("--reuse", action="store_true",
@@ -88,13 +89,6 @@ def register_storage(commands: Commands) -> None:
     cmd.add_argument("--output", choices=["text", "json"], default="text",
                      help="text: progress and a summary; json: one JSON object per line on stdout")
     cmd.set_defaults(handler=_cmd_storage_migrate)
-
-
-def _parse_move(text: str) -> tuple[str, str]:
-    disk, sep, target = text.partition("=")
-    if not sep or not disk or not target:
-        raise ValueError(f"expected NODE=TARGET, got {text!r}")
-    return disk, target
 
 
 class _Printer:

@@ -27,7 +27,7 @@ from .errors import (
     PlanRefused,
     RolledBack,
 )
-from .plan import DiskPlan, MigrationOptions, MigrationPlan, discover_plan, validate_target
+from .plan import DiskPlan, MigrationOptions, MigrationPlan, discover_plan, resolve_targets, validate_target
 from .report import PHASES, MigrationProgress, MigrationReport
 from .source import migrate_source
 from .target import (
@@ -43,7 +43,7 @@ from .target import (
 __all__ = [
     "MigrationError", "PlanRefused", "RolledBack", "ControlError", "ControlLost", "PeerAborted",
     "Interrupted",
-    "DiskPlan", "MigrationOptions", "MigrationPlan", "discover_plan", "validate_target",
+    "DiskPlan", "MigrationOptions", "MigrationPlan", "discover_plan", "resolve_targets", "validate_target",
     "PHASES", "MigrationProgress", "MigrationReport", "migrate_source",
     "PreparedTarget", "abort_target", "await_incoming", "finish_target", "image_paths", "prepare_target",
     "resume_target",

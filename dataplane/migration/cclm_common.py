@@ -143,11 +143,14 @@ class TargetReport:
     postcopy: bool = False
     channel: ChannelFigures = field(default_factory=ChannelFigures)
     state: dict[str, str] | None = None  # in doubt: this QEMU's run state and migration status
+    #: per destination node: "kept" (the source's holes stay unallocated) or "allocated: <why>"
+    holes: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"event": "report", "outcome": self.outcome, "status": self.status,
                                "total_time": round(self.total_time, 3), "error": self.error,
-                               "postcopy": self.postcopy, "destination_state": self.state}
+                               "postcopy": self.postcopy, "destination_state": self.state,
+                               "holes": dict(self.holes)}
         out.update(self.channel.as_dict())
         return out
 

@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -70,12 +70,14 @@ DONE_TIMEOUT = 60.0
 async def run_source(client: ChannelClient, src: QemuDriver, *, disks: Iterable[str] | None = None,
                      options: MigrationOptions | None = None, workdir: str | Path | None = None,
                      on_event: EventCallback | None = None,
-                     interrupt: asyncio.Event | None = None) -> CclmReport:
+                     interrupt: asyncio.Event | None = None,
+                     disk_map: Mapping[str, str] | None = None) -> CclmReport:
     """Migrate the VM behind ``src`` to the destination at the other end of ``client``'s session.
 
     ``client`` must be started (the session established: a wrong
     certificate fails there, before any QEMU command). The plan (``disks``
-    by node name or device id, default every writable disk; ``options``) is
+    by node name or device id, default every writable disk; ``disk_map``
+    onto destination nodes of other names, see :func:`discover_plan`; ``options``) is
     sent on the control stream; once the destination answers ``ready``, the
     source relay's unix sockets (in a private directory under ``workdir``)
     carry the NBD and migration streams and :func:`migrate_source` runs the
@@ -100,7 +102,8 @@ async def run_source(client: ChannelClient, src: QemuDriver, *, disks: Iterable[
     :raises ControlLost: the destination went away before answering the plan.
     :raises asyncio.CancelledError: after the rollback and the abort message.
     """
-    role = _SourceRole(client, src, disks, options or MigrationOptions(), workdir, on_event, interrupt)
+    role = _SourceRole(client, src, disks, options or MigrationOptions(), workdir, on_event, interrupt,
+                       disk_map)
     return await role.run()
 
 
@@ -111,10 +114,11 @@ class _SourceRole:
 
     def __init__(self, client: ChannelClient, src: QemuDriver, disks: Iterable[str] | None,
                  options: MigrationOptions, workdir: str | Path | None, on_event: EventCallback | None,
-                 interrupt: asyncio.Event | None) -> None:
+                 interrupt: asyncio.Event | None, disk_map: Mapping[str, str] | None = None) -> None:
         self.client = client
         self.src = src
         self.disks = disks
+        self.disk_map = dict(disk_map or {})
         self.options = options
         self.on_event = on_event
         self.interrupt = interrupt
@@ -146,7 +150,7 @@ class _SourceRole:
         status = await self.src.query_status()
         if status.status not in ("running", "paused"):
             raise PlanRefused(f"the source VM is {status.status!r}, not running or paused")
-        plan = await discover_plan(self.src, self.disks, self.options)
+        plan = await discover_plan(self.src, self.disks, self.options, disk_map=self.disk_map)
         emit(self.on_event, {"event": "phase", "phase": "plan", "disks": [asdict(d) for d in plan.disks],
                              "memory_size": plan.memory_size})
         self.control.send(Hello(CONTROL_VERSION, plan.to_dict()))

@@ -98,7 +98,8 @@ class _TargetRole:
     def __init__(self, server_factory: Callable[[Callable[[ChannelStream], None]], ChannelServer],
                  dst: QemuDriver, *, paused: bool, workdir: str | Path | None,
                  on_listening: Callable[[tuple[str, int]], object] | None, on_event: EventCallback | None,
-                 interrupt: asyncio.Event | None, allowed: Collection[str] | None = None) -> None:
+                 interrupt: asyncio.Event | None, allowed: Collection[str] | None = None,
+                 sparse: bool = True) -> None:
         self.dst = dst
         self.paused = paused
         self.on_listening = on_listening
@@ -115,6 +116,7 @@ class _TargetRole:
         self.cont_sent = False  # ``cont`` went to the destination QEMU (its outcome may be unknown)
         self.control: ControlStream | None = None
         self.allowed = allowed
+        self.sparse = sparse
         self.prepared: PreparedTarget | None = None
         self.switched: list[str] = []  # the QEMU status at which the destination had the guest
         self.committed: Commit | None = None  # the source's commit
@@ -127,7 +129,8 @@ class _TargetRole:
 
     def report(self, outcome: str, status: str | None, error: str | None = None) -> TargetReport:
         figures = ChannelFigures.from_stats(self.server.stats())
-        rep = TargetReport(outcome, status, time.monotonic() - self.t0, error, self.postcopy, figures)
+        rep = TargetReport(outcome, status, time.monotonic() - self.t0, error, self.postcopy, figures,
+                           holes=dict(self.prepared.holes) if self.prepared else {})
         log.info("receive %s%s", outcome, f": {error}" if error else "")
         return rep
 
@@ -223,12 +226,14 @@ class _TargetRole:
         migration and answer ``ready``; a refusal (nothing changed) ends the run."""
         try:
             self.prepared = await prepare_target(self.dst, plan, str(self.nbd_sock),
-                                                 f"unix:{self.mig_sock}", allowed=self.allowed)
+                                                 f"unix:{self.mig_sock}", allowed=self.allowed,
+                                                 sparse=self.sparse)
             caps = self.prepared.capabilities
         except (PlanRefused, DriverError) as exc:
             reason = exc.reason if isinstance(exc, PlanRefused) else f"destination QEMU: {exc}"
             raise await self._refused(control, reason) from None
-        emit(self.on_event, {"event": "phase", "phase": "ready", "disks": [d.node_name for d in plan.disks]})
+        emit(self.on_event, {"event": "phase", "phase": "ready", "disks": [d.dest_node for d in plan.disks],
+                             "holes": dict(self.prepared.holes)})
         self.routing.ready = True
         control.send(Ready(plan.options.multifd_channels, bool(caps.get("postcopy-ram"))))
 
@@ -389,7 +394,7 @@ async def run_target(server_factory: Callable[[Callable[[ChannelStream], None]],
                      on_listening: Callable[[tuple[str, int]], object] | None = None,
                      on_event: EventCallback | None = None,
                      interrupt: asyncio.Event | None = None,
-                     allowed: Collection[str] | None = None) -> TargetReport:
+                     allowed: Collection[str] | None = None, sparse: bool = True) -> TargetReport:
     """Receive one migration into the destination QEMU behind ``dst``.
 
     ``server_factory(on_stream)`` makes the (not yet started)
@@ -397,7 +402,8 @@ async def run_target(server_factory: Callable[[Callable[[ChannelStream], None]],
     is called once it listens. The first control stream is the migration;
     its plan is validated (``allowed``: the node names or device ids the
     source may write to, default every guest disk) and the destination
-    prepared (:func:`prepare_target`; the NBD server and ``migrate-incoming``
+    prepared (:func:`prepare_target`: with ``sparse`` the disks keep the
+    source's holes unallocated; the NBD server and ``migrate-incoming``
     on unix sockets in a private directory under ``workdir``; the guest
     cannot start by itself). Then this waits until the destination QEMU has
     the guest (``completed``, or ``postcopy-active``) *and* the source sent
@@ -418,7 +424,7 @@ async def run_target(server_factory: Callable[[Callable[[ChannelStream], None]],
         unless the guest was resumed here).
     """
     role = _TargetRole(server_factory, dst, paused=paused, workdir=workdir, on_listening=on_listening,
-                       on_event=on_event, interrupt=interrupt, allowed=allowed)
+                       on_event=on_event, interrupt=interrupt, allowed=allowed, sparse=sparse)
     return await role.run()
 
 

@@ -8,13 +8,19 @@ plan travels to the destination over a control stream).
     wire = plan.to_json()
     plan = MigrationPlan.from_json(wire)               # on the destination
     validate_target(plan, await dst.query_named_block_nodes())   # raises PlanRefused
+
+A disk lands on the destination's node of the same name unless the plan maps it to another one
+(``discover_plan(src, disk_map={"vda": "vda-new"})``: new volumes, of any image format, on the
+destination). A plan with such a map is version 2, so that a destination too old to read the
+map refuses it instead of writing the node of the source's name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from qmp_driver import BlockDevice, BlockNode, QemuDriver
@@ -22,6 +28,8 @@ from qmp_driver import BlockDevice, BlockNode, QemuDriver
 from .errors import PlanRefused
 
 PLAN_VERSION = 1
+#: A plan that maps a disk onto a destination node of another name.
+PLAN_VERSION_MAP = 2
 
 COPY_MODES = frozenset({"background", "write-blocking"})
 POSTCOPY_MODES = frozenset({"never", "auto"})
@@ -37,13 +45,27 @@ class DiskPlan:
     name on the destination receives it. ``size`` is the guest-visible size
     in bytes, ``format`` the source's format driver (informational: the
     destination may use another format), ``export_name`` the NBD export the
-    destination offers for it.
+    destination offers for it, ``target_node`` the destination's node that
+    receives it when it is not the node of the same name (a node name or a
+    device id there; :func:`resolve_targets` makes it a node name).
     """
 
     node_name: str
     size: int
     format: str
     export_name: str
+    target_node: str = ""
+
+    @property
+    def dest_node(self) -> str:
+        """The destination's node (or device id) that receives this disk."""
+        return self.target_node or self.node_name
+
+    def describe(self) -> str:
+        """``'vda'``, or ``'vda' -> 'vda-new'`` for a mapped disk (for messages)."""
+        if self.dest_node == self.node_name:
+            return repr(self.node_name)
+        return f"{self.node_name!r} -> {self.dest_node!r}"
 
 
 @dataclass(frozen=True)
@@ -104,6 +126,9 @@ class MigrationPlan:
         exports = [d.export_name for d in self.disks]
         if len(set(names)) != len(names) or len(set(exports)) != len(exports):
             raise PlanRefused(f"duplicate disk node or export names in the plan: {names} / {exports}")
+        dests = [d.dest_node for d in self.disks]
+        if len(set(dests)) != len(dests):
+            raise PlanRefused(f"two disks map onto one destination node: {dests}")
 
     def disk(self, node_name: str) -> DiskPlan:
         """The disk of that node. :raises KeyError: not in the plan."""
@@ -113,9 +138,12 @@ class MigrationPlan:
         raise KeyError(node_name)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-compatible data (with a ``version`` member)."""
-        return {"version": PLAN_VERSION, "memory_size": self.memory_size,
-                "disks": [asdict(d) for d in self.disks], "options": asdict(self.options)}
+        """Plain JSON-compatible data (with a ``version`` member: 2 when a disk is mapped)."""
+        mapped = any(d.dest_node != d.node_name for d in self.disks)
+        disks = [asdict(d) if mapped else {k: v for k, v in asdict(d).items() if k != "target_node"}
+                 for d in self.disks]
+        return {"version": PLAN_VERSION_MAP if mapped else PLAN_VERSION, "memory_size": self.memory_size,
+                "disks": disks, "options": asdict(self.options)}
 
     def to_json(self) -> str:
         """The plan as a JSON document."""
@@ -128,12 +156,13 @@ class MigrationPlan:
         :raises PlanRefused: wrong version, missing or mistyped members.
         """
         try:
-            if data.get("version") != PLAN_VERSION:
+            if data.get("version") not in (PLAN_VERSION, PLAN_VERSION_MAP):
                 raise PlanRefused(f"unsupported plan version {data.get('version')!r} "
-                                  f"(this side speaks {PLAN_VERSION})")
+                                  f"(this side speaks {PLAN_VERSION} and {PLAN_VERSION_MAP})")
             disks = []
             for d in data["disks"]:
-                disk = DiskPlan(str(d["node_name"]), int(d["size"]), str(d["format"]), str(d["export_name"]))
+                disk = DiskPlan(str(d["node_name"]), int(d["size"]), str(d["format"]), str(d["export_name"]),
+                                str(d.get("target_node") or ""))
                 if disk.size <= 0 or not disk.node_name or not disk.export_name:
                     raise PlanRefused(f"malformed disk in plan: {d!r}")
                 disks.append(disk)
@@ -166,7 +195,8 @@ def validate_target(plan: MigrationPlan, target_nodes: Iterable[BlockNode],
                     allowed: Collection[str] | None = None) -> None:
     """Check that the destination's block nodes can receive every disk of ``plan``.
 
-    Each disk needs a node of the same name that is the root node of a guest
+    Each disk needs a node of the same name (or the node it is mapped to:
+    :attr:`DiskPlan.dest_node`) that is the root node of a guest
     device (``devices``, the destination's ``query-block``: a protocol node,
     a backing node or a node no device uses is never written by a migration),
     whose driver is the plan's format (or both are image formats, e.g. a raw
@@ -185,36 +215,57 @@ def validate_target(plan: MigrationPlan, target_nodes: Iterable[BlockNode],
     roots = None if devices is None else {d.node_name: d for d in devices if d.node_name and d.qdev}
     problems = []
     for d in plan.disks:
-        node = by_name.get(d.node_name)
+        what = f"disk {d.describe()}"
+        node = by_name.get(d.dest_node)
         if node is None:
-            problems.append(f"disk {d.node_name!r}: no block node of that name on the destination")
+            problems.append(f"{what}: no block node of that name on the destination")
             continue
-        dev = None if roots is None else roots.get(d.node_name)
+        dev = None if roots is None else roots.get(d.dest_node)
         if roots is not None and dev is None:
-            problems.append(f"disk {d.node_name!r}: the destination node is not the root node of a guest "
+            problems.append(f"{what}: the destination node is not the root node of a guest "
                             f"device (a protocol, backing or unused node is never written by a migration)")
             continue
-        names = {d.node_name, dev.device if dev else "", _qdev_id(dev)}
+        names = {d.dest_node, dev.device if dev else "", _qdev_id(dev)}
         if allowed is not None and not names & set(allowed):
-            problems.append(f"disk {d.node_name!r}: not among the disks this destination accepts "
+            problems.append(f"{what}: not among the disks this destination accepts "
                             f"({', '.join(sorted(allowed))})")
             continue
         if d.format and node.driver != d.format and not {node.driver, d.format} <= IMAGE_FORMATS:
-            problems.append(f"disk {d.node_name!r}: the destination node is {node.driver}, the source "
+            problems.append(f"{what}: the destination node is {node.driver}, the source "
                             f"disk {d.format} (another image format is fine; a protocol or filter node "
                             f"in place of an image format is not)")
         if node.read_only:
-            problems.append(f"disk {d.node_name!r}: the destination node is read-only")
+            problems.append(f"{what}: the destination node is read-only")
         if node.virtual_size < d.size:
-            problems.append(f"disk {d.node_name!r}: destination is smaller than the source "
+            problems.append(f"{what}: destination is smaller than the source "
                             f"({node.virtual_size} < {d.size} bytes)")
         elif node.virtual_size > d.size:
-            problems.append(f"disk {d.node_name!r}: destination is larger than the source "
+            problems.append(f"{what}: destination is larger than the source "
                             f"({node.virtual_size} > {d.size} bytes; QEMU's mirror needs equal sizes)")
     if not plan.disks:
         problems.append("the plan has no disks (use a plain migration for diskless VMs)")
     if problems:
         raise PlanRefused("; ".join(problems))
+
+
+def resolve_targets(plan: MigrationPlan, target_nodes: Iterable[BlockNode],
+                    devices: Iterable[BlockDevice]) -> MigrationPlan:
+    """``plan`` with every mapped disk's :attr:`DiskPlan.target_node` made a destination node name:
+    a name that is no node there but a guest device's id (or device name) stands for that device's
+    root node. Names that match neither are left for :func:`validate_target` to refuse.
+
+    :raises PlanRefused: two disks end up on one node.
+    """
+    names = {n.node_name for n in target_nodes}
+    devs = list(devices)
+    disks = []
+    for d in plan.disks:
+        if d.target_node and d.target_node not in names:
+            with contextlib.suppress(PlanRefused):
+                dev = find_device(devs, d.target_node)
+                d = replace(d, target_node=dev.node_name or d.target_node)
+        disks.append(d)
+    return replace(plan, disks=tuple(disks))
 
 
 def _qdev_id(dev: BlockDevice | None) -> str:
@@ -247,24 +298,37 @@ async def memory_size(drv: QemuDriver) -> int:
 
 
 async def discover_plan(src: QemuDriver, disks: Iterable[str] | None = None,
-                        options: MigrationOptions | None = None) -> MigrationPlan:
+                        options: MigrationOptions | None = None, *,
+                        disk_map: Mapping[str, str] | None = None) -> MigrationPlan:
     """Build a plan from the source's ``query-block`` / ``query-named-block-nodes``.
 
     ``disks`` names the disks to move by format node name or device (qdev) id;
     by default every writable guest disk with a medium. The export name of a
-    disk is its node name.
+    disk is its node name. ``disk_map`` maps a disk (node name or device id
+    here) onto the destination's node (node name or device id there) that
+    receives it instead of the node of the same name; a mapped disk is
+    migrated even if ``disks`` does not name it.
 
-    :raises PlanRefused: a named disk does not exist, is read-only or has no
-        medium; no disk found.
+    :raises PlanRefused: a named or mapped disk does not exist, is read-only or
+        has no medium; no disk found; two disks map onto one destination node.
     :raises qmp_driver.DriverError: a query failed.
     """
     devices = await src.query_block()
     nodes = {n.node_name: n for n in await src.query_named_block_nodes()}
+    targets: dict[str, str] = {}
+    for name, dest in (disk_map or {}).items():
+        found = find_device(devices, name)
+        assert found.node_name is not None
+        if not dest:
+            raise PlanRefused(f"disk {name!r}: an empty destination node in the disk map")
+        targets[found.node_name] = dest
     chosen: list[DiskPlan] = []
 
     def plan_for(node_name: str) -> DiskPlan:
         node = nodes[node_name]
-        return DiskPlan(node_name, node.virtual_size, node.driver, node_name)
+        dest = targets.get(node_name, "")
+        return DiskPlan(node_name, node.virtual_size, node.driver, node_name,
+                        "" if dest == node_name else dest)
 
     if disks is None:
         for dev in devices:
@@ -277,6 +341,11 @@ async def discover_plan(src: QemuDriver, disks: Iterable[str] | None = None,
                 raise PlanRefused(f"disk {name!r} is read-only; it is not migrated as a writable disk")
             assert found.node_name is not None
             chosen.append(plan_for(found.node_name))
+    for node_name in sorted(targets.keys() - {d.node_name for d in chosen}):
+        dev = next(d for d in devices if d.node_name == node_name)
+        if dev.read_only or node_name not in nodes:
+            raise PlanRefused(f"disk {node_name!r} is read-only; it is not migrated as a writable disk")
+        chosen.append(plan_for(node_name))
     if not chosen:
         raise PlanRefused("the source has no writable guest disk to migrate")
     return MigrationPlan(tuple(chosen), await memory_size(src), options or MigrationOptions())

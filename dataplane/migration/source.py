@@ -234,10 +234,14 @@ class _SourceMigration:
             node = self.targets[job]
             self.added_nodes.append(node)  # before the command: a half-done add is still cleaned up
             try:
-                zeroes = "on" if self.opts.mirror_detect_zeroes else "off"
+                # discard=unmap: the mirror's zero writes for the source's holes (and, with detect-zeroes,
+                # the guest's written zeros) go out as WRITE_ZEROES that may unmap, so a destination
+                # opened with discard=unmap keeps them as holes
+                zeroes = "unmap" if self.opts.mirror_detect_zeroes else "off"
                 await self.src.blockdev_add({"driver": "nbd", "node-name": node,
                                              "server": _nbd_server(self.nbd_uri_for(disk)),
-                                             "export": disk.export_name, "detect-zeroes": zeroes})
+                                             "export": disk.export_name, "detect-zeroes": zeroes,
+                                             "discard": "unmap"})
             except CommandError:
                 self.added_nodes.remove(node)
                 raise

@@ -23,12 +23,16 @@ from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from dataplane.storage.sparse import enable_unmap
 from qmp_driver import MIGRATION_DONE, CommandError, DriverError, QemuDriver
 
 from .errors import MigrationError, PlanRefused
-from .plan import MigrationOptions, MigrationPlan, memory_size, validate_target
+from .plan import MigrationOptions, MigrationPlan, memory_size, resolve_targets, validate_target
 
 log = logging.getLogger(__name__)
+
+#: Why a disk's holes are allocated when the caller asked to keep the destination's allocation.
+PREALLOCATED = "the destination keeps its allocation"
 
 
 @dataclass
@@ -37,23 +41,30 @@ class PreparedTarget:
 
     ``capabilities`` are the migration capabilities set (``postcopy-ram`` says whether postcopy is
     possible; the source must not use it otherwise); ``nbd_server`` whether this run started the
-    NBD server; ``exports`` the export ids it added.
+    NBD server; ``exports`` the export ids it added; ``holes`` whether each disk stays thin.
     """
 
     capabilities: dict[str, bool] = field(default_factory=dict)
     nbd_server: bool = False
     exports: list[str] = field(default_factory=list)
+    #: per destination node: ``"kept"`` (holes and written zeros of the source stay unallocated)
+    #: or ``"allocated: <why>"``
+    holes: dict[str, str] = field(default_factory=dict)
 
 
 async def prepare_target(dst: QemuDriver, plan: MigrationPlan, nbd_socket: str | Mapping[str, Any],
-                         migrate_uri: str, *, allowed: Collection[str] | None = None) -> PreparedTarget:
+                         migrate_uri: str, *, allowed: Collection[str] | None = None,
+                         sparse: bool = True) -> PreparedTarget:
     """Make ``dst`` ready to receive ``plan``.
 
     Validates first (nothing is changed if that fails: see :func:`validate_target`; ``allowed``
     restricts the destination nodes the plan may write to these node names or device ids). Then
     makes sure the destination cannot start the guest by itself (``stop`` while ``inmigrate``
     has the effect of ``-S``: QMP cannot read that flag, so it is set rather than checked), sets
-    the ``late-block-activate`` and ``events`` capabilities, starts the NBD server on
+    the ``late-block-activate`` and ``events`` capabilities, with ``sparse`` reopens every disk's
+    nodes with ``discard=unmap`` (:func:`dataplane.storage.sparse.enable_unmap`: the source's holes
+    and written zeros then stay unallocated, as on a KubeVirt disk; a node that cannot be reopened
+    is named in ``holes`` with the reason, and receives its zeros allocated), starts the NBD server on
     ``nbd_socket`` (a unix socket path or a QMP SocketAddress), exports each disk writable
     under its ``export_name`` and starts ``migrate-incoming`` on ``migrate_uri``. If a step
     fails, what this call set up is undone (:func:`abort_target`) before the error propagates:
@@ -72,7 +83,9 @@ async def prepare_target(dst: QemuDriver, plan: MigrationPlan, nbd_socket: str |
     mem = await memory_size(dst)
     if mem != plan.memory_size:
         raise PlanRefused(f"guest memory differs: destination {mem} bytes, source {plan.memory_size} bytes")
-    validate_target(plan, await dst.query_named_block_nodes(), await dst.query_block(), allowed=allowed)
+    nodes, devices = await dst.query_named_block_nodes(), await dst.query_block()
+    plan = resolve_targets(plan, nodes, devices)
+    validate_target(plan, nodes, devices, allowed=allowed)
     await dst.stop()  # while inmigrate: no autostart, as with -S (the guest resumes only on commit)
     prepared = PreparedTarget(target_capabilities(plan))
     caps = prepared.capabilities
@@ -88,10 +101,15 @@ async def prepare_target(dst: QemuDriver, plan: MigrationPlan, nbd_socket: str |
     if plan.options.multifd_channels:
         await dst.migrate_set_parameters({"multifd-channels": plan.options.multifd_channels})
     try:
+        for disk in plan.disks:
+            why = await enable_unmap(dst, disk.dest_node) if sparse else PREALLOCATED
+            prepared.holes[disk.dest_node] = "kept" if why is None else f"allocated: {why}"
+            if why is not None and sparse:
+                log.warning("disk %s: holes of the source will be allocated here: %s", disk.describe(), why)
         await dst.nbd_server_start(nbd_socket)
         prepared.nbd_server = True
         for disk in plan.disks:
-            await dst.block_export_add(disk.export_name, disk.node_name, name=disk.export_name,
+            await dst.block_export_add(disk.export_name, disk.dest_node, name=disk.export_name,
                                        writable=True)
             prepared.exports.append(disk.export_name)
         await dst.migrate_incoming(migrate_uri)
@@ -107,8 +125,10 @@ async def image_paths(dst: QemuDriver, plan: MigrationPlan) -> list[str]:
 
     :raises qmp_driver.DriverError: ``query-named-block-nodes`` failed.
     """
-    files = {n.node_name: n.filename for n in await dst.query_named_block_nodes()}
-    return [f for f in (files.get(d.node_name, "") for d in plan.disks) if f.startswith("/")]
+    nodes, devices = await dst.query_named_block_nodes(), await dst.query_block()
+    files = {n.node_name: n.filename for n in nodes}
+    plan = resolve_targets(plan, nodes, devices)
+    return [f for f in (files.get(d.dest_node, "") for d in plan.disks) if f.startswith("/")]
 
 
 def target_capabilities(plan: MigrationPlan) -> dict[str, bool]:
