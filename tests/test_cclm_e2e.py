@@ -39,7 +39,7 @@ def test_two_disks_raw_qcow2_multifd(qemu_platform, vm_factory, link_factory, tm
     assert rcv.wait() == 0, rcv.stderr()[-3000:]
     rep = mig.report()
     assert rep["outcome"] == "completed" and rep["switched_over"] and rep["destination"] == "running"
-    assert rep["disk_bytes"] >= 48 * MiB and rep["ram_raw"] > 0 and rep["wire_bytes"] > 0
+    assert rep["disk_bytes"] >= 8 * MiB and rep["ram_raw"] > 0 and rep["wire_bytes"] > 0  # data, not holes
     assert rcv.report()["outcome"] == "completed"
     assert src.qmp("query-status")["status"] == "postmigrate"
     assert src.qmp("query-migrate")["ram"]["multifd-bytes"] > 0, "multifd was not used"

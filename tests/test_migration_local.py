@@ -558,7 +558,7 @@ async def test_preallocated_destination_keeps_its_allocation(vm_factory, tmp_pat
             await QemuDriver.connect_socket(dst.qmp_path) as d:
         plan = await discover_plan(s)
         prepared = await prepare_target(d, plan, nbd, mig, sparse=False)
-        assert list(prepared.holes.values()) == ["allocated: the destination keeps its allocation"]
+        assert list(prepared.holes.values()) == ["as configured: preallocated, not reopened"]
         assert (await migrate_source(s, plan, lambda disk: nbd, mig)).outcome == "completed"
         await finish_target(d, prepared=prepared)
     await asyncio.to_thread(dst.stop)

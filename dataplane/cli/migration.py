@@ -153,7 +153,9 @@ def register_migration(commands: Commands) -> None:
         description=(
             "The destination side of a cross-cluster live migration. The destination QEMU must run\n"
             "with `-incoming defer` (and normally -S) and have empty disks with the source's block node\n"
-            "names and exact sizes. Listens for the channel (mutual TLS) and takes one migration: the\n"
+            "names (or the nodes `migrate --disk-map` names) and exact sizes, in any image format; they\n"
+            "are reopened with discard=unmap so that the source's holes stay holes (not with\n"
+            "--preallocated). Listens for the channel (mutual TLS) and takes one migration: the\n"
             "plan is validated first (a missing, smaller or read-only disk, or a different memory size,\n"
             "is refused before anything starts), then the disks are exported over NBD and the incoming\n"
             "migration set up, both on local unix sockets; this QEMU cannot start the guest by itself.\n"

@@ -143,7 +143,8 @@ class TargetReport:
     postcopy: bool = False
     channel: ChannelFigures = field(default_factory=ChannelFigures)
     state: dict[str, str] | None = None  # in doubt: this QEMU's run state and migration status
-    #: per destination node: "kept" (the source's holes stay unallocated) or "allocated: <why>"
+    #: per destination node: "kept" (the source's holes stay unallocated) or "as configured: <why>"
+    #: (left as it was opened: holes stay holes only if that was with discard=unmap)
     holes: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:

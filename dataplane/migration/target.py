@@ -31,8 +31,8 @@ from .plan import MigrationOptions, MigrationPlan, memory_size, resolve_targets,
 
 log = logging.getLogger(__name__)
 
-#: Why a disk's holes are allocated when the caller asked to keep the destination's allocation.
-PREALLOCATED = "the destination keeps its allocation"
+#: The reason given in ``holes`` when the caller asked for the nodes as configured (``sparse=False``).
+PREALLOCATED = "preallocated, not reopened"
 
 
 @dataclass
@@ -48,7 +48,8 @@ class PreparedTarget:
     nbd_server: bool = False
     exports: list[str] = field(default_factory=list)
     #: per destination node: ``"kept"`` (holes and written zeros of the source stay unallocated)
-    #: or ``"allocated: <why>"``
+    #: or ``"as configured: <why>"`` (the node is left as it was opened: the holes stay holes only if
+    #: that was with ``discard=unmap``, which QMP cannot tell)
     holes: dict[str, str] = field(default_factory=dict)
 
 
@@ -64,7 +65,7 @@ async def prepare_target(dst: QemuDriver, plan: MigrationPlan, nbd_socket: str |
     the ``late-block-activate`` and ``events`` capabilities, with ``sparse`` reopens every disk's
     nodes with ``discard=unmap`` (:func:`dataplane.storage.sparse.enable_unmap`: the source's holes
     and written zeros then stay unallocated, as on a KubeVirt disk; a node that cannot be reopened
-    is named in ``holes`` with the reason, and receives its zeros allocated), starts the NBD server on
+    is left as configured and named in ``holes`` with the reason), starts the NBD server on
     ``nbd_socket`` (a unix socket path or a QMP SocketAddress), exports each disk writable
     under its ``export_name`` and starts ``migrate-incoming`` on ``migrate_uri``. If a step
     fails, what this call set up is undone (:func:`abort_target`) before the error propagates:
@@ -103,9 +104,10 @@ async def prepare_target(dst: QemuDriver, plan: MigrationPlan, nbd_socket: str |
     try:
         for disk in plan.disks:
             why = await enable_unmap(dst, disk.dest_node) if sparse else PREALLOCATED
-            prepared.holes[disk.dest_node] = "kept" if why is None else f"allocated: {why}"
+            prepared.holes[disk.dest_node] = "kept" if why is None else f"as configured: {why}"
             if why is not None and sparse:
-                log.warning("disk %s: holes of the source will be allocated here: %s", disk.describe(), why)
+                log.warning("disk %s: left as configured (%s): the source's holes are allocated here unless "
+                            "the node has discard=unmap", disk.describe(), why)
         await dst.nbd_server_start(nbd_socket)
         prepared.nbd_server = True
         for disk in plan.disks:
