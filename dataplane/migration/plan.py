@@ -86,8 +86,9 @@ class MigrationOptions:
     mirror_granularity: int | None = None
     mirror_buf_size: int | None = None
     mirror_copy_mode: str = "background"  # or "write-blocking" (guest writes wait for the target)
-    # The mirror target (the NBD client node) turns all-zero writes into NBD WRITE_ZEROES: written
-    # zeros cross no socket and the destination writes them without a buffer. (libvirt leaves it off.)
+    # The mirror target (the NBD client node) turns all-zero writes into NBD WRITE_ZEROES that may
+    # unmap: written zeros cross no socket, and they and the source's holes stay holes on a
+    # destination opened with discard=unmap. (libvirt's sequence leaves both off.)
     mirror_detect_zeroes: bool = True
     mirror_timeout: float | None = None  # until every mirror is READY (None: the completion timeout)
     # From `migrate` until pre-switchover. None: timeout_base + timeout_per_gib per GiB of RAM + disks.

@@ -234,14 +234,15 @@ class _SourceMigration:
             node = self.targets[job]
             self.added_nodes.append(node)  # before the command: a half-done add is still cleaned up
             try:
-                # discard=unmap: the mirror's zero writes for the source's holes (and, with detect-zeroes,
-                # the guest's written zeros) go out as WRITE_ZEROES that may unmap, so a destination
-                # opened with discard=unmap keeps them as holes
-                zeroes = "unmap" if self.opts.mirror_detect_zeroes else "off"
-                await self.src.blockdev_add({"driver": "nbd", "node-name": node,
-                                             "server": _nbd_server(self.nbd_uri_for(disk)),
-                                             "export": disk.export_name, "detect-zeroes": zeroes,
-                                             "discard": "unmap"})
+                target: dict[str, Any] = {"driver": "nbd", "node-name": node, "export": disk.export_name,
+                                          "server": _nbd_server(self.nbd_uri_for(disk)),
+                                          "detect-zeroes": "off"}
+                if self.opts.mirror_detect_zeroes:
+                    # the mirror's zero writes for the source's holes, and the guest's written zeros,
+                    # go out as WRITE_ZEROES that may unmap: a destination node opened with
+                    # discard=unmap keeps them as holes (libvirt's sequence has neither)
+                    target.update({"detect-zeroes": "unmap", "discard": "unmap"})
+                await self.src.blockdev_add(target)
             except CommandError:
                 self.added_nodes.remove(node)
                 raise
