@@ -309,7 +309,8 @@ def _allocated(path: Any) -> int:
     return os.stat(path).st_blocks * 512
 
 
-def test_disk_map_raw_source_onto_new_qcow2_and_thin_raw_volumes(vm_factory, link_factory, tmp_path):
+def test_disk_map_raw_source_onto_new_qcow2_and_thin_raw_volumes(qemu_platform, vm_factory, link_factory,
+                                                                  tmp_path):
     """``migrate --disk-map``: the destination's disks are new volumes of other names and formats (the
     raw journal into a qcow2 volume, a raw data disk of 256 MiB holding 8 MiB into a new raw volume
     that stays thin although its node has QEMU's default discard=ignore); ``receive`` refuses a map
@@ -326,6 +327,8 @@ def test_disk_map_raw_source_onto_new_qcow2_and_thin_raw_volumes(vm_factory, lin
     dst = vm_factory(disks=[Disk(d0, "qcow2", node_name="pvc-jrnl", device_id="ua-jrnl"),
                             Disk(d1, "raw", node_name="pvc-data")],
                      memory_mib=128, incoming="defer", paused=True, name="dst")
+    qemu_platform.check(src)
+    qemu_platform.check(dst)
     src.wait_acks(3, 60)
     want = disk_sha256(s1, "raw")
 
