@@ -22,8 +22,10 @@ pytestmark = pytest.mark.e2e
 MiB = 1 << 20
 
 
-@pytest.fixture
-def domain(libvirtd, guest, tmp_path):  # noqa: F811 - the fixture imported above
+@pytest.fixture(params=["transient", "persistent"])
+def domain(request, libvirtd, guest, tmp_path):  # noqa: F811 - the fixture imported above
+    """A running domain whose guest writes its journal to vda: transient (createXML) or persistent
+    (defineXML, then create: what KubeVirt's launcher does)."""
     import libvirt
 
     conn = libvirt.open(libvirtd)
@@ -31,15 +33,22 @@ def domain(libvirtd, guest, tmp_path):  # noqa: F811 - the fixture imported abov
     serial = tmp_path / "serial"
     name = f"dp-slm-{uuid.uuid4().hex[:8]}"
     params = {"hb_ms": 100, "disk": "/dev/vda", "disk_rate": 20}
-    dom = conn.createXML(_xml(name, guest, [jrnl], serial, params, False), 0)
+    xml = _xml(name, guest, [jrnl], serial, params, False)
+    if request.param == "persistent":
+        dom = conn.defineXML(xml)
+        dom.create()
+    else:
+        dom = conn.createXML(xml, 0)
     try:
         wait_serial(serial, lambda p: p.max_ack >= 3)
-        yield {"dom": dom, "jrnl": jrnl, "serial": serial, "name": name}
+        yield {"dom": dom, "jrnl": jrnl, "serial": serial, "name": name,
+               "persistent": request.param == "persistent"}
     finally:
-        try:
-            dom.destroy()
-        except libvirt.libvirtError:
-            pass
+        for step in (dom.destroy, dom.undefine):
+            try:
+                step()
+            except libvirt.libvirtError:
+                pass
         conn.close()
 
 
@@ -48,12 +57,20 @@ def _storage_migrate(name: str, *extra: str) -> subprocess.CompletedProcess[str]
                            name, "--output", "json", *extra], capture_output=True, text=True, timeout=300)
 
 
-def _source(dom) -> str:
+def _source(dom, flags: int = 0) -> str:
     import xml.etree.ElementTree as ET
 
-    disk = ET.fromstring(dom.XMLDesc(0)).find("./devices/disk/source")
+    disk = ET.fromstring(dom.XMLDesc(flags)).find("./devices/disk/source")
     assert disk is not None
     return disk.get("file") or disk.get("dev") or ""
+
+
+def _format(dom, flags: int = 0) -> str:
+    import xml.etree.ElementTree as ET
+
+    driver = ET.fromstring(dom.XMLDesc(flags)).find("./devices/disk/driver")
+    assert driver is not None
+    return driver.get("type") or ""
 
 
 def test_storage_migrate_through_libvirt(domain, tmp_path):
@@ -69,6 +86,16 @@ def test_storage_migrate_through_libvirt(domain, tmp_path):
     after = wait_serial(domain["serial"], lambda p: p.max_ack >= n + 10)  # the journal goes on
     dom.destroy()
     verify_journal(str(new), "qcow2", acked_upto=after.max_ack)
+    # a persistent domain's copy is a transient job; libvirt still rewrites the definition's disk at
+    # the pivot, so the next boot runs on the new disk, not on the one the guest left
+    if domain["persistent"]:
+        import libvirt
+
+        assert _source(dom, libvirt.VIR_DOMAIN_XML_INACTIVE) == str(new)
+        assert _format(dom, libvirt.VIR_DOMAIN_XML_INACTIVE) == "qcow2"
+        dom.create()
+        assert _source(dom) == str(new) and _format(dom) == "qcow2"
+        assert dom.isActive()
 
 
 def test_storage_migrate_through_libvirt_rolls_back(domain, tmp_path):
