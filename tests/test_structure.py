@@ -19,7 +19,7 @@ LAYERS = [
     ("qmp_driver", 1),
     ("dataplane.channel", 2), ("dataplane.storage", 2),
     ("dataplane.migration", 3),
-    ("dataplane.progress", 4),
+    ("dataplane.progress", 4), ("dataplane.daemon", 4),
     ("dataplane.cli", 5),
 ]
 

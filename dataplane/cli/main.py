@@ -21,6 +21,7 @@ from dataplane.cli.common import (
 )
 from dataplane.cli.migration import register_migration
 from dataplane.cli.resolve import register_resolve
+from dataplane.cli.serve import register_serve
 from dataplane.cli.storage import register_storage
 from dataplane.cli.tunnel import register_tunnel
 
@@ -31,6 +32,7 @@ COMMAND_GROUPS: list[Callable[[Commands], None]] = [
     register_migration,
     register_resolve,
     register_storage,
+    register_serve,
     register_tunnel,
     register_certs,
 ]

@@ -1,0 +1,308 @@
+"""The node daemon: an HTTP/JSON API on a unix socket (aiohttp on the running loop, uvloop under
+``dataplane serve``) over the jobs of :mod:`dataplane.daemon.jobs`.
+
+::
+
+    daemon = Daemon(max_storage=2)
+    runner = await daemon.serve("/run/dataplane/api.sock")
+    ...
+    await daemon.shutdown()        # running jobs roll back unless past their pivot
+    await runner.cleanup()
+
+Every request body is validated against the served OpenAPI document (:mod:`.openapi`); a refusal
+is a 4xx with a JSON ``{"error": ..., "details": [...]}``, never a 500. Each job has its own
+interrupt: cancelling one (``DELETE``) never touches another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from .jobs import Job, JobTable, UnknownJob
+from .metrics import CONTENT_TYPE, Metrics
+from .openapi import DOCUMENT, BadRequest, validate_body
+from .storage_jobs import JobEnd, run_storage_migration
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Daemon", "SocketBusy"]
+
+STORAGE = "storage-migration"
+#: Seconds a server-sent event stream waits between keep-alive comments.
+KEEPALIVE = 15.0
+
+Runner = Callable[[dict[str, Any], Callable[[dict[str, Any]], None], asyncio.Event], Awaitable[JobEnd]]
+
+
+class SocketBusy(OSError):
+    """Another process serves the API socket already."""
+
+
+def _error(status: int, message: str, details: list[str] | None = None) -> web.Response:
+    body: dict[str, Any] = {"error": message}
+    if details:
+        body["details"] = details
+    return web.json_response(body, status=status)
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                       ) -> web.StreamResponse:
+    """aiohttp's own errors (404, 405, a body too large) as JSON; anything unexpected as a logged 500."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _error(exc.status, exc.reason if exc.text is None or exc.text.startswith(str(exc.status))
+                      else exc.text)
+    except BadRequest as exc:
+        return _error(400, exc.message, exc.details)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        return _error(500, "internal error (see the daemon's log)")
+
+
+class Daemon:
+    """The jobs, their tasks and interrupts, the metrics, and the aiohttp application."""
+
+    def __init__(self, *, max_storage: int = 2, runners: dict[str, Runner] | None = None) -> None:
+        self.table = JobTable({STORAGE: max_storage})
+        self.metrics = Metrics()
+        self.runners: dict[str, Runner] = runners or {STORAGE: run_storage_migration}
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.interrupts: dict[str, asyncio.Event] = {}
+        self.news: dict[str, asyncio.Event] = {}
+        self.stopping = False
+        self.app = self._make_app()
+
+    # ------------------------------------------------------------------ jobs
+
+    def submit(self, kind: str, params: dict[str, Any]) -> Job:
+        job = self.table.create(kind, params)
+        self.news[job.id] = asyncio.Event()
+        log.info("job %s: %s queued", job.id, kind)
+        self._schedule()
+        return job
+
+    def _schedule(self) -> None:
+        for job in self.table.startable():
+            job.start()
+            self.interrupts[job.id] = asyncio.Event()
+            self.tasks[job.id] = asyncio.create_task(self._run(job), name=f"job-{job.id}")
+        self._gauges()
+
+    def _gauges(self) -> None:
+        for kind in self.table.limits:
+            jobs = self.table.jobs(kind)
+            self.metrics.set_active(kind, sum(j.state == "queued" for j in jobs),
+                                    sum(j.state == "running" for j in jobs))
+
+    def _emit(self, job: Job, event: dict[str, Any]) -> None:
+        job.add_event(event)
+        self.metrics.on_event(job.kind, event)
+        self._wake(job)
+
+    def _wake(self, job: Job) -> None:
+        news = self.news.get(job.id)
+        if news is not None:
+            news.set()
+            self.news[job.id] = asyncio.Event()
+
+    def _end(self, job: Job, end: JobEnd) -> None:
+        if end.report is not None:
+            job.add_event(end.report)
+        job.finish(end.outcome, end.report, end.error)
+        self.metrics.on_end(job.kind, end.outcome, end.report)
+        log.info("job %s: %s%s", job.id, end.outcome, f": {end.error}" if end.error else "")
+        self._wake(job)
+
+    async def _run(self, job: Job) -> None:
+        log.info("job %s: %s started", job.id, job.kind)
+        try:
+            runner = self.runners[job.kind]
+            end = await runner(job.params, lambda e: self._emit(job, e), self.interrupts[job.id])
+        except asyncio.CancelledError:
+            end = JobEnd("failed", None, "the daemon stopped the job")
+            raise
+        except Exception as exc:  # a bug of ours: the job fails, the daemon goes on
+            log.exception("job %s failed", job.id)
+            end = JobEnd("failed", None, f"{type(exc).__name__}: {exc}")
+        finally:
+            self._end(job, end)
+            self.tasks.pop(job.id, None)
+            self.interrupts.pop(job.id, None)
+            self._schedule()
+
+    def cancel(self, job: Job) -> None:
+        """Ask ``job`` to stop: a queued one ends ``cancelled``; a running one rolls back unless past
+        its pivot. :raises ValueError: it already ended."""
+        if not job.active:
+            raise ValueError(f"job {job.id} already ended ({job.state})")
+        job.cancel_requested = True
+        if job.state == "queued":
+            self._end(job, JobEnd("cancelled", None, "cancelled before it started"))
+            self._gauges()
+        else:
+            self.interrupts[job.id].set()
+            self._wake(job)
+
+    async def shutdown(self) -> None:
+        """Stop taking jobs, cancel the queued ones, interrupt the running ones (each rolls back
+        unless past its pivot, then finishes) and wait for them."""
+        self.stopping = True
+        for job in self.table.jobs():
+            if job.active:
+                self.cancel(job)
+        tasks = list(self.tasks.values())
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ------------------------------------------------------------------ HTTP
+
+    def _make_app(self) -> web.Application:
+        app = web.Application(middlewares=[_json_errors], client_max_size=1 << 20)
+        app.add_routes([
+            web.get("/healthz", self._healthz), web.get("/readyz", self._readyz),
+            web.get("/metrics", self._metrics), web.get("/openapi.json", self._openapi),
+            web.get("/v1/storage-migrations", self._list), web.post("/v1/storage-migrations", self._create),
+            web.get("/v1/storage-migrations/{id}", self._get),
+            web.delete("/v1/storage-migrations/{id}", self._cancel),
+            web.get("/v1/storage-migrations/{id}/events", self._events),
+        ])
+        return app
+
+    def _job(self, request: web.Request) -> Job:
+        try:
+            job = self.table.get(request.match_info["id"])
+        except UnknownJob:
+            raise web.HTTPNotFound(text=f"no storage migration {request.match_info['id']!r}") from None
+        return job
+
+    def _view(self, job: Job) -> dict[str, Any]:
+        out = job.summary()
+        out["queue_position"] = self.table.position(job)
+        return out
+
+    async def _healthz(self, _request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
+
+    async def _readyz(self, _request: web.Request) -> web.Response:
+        if self.stopping:
+            return _error(503, "shutting down")
+        return web.json_response({"status": "ready"})
+
+    async def _metrics(self, _request: web.Request) -> web.Response:
+        self._gauges()
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def _openapi(self, _request: web.Request) -> web.Response:
+        return web.json_response(DOCUMENT)
+
+    async def _list(self, _request: web.Request) -> web.Response:
+        return web.json_response({"items": [self._view(j) for j in self.table.jobs(STORAGE)]})
+
+    async def _create(self, request: web.Request) -> web.Response:
+        if self.stopping:
+            return _error(503, "shutting down: no new jobs")
+        if request.content_type != "application/json":
+            return _error(415, f"the body must be application/json, not {request.content_type!r}")
+        try:
+            body = json.loads(await request.read())
+        except ValueError as exc:
+            return _error(400, f"malformed JSON: {exc}")
+        params = validate_body("StorageMigrationRequest", body)
+        job = self.submit(STORAGE, params)
+        return web.json_response(self._view(job), status=201,
+                                 headers={"Location": f"/v1/storage-migrations/{job.id}"})
+
+    async def _get(self, request: web.Request) -> web.Response:
+        return web.json_response(self._view(self._job(request)))
+
+    async def _cancel(self, request: web.Request) -> web.Response:
+        job = self._job(request)
+        try:
+            self.cancel(job)
+        except ValueError as exc:
+            return _error(409, str(exc))
+        return web.json_response(self._view(job), status=202)
+
+    async def _events(self, request: web.Request) -> web.StreamResponse:
+        job = self._job(request)
+        text = request.headers.get("Last-Event-ID", request.query.get("after", "0"))
+        if not text.isdigit() or len(text) > 18:
+            return _error(400, f"a bad event id {text!r}: give the number of the last event seen")
+        last = int(text)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        while True:
+            news = self.news[job.id]
+            for n, event in job.events_after(last):
+                data = json.dumps(event, default=str)
+                kind = event.get("event", "message")
+                await resp.write(f"id: {n}\nevent: {kind}\ndata: {data}\n\n".encode())
+                last = n
+            if not job.active:
+                break
+            try:
+                await asyncio.wait_for(news.wait(), KEEPALIVE)
+            except TimeoutError:
+                await resp.write(b": keep-alive\n\n")
+        await resp.write_eof()
+        return resp
+
+    async def serve(self, path: str) -> web.AppRunner:
+        """Listen on unix socket ``path`` (mode 0660; a stale socket is replaced; the runner's
+        ``cleanup()`` removes it).
+
+        :raises SocketBusy: another process listens there.
+        :raises OSError: it cannot be created.
+        """
+        _clear_stale(path)
+
+        async def remove_socket(_app: web.Application) -> None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+        self.app.on_cleanup.append(remove_socket)
+        runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
+        await runner.setup()
+        site = web.UnixSite(runner, path)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        os.chmod(path, 0o660)
+        return runner
+
+
+def _clear_stale(path: str) -> None:
+    """Remove a socket file nobody listens on; raise SocketBusy if somebody does."""
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return
+        raise
+    finally:
+        probe.close()
+    raise SocketBusy(errno.EADDRINUSE, f"another process serves {path}")

@@ -1,0 +1,346 @@
+"""The node daemon (`dataplane serve`, dataplane.daemon): the job table and the contract without QEMU;
+then, over its real unix socket, storage live migrations of a real QEMU whose guest writes its
+journal throughout: followed through server-sent events, counted in /metrics, queued beyond the
+limit, cancelled (rolled back, the VM on its old disk), and a SIGTERM of the daemon process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from dataplane.daemon.jobs import JobTable
+from dataplane.daemon.openapi import DOCUMENT, BadRequest, validate_body
+from dataplane.daemon.server import Daemon, SocketBusy
+from dataplane.testing.journal import verify_journal
+from dataplane.testing.vm import Disk, disk_sha256, fill_random, make_disk
+from qmp_driver import QemuDriver
+
+MiB = 1 << 20
+KIND = "storage-migration"
+
+
+# ------------------------------------------------------------------------ without QEMU
+
+
+def test_job_table_limits_queue_and_events():
+    table = JobTable({KIND: 1})
+    a, b, c = (table.create(KIND, {"n": i}) for i in range(3))
+    assert table.startable() == [a]
+    a.start()
+    assert table.startable() == [] and table.position(b) == 0 and table.position(c) == 1
+    assert [a.add_event({"event": "phase", "phase": p}) for p in ("copy", "pivot")] == [1, 2]
+    assert [n for n, _ in a.events_after(1)] == [2]
+    a.finish("completed", {"outcome": "completed"})
+    with pytest.raises(ValueError, match="already ended"):
+        a.finish("failed")
+    with pytest.raises(ValueError, match="unknown outcome"):
+        b.finish("great")
+    assert table.startable() == [b]
+    with pytest.raises(ValueError, match="unknown job kind"):
+        table.create("teleport", {})
+
+
+def test_request_validation_says_every_problem():
+    ok = {"qmp": "/run/q.sock", "disks": [{"disk": "vda", "target": "/new/vda.qcow2", "format": "qcow2"}]}
+    assert validate_body("StorageMigrationRequest", ok) == ok
+    bad: list[tuple[Any, str]] = [
+        ({**ok, "speed": 1}, "Additional properties are not allowed ('speed'"),
+        ({"disks": ok["disks"]}, "is not valid under any of the given schemas"),  # neither qmp nor libvirt
+        ({**ok, "libvirt": {"uri": "qemu:///system", "domain": "vm"}}, "valid under each of"),  # both
+        ({**ok, "bandwidth": -1}, "bandwidth: -1 is less than the minimum of 0"),
+        ({**ok, "bandwidth": 1 << 50}, "bandwidth: 1125899906842624 is greater than the maximum"),
+        ({**ok, "disks": []}, "disks: [] should be non-empty"),
+        ({**ok, "disks": [{"disk": "vda"}]}, "disks[0]: 'target' is a required property"),
+        ({**ok, "disks": [{"disk": "vda", "target": "/x", "format": "vmdk"}]},
+         "disks[0].format: 'vmdk' is not one of"),
+        ({**ok, "timeout": "soon"}, "timeout: 'soon' is not of type 'number'"),
+        ([1, 2], "body: [1, 2] is not of type 'object'"),
+    ]
+    for body, want in bad:
+        with pytest.raises(BadRequest) as info:
+            validate_body("StorageMigrationRequest", body)
+        assert any(want in d for d in info.value.details), (want, info.value.details)
+
+
+def _served_routes(daemon: Daemon) -> set[tuple[str, str]]:
+    out = set()
+    for route in daemon.app.router.routes():
+        info = route.resource.get_info() if route.resource else {}
+        path = info.get("path") or info.get("formatter")
+        if route.method != "HEAD":
+            out.add((route.method.lower(), path))
+    return out
+
+
+async def test_the_openapi_document_describes_every_route():
+    documented = {(m, p) for p, ops in DOCUMENT["paths"].items() for m in ops if m != "parameters"}
+    assert _served_routes(Daemon()) == documented
+
+
+# ------------------------------------------------------------------------ over the socket
+
+
+class Api:
+    """An aiohttp client on the daemon's unix socket."""
+
+    def __init__(self, path: Path) -> None:
+        self.session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(path)),
+                                             base_url="http://dataplane")
+
+    async def call(self, method: str, url: str, **kw: Any) -> tuple[int, Any]:
+        async with self.session.request(method, url, **kw) as resp:
+            text = await resp.text()
+            try:
+                return resp.status, json.loads(text)
+            except ValueError:
+                return resp.status, text
+
+    async def events(self, job_id: str, after: int = 0) -> list[tuple[int, dict]]:
+        """Every event of the job after ``after``, until the stream ends (after the report)."""
+        out = []
+        async with self.session.get(f"/v1/storage-migrations/{job_id}/events",
+                                    headers={"Last-Event-ID": str(after)}) as resp:
+            assert resp.status == 200 and resp.content_type == "text/event-stream"
+            ident = None
+            async for raw in resp.content:
+                line = raw.decode().rstrip("\n")
+                if line.startswith("id: "):
+                    ident = int(line[4:])
+                elif line.startswith("data: "):
+                    out.append((ident, json.loads(line[6:])))
+        return out
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
+@pytest.fixture
+async def served(tmp_path):
+    daemons: list[tuple[Daemon, Any]] = []
+    apis: list[Api] = []
+
+    async def start(**kw: Any) -> tuple[Daemon, Api]:
+        daemon = Daemon(**kw)
+        path = tmp_path / f"api{len(daemons)}.sock"
+        daemons.append((daemon, await daemon.serve(str(path))))
+        apis.append(Api(path))
+        return daemon, apis[-1]
+
+    yield start
+    for api in apis:
+        await api.close()
+    for daemon, runner in daemons:
+        await daemon.shutdown()
+        await runner.cleanup()
+
+
+async def test_bad_requests_get_a_clear_4xx_never_a_500(served, tmp_path):
+    daemon, api = await served()
+    assert await api.call("GET", "/healthz") == (200, {"status": "alive"})
+    assert await api.call("GET", "/readyz") == (200, {"status": "ready"})
+    status, doc = await api.call("GET", "/openapi.json")
+    assert status == 200 and doc == json.loads(json.dumps(DOCUMENT))
+    post = "/v1/storage-migrations"
+    cases: list[tuple[str, str, dict[str, Any], int, str]] = [
+        ("POST", post, {"data": b"{not json", "headers": {"Content-Type": "application/json"}}, 400,
+         "malformed JSON"),
+        ("POST", post, {"data": b"qmp=/x", "headers": {"Content-Type": "text/plain"}}, 415,
+         "application/json"),
+        ("POST", post, {"json": {"qmp": "/x", "disks": [{"disk": "vda", "target": "/y"}], "turbo": True}},
+         400, "Additional properties are not allowed ('turbo'"),
+        ("POST", post, {"json": {"qmp": "/x", "disks": [{"disk": "vda", "target": "/y"}], "bandwidth": -5}},
+         400, "less than the minimum"),
+        ("POST", post, {"data": b"x" * (2 << 20), "headers": {"Content-Type": "application/json"}}, 413, ""),
+        ("GET", "/v1/storage-migrations/nope", {}, 404, "no storage migration 'nope'"),
+        ("DELETE", "/v1/storage-migrations/nope", {}, 404, "no storage migration 'nope'"),
+        ("PUT", post, {}, 405, ""),
+        ("GET", "/v2/teleport", {}, 404, ""),
+    ]
+    for method, url, kw, want, text in cases:
+        status, body = await api.call(method, url, **kw)
+        assert status == want, (method, url, status, body)
+        assert isinstance(body, dict) and text in body["error"] + " ".join(body.get("details", [])), body
+    # a request for a VM that is not there is taken, and ends refused with the reason
+    absent = {"qmp": str(tmp_path / "none.sock"), "disks": [{"disk": "vda", "target": str(tmp_path / "t")}]}
+    status, job = await api.call("POST", post, json=absent)
+    assert status == 201, job
+    events = await api.events(job["id"])
+    assert events[-1][1]["outcome"] == "refused" and "cannot reach the VM" in events[-1][1]["error"]
+    status, again = await api.call("GET", f"/v1/storage-migrations/{job['id']}")
+    assert again["state"] == "refused" and not (tmp_path / "t").exists()
+    status, body = await api.call("GET", f"/v1/storage-migrations/{job['id']}/events",
+                                  headers={"Last-Event-ID": "x1"})
+    assert status == 400 and "bad event id" in body["error"]
+    status, body = await api.call("DELETE", f"/v1/storage-migrations/{job['id']}")
+    assert status == 409 and "already ended" in body["error"]
+
+
+async def test_a_second_daemon_on_a_live_socket_is_refused(served, tmp_path):
+    await served()
+    with pytest.raises(SocketBusy):
+        await Daemon().serve(str(tmp_path / "api0.sock"))
+
+
+# ------------------------------------------------------------------------ real migrations
+
+
+def _guest(vm_factory, tmp_path: Path, name: str = "vm"):
+    jrnl = make_disk(tmp_path / f"{name}-jrnl.raw", 16 * MiB)
+    data = make_disk(tmp_path / f"{name}-data.qcow2", 64 * MiB, "qcow2")
+    fill_random(data, 8 * MiB, "qcow2", offset=4 * MiB, seed=5)
+    vm = vm_factory(disks=[Disk(jrnl, "raw", node_name="jrnl"), Disk(data, "qcow2", node_name="data")],
+                    cmdline={"hb_ms": 100, "disk": "/dev/vda", "disk_rate": 20}, memory_mib=128, name=name)
+    vm.wait_acks(3, 60)
+    return vm, jrnl, data
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    raise AssertionError(f"no sample {name}{labels}")
+
+
+async def _old_disks_intact(vm, jrnl: Path, data: Path) -> None:
+    async with await QemuDriver.connect_socket(vm.qmp_path) as drv:
+        files = {n.node_name: n.filename for n in await drv.query_named_block_nodes()}
+        assert files["jrnl"] == str(jrnl) and files["data"] == str(data), files
+        assert not [n for n in files if n.startswith("dpslm")] and await drv.query_jobs() == []
+        assert (await drv.query_status()).running
+
+
+@pytest.mark.e2e
+async def test_storage_migration_through_the_daemon(served, vm_factory, tmp_path):
+    vm, jrnl, data = await asyncio.to_thread(_guest, vm_factory, tmp_path)
+    want = disk_sha256(data, "qcow2")
+    _daemon, api = await served()
+    new_jrnl, new_data = tmp_path / "new-jrnl.qcow2", tmp_path / "new-data.raw"
+    status, job = await api.call("POST", "/v1/storage-migrations", json={
+        "qmp": str(vm.qmp_path), "disks": [{"disk": "jrnl", "target": str(new_jrnl), "format": "qcow2"},
+                                      {"disk": "data", "target": str(new_data), "format": "raw"}]})
+    assert status == 201 and job["state"] in ("queued", "running"), job
+    events = await api.events(job["id"])
+    ids = [n for n, _ in events]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    kinds = [e["event"] for _, e in events]
+    assert "progress" in kinds and kinds[-1] == "report"
+    assert [e["phase"] for _, e in events if e["event"] == "phase"][-1] == "pivot"
+    report = events[-1][1]
+    assert report["outcome"] == "completed", report
+    assert [d["file"] for d in report["disks"]] == [str(new_jrnl), str(new_data)]
+    # a client that saw part of the stream resumes after the last event it saw
+    assert await api.events(job["id"], after=ids[-2]) == events[-1:]
+    status, got = await api.call("GET", f"/v1/storage-migrations/{job['id']}")
+    assert got["state"] == "completed" and got["report"] == report and got["last_event"] == ids[-1]
+    status, listed = await api.call("GET", "/v1/storage-migrations")
+    assert [j["id"] for j in listed["items"]] == [job["id"]]
+    status, text = await api.call("GET", "/metrics")
+    assert _metric(text, "dataplane_migrations_total", kind=KIND, outcome="completed") == 1
+    assert _metric(text, "dataplane_disk_copied_bytes_total", kind=KIND) == report["bytes_copied"]
+    assert _metric(text, "dataplane_migration_phases_total", kind=KIND, phase="pivot") == 1
+    assert _metric(text, "dataplane_migration_duration_seconds_count", kind=KIND) == 1
+    assert _metric(text, "dataplane_migrations_active", kind=KIND, state="running") == 0
+    n = vm.serial().max_ack
+    await asyncio.to_thread(vm.wait_acks, n + 5, 60)  # the journal goes on, on the new disk
+    await asyncio.to_thread(vm.stop)
+    verify_journal(str(new_jrnl), "qcow2", acked_upto=vm.serial().max_ack)
+    assert disk_sha256(new_data, "raw") == want
+
+
+@pytest.mark.e2e
+async def test_queue_beyond_the_limit_and_cancel(served, vm_factory, tmp_path):
+    """One storage migration at a time: the second waits (queued, position 0) and is cancelled
+    before it starts; the first, capped so it cannot finish, is cancelled and rolls back: the VM on
+    its old disks, running, nothing of the migration left; cancelling it again is a 409."""
+    vm, jrnl, data = await asyncio.to_thread(_guest, vm_factory, tmp_path)
+    want = disk_sha256(data, "qcow2")
+    _daemon, api = await served(max_storage=1)
+    slow = {"qmp": str(vm.qmp_path), "bandwidth": 256 * 1024,
+            "disks": [{"disk": "data", "target": str(tmp_path / "slow.raw"), "format": "raw"}]}
+    status, first = await api.call("POST", "/v1/storage-migrations", json=slow)
+    status, second = await api.call("POST", "/v1/storage-migrations", json={
+        **slow, "disks": [{"disk": "jrnl", "target": str(tmp_path / "later.raw")}]})
+    assert second["state"] == "queued" and second["queue_position"] == 0, second
+    status, text = await api.call("GET", "/metrics")
+    assert _metric(text, "dataplane_migrations_active", kind=KIND, state="queued") == 1
+    status, cancelled = await api.call("DELETE", f"/v1/storage-migrations/{second['id']}")
+    assert status == 202 and cancelled["state"] == "cancelled"
+    deadline = time.monotonic() + 30
+    while not any(e["event"] == "progress" for _, e in await _events_so_far(api, first["id"])):
+        assert time.monotonic() < deadline, "the first migration never made progress"
+        await asyncio.sleep(0.2)
+    status, stopping = await api.call("DELETE", f"/v1/storage-migrations/{first['id']}")
+    assert status == 202 and stopping["cancel_requested"]
+    events = await api.events(first["id"])
+    assert events[-1][1]["outcome"] == "rolled-back", events[-1]
+    status, again = await api.call("DELETE", f"/v1/storage-migrations/{first['id']}")
+    assert status == 409
+    await _old_disks_intact(vm, jrnl, data)
+    assert not (tmp_path / "later.raw").exists()  # the cancelled job never ran
+    n = vm.serial().max_ack
+    await asyncio.to_thread(vm.wait_acks, n + 3, 60)
+    await asyncio.to_thread(vm.stop)
+    verify_journal(str(jrnl), "raw", acked_upto=vm.serial().max_ack)
+    assert disk_sha256(data, "qcow2") == want
+
+
+async def _events_so_far(api: Api, job_id: str) -> list[tuple[int, dict]]:
+    status, job = await api.call("GET", f"/v1/storage-migrations/{job_id}")
+    if job["last_event"] == 0:
+        return []
+    out = []
+    async with api.session.get(f"/v1/storage-migrations/{job_id}/events") as resp:
+        while len(out) < job["last_event"]:
+            line = (await resp.content.readline()).decode()
+            if line.startswith("data: "):
+                out.append((len(out) + 1, json.loads(line[6:])))
+    return out
+
+
+@pytest.mark.e2e
+def test_sigterm_rolls_the_daemons_migrations_back_and_exits_0(vm_factory, tmp_path):
+    vm, jrnl, data = _guest(vm_factory, tmp_path)
+    sock = tmp_path / "api.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "dataplane", "serve", "--api", f"unix:{sock}"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        assert "serve listening on" in proc.stderr.readline()
+
+        async def start() -> dict:
+            api = Api(sock)
+            try:
+                status, job = await api.call("POST", "/v1/storage-migrations", json={
+                    "qmp": str(vm.qmp_path), "bandwidth": 256 * 1024,
+                    "disks": [{"disk": "data", "target": str(tmp_path / "slow.raw"), "format": "raw"}]})
+                assert status == 201, job
+                deadline = time.monotonic() + 30
+                while not (await _events_so_far(api, job["id"])):
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.2)
+                return job
+            finally:
+                await api.close()
+
+        asyncio.run(start())
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(60) == 0
+        err = proc.stderr.read()
+        assert "stopping: rolling back" in err and "rolled-back" in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    asyncio.run(_old_disks_intact(vm, jrnl, data))
+    assert not sock.exists()
