@@ -49,6 +49,13 @@ def test_job_table_limits_queue_and_events():
     assert table.startable() == [b]
     with pytest.raises(ValueError, match="unknown job kind"):
         table.create("teleport", {})
+    small = JobTable({KIND: 5}, keep_ended=2)  # a long-lived daemon forgets its oldest ended jobs
+    done = [small.create(KIND, {}) for _ in range(3)]
+    for job in done:
+        job.start()
+        job.finish("completed")
+    small.create(KIND, {})
+    assert [j.id for j in small.jobs() if not j.active] == [done[1].id, done[2].id]
 
 
 def test_request_validation_says_every_problem():

@@ -36,6 +36,8 @@ FINAL = frozenset({"completed", "rolled-back", "partial", "in-doubt", "refused",
 #: Events a job keeps; the oldest progress events make room beyond that (phases, decisions and
 #: the report are always kept).
 MAX_EVENTS = 2000
+#: Ended jobs a daemon remembers (the oldest are forgotten first).
+KEEP_ENDED = 200
 
 
 class UnknownJob(KeyError):
@@ -107,14 +109,21 @@ class Job:
 class JobTable:
     """The jobs of one daemon, and the per-kind limit on how many run at once."""
 
-    def __init__(self, limits: Mapping[str, int]) -> None:
+    def __init__(self, limits: Mapping[str, int], keep_ended: int = KEEP_ENDED) -> None:
         self.limits = dict(limits)
+        self.keep_ended = keep_ended
         self._jobs: dict[str, Job] = {}
 
     def create(self, kind: str, params: Mapping[str, Any]) -> Job:
-        """A new queued job. :raises ValueError: a kind without a limit (not served)."""
+        """A new queued job; the oldest ended jobs beyond ``keep_ended`` are forgotten.
+
+        :raises ValueError: a kind without a limit (not served).
+        """
         if kind not in self.limits:
             raise ValueError(f"unknown job kind {kind!r}")
+        ended = [j.id for j in self._jobs.values() if not j.active]
+        for old in ended[:max(0, len(ended) - self.keep_ended)]:
+            del self._jobs[old]
         job = Job(f"{kind[:3]}-{secrets.token_hex(6)}", kind, dict(params))
         self._jobs[job.id] = job
         return job

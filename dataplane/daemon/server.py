@@ -247,6 +247,13 @@ class Daemon:
         last = int(text)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
+        try:
+            await self._stream(job, last, resp)
+        except ConnectionError:  # the client went away: nothing to answer
+            log.debug("job %s: an event stream client went away", job.id)
+        return resp
+
+    async def _stream(self, job: Job, last: int, resp: web.StreamResponse) -> None:
         while True:
             news = self.news[job.id]
             for n, event in job.events_after(last):
@@ -261,7 +268,6 @@ class Daemon:
             except TimeoutError:
                 await resp.write(b": keep-alive\n\n")
         await resp.write_eof()
-        return resp
 
     async def serve(self, path: str) -> web.AppRunner:
         """Listen on unix socket ``path`` (mode 0660; a stale socket is replaced; the runner's
