@@ -130,6 +130,15 @@ class LibvirtDomainDisks:
         params: dict[str, Any] = {libvirt.VIR_DOMAIN_BLOCK_COPY_BANDWIDTH: bandwidth} if bandwidth else {}
         await self._call(lambda: self._dom.blockCopy(target, dest_xml, params, flags), "blockCopy")
 
+    async def set_speed(self, target: str, bytes_per_second: int) -> None:
+        """Cap the block job on ``target`` at ``bytes_per_second`` (0: none).
+
+        :raises CommandError: libvirt refused.
+        """
+        flag = libvirt.VIR_DOMAIN_BLOCK_JOB_SPEED_BANDWIDTH_BYTES
+        await self._call(lambda: self._dom.blockJobSetSpeed(target, bytes_per_second, flag),
+                         "blockJobSetSpeed")
+
     async def job(self, target: str) -> dict[str, int] | None:
         """The block job on ``target`` (``cur``, ``end``, ``type``, ``bandwidth``), or None."""
         info = await self._call(lambda: self._dom.blockJobInfo(target, 0), "blockJobInfo")

@@ -351,3 +351,34 @@ def test_sigterm_rolls_the_daemons_migrations_back_and_exits_0(vm_factory, tmp_p
             proc.kill()
     asyncio.run(_old_disks_intact(vm, jrnl, data))
     assert not sock.exists()
+
+
+@pytest.mark.e2e
+async def test_bandwidth_changed_live(served, vm_factory, tmp_path):
+    """PATCH of a running copy capped far below what it needs: the cap is lifted live (a bandwidth
+    event), the copy completes, the guest's journal goes on on the new disk."""
+    vm, _jrnl, data = await asyncio.to_thread(_guest, vm_factory, tmp_path)
+    want = disk_sha256(data, "qcow2")
+    _daemon, api = await served()
+    new = tmp_path / "new-data.raw"
+    status, job = await api.call("POST", "/v1/storage-migrations", json={
+        "qmp": str(vm.qmp_path), "bandwidth": 64 * 1024, "timeout": 600,
+        "disks": [{"disk": "data", "target": str(new), "format": "raw"}]})
+    url = f"/v1/storage-migrations/{job['id']}"
+    deadline = time.monotonic() + 30
+    while not any(e["event"] == "progress" for _, e in await _events_so_far(api, job["id"])):
+        assert time.monotonic() < deadline, "the copy never made progress"
+        await asyncio.sleep(0.2)
+    status, body = await api.call("PATCH", url, json={"bandwidth": -1})
+    assert status == 400 and "less than the minimum" in " ".join(body["details"])
+    status, body = await api.call("PATCH", url, data=b"{", headers={"Content-Type": "application/json"})
+    assert status == 400 and "malformed JSON" in body["error"]
+    status, changed = await api.call("PATCH", url, json={"bandwidth": 0})
+    assert status == 200 and changed["params"]["bandwidth"] == 0, changed
+    events = await asyncio.wait_for(api.events(job["id"]), 120)
+    assert [e["bandwidth"] for _, e in events if e["event"] == "bandwidth"] == [0]
+    assert events[-1][1]["outcome"] == "completed", events[-1]
+    status, body = await api.call("PATCH", url, json={"bandwidth": 1})
+    assert status == 409 and "already ended" in body["error"]
+    await asyncio.to_thread(vm.stop)
+    assert disk_sha256(new, "raw") == want

@@ -112,3 +112,31 @@ def test_storage_migrate_through_libvirt_rolls_back(domain, tmp_path):
     wait_serial(domain["serial"], lambda p: p.max_ack >= n + 5)
     refused = _storage_migrate(domain["name"], "--disk", f"vda={new}")  # the kept target exists
     assert refused.returncode == 1 and "exists; give --reuse" in refused.stderr
+
+
+async def test_bandwidth_changed_live_through_libvirt(domain, tmp_path):
+    """A copy capped at 64 KiB/s, uncapped live (virDomainBlockJobSetSpeed): it completes."""
+    from dataplane.migration.slm import DiskMove, SlmControl, SlmOptions
+    from dataplane.migration.slm_libvirt import storage_migrate_libvirt
+    from dataplane.storage.targets import parse_target
+    from qmp_driver.libvirt_blockcopy import LibvirtDomainDisks
+
+    new = tmp_path / "fast.raw"
+    control = SlmControl()
+    events: list[dict] = []
+
+    def on_event(event: dict) -> None:
+        events.append(event)
+        if event["event"] == "progress" and control.bandwidth is None:
+            control.set_bandwidth(0)
+
+    lv = await LibvirtDomainDisks.open(URI, domain["name"])
+    try:
+        report = await storage_migrate_libvirt(lv, [DiskMove("vda", parse_target(str(new)))],
+                                               SlmOptions(bandwidth=64 * 1024, timeout=120),
+                                               on_event=on_event, control=control)
+    finally:
+        await lv.close()
+    assert report.outcome == "completed"
+    assert [e["bandwidth"] for e in events if e["event"] == "bandwidth"] == [0]
+    assert _source(domain["dom"]) == str(new)

@@ -52,6 +52,10 @@ _SCHEMAS: dict[str, Any] = {
             "timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": 7 * 86400, "default": 3600},
         },
     },
+    "StorageMigrationChange": {
+        "type": "object", "additionalProperties": False, "required": ["bandwidth"],
+        "properties": {"bandwidth": _RATE},
+    },
     "Job": {
         "type": "object",
         "required": ["id", "kind", "state", "params", "created", "last_event"],
@@ -113,6 +117,13 @@ DOCUMENT: dict[str, Any] = {
             "parameters": [_JOB_ID],
             "get": {"summary": "get", "responses": {
                 "200": {"description": "the job", "content": _json("Job")}, "404": _error("no such job")}},
+            "patch": {"summary": "change a queued or running migration live (its copy bandwidth)",
+                      "requestBody": {"required": True, "content": _json("StorageMigrationChange")},
+                      "responses": {"200": {"description": "changed (a running copy within a progress "
+                                                           "interval: a bandwidth event)",
+                                            "content": _json("Job")},
+                                    "400": _error("the body is not valid"), "404": _error("no such job"),
+                                    "409": _error("the job already ended"), "415": _error("not JSON")}},
             "delete": {"summary": "cancel: rolls back unless the pivot happened",
                        "responses": {"202": {"description": "cancel requested", "content": _json("Job")},
                                      "404": _error("no such job"),

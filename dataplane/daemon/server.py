@@ -28,6 +28,8 @@ from typing import Any
 
 from aiohttp import web
 
+from dataplane.migration.slm import SlmControl
+
 from .jobs import Job, JobTable, UnknownJob
 from .metrics import CONTENT_TYPE, Metrics
 from .openapi import DOCUMENT, BadRequest, validate_body
@@ -41,7 +43,8 @@ STORAGE = "storage-migration"
 #: Seconds a server-sent event stream waits between keep-alive comments.
 KEEPALIVE = 15.0
 
-Runner = Callable[[dict[str, Any], Callable[[dict[str, Any]], None], asyncio.Event], Awaitable[JobEnd]]
+Runner = Callable[[dict[str, Any], Callable[[dict[str, Any]], None], asyncio.Event, SlmControl],
+                  Awaitable[JobEnd]]
 
 
 class SocketBusy(OSError):
@@ -84,6 +87,7 @@ class Daemon:
         self.runners: dict[str, Runner] = runners or {STORAGE: run_storage_migration}
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.interrupts: dict[str, asyncio.Event] = {}
+        self.controls: dict[str, SlmControl] = {}
         self.news: dict[str, asyncio.Event] = {}
         self.stopping = False
         self.app = self._make_app()
@@ -93,6 +97,7 @@ class Daemon:
     def submit(self, kind: str, params: dict[str, Any]) -> Job:
         job = self.table.create(kind, params)
         self.news[job.id] = asyncio.Event()
+        self.controls[job.id] = SlmControl()
         log.info("job %s: %s queued", job.id, kind)
         self._schedule()
         return job
@@ -133,7 +138,8 @@ class Daemon:
         log.info("job %s: %s started", job.id, job.kind)
         try:
             runner = self.runners[job.kind]
-            end = await runner(job.params, lambda e: self._emit(job, e), self.interrupts[job.id])
+            end = await runner(job.params, lambda e: self._emit(job, e), self.interrupts[job.id],
+                               self.controls[job.id])
         except asyncio.CancelledError:
             end = JobEnd("failed", None, "the daemon stopped the job")
             raise
@@ -144,7 +150,16 @@ class Daemon:
             self._end(job, end)
             self.tasks.pop(job.id, None)
             self.interrupts.pop(job.id, None)
+            self.controls.pop(job.id, None)
             self._schedule()
+
+    def set_bandwidth(self, job: Job, rate: int) -> None:
+        """Change the copy bandwidth of ``job``: a queued one starts with it, a running one takes it
+        within a progress interval. :raises ValueError: it already ended."""
+        if not job.active:
+            raise ValueError(f"job {job.id} already ended ({job.state})")
+        job.params["bandwidth"] = rate
+        self.controls[job.id].set_bandwidth(rate)
 
     def cancel(self, job: Job) -> None:
         """Ask ``job`` to stop: a queued one ends ``cancelled``; a running one rolls back unless past
@@ -180,6 +195,7 @@ class Daemon:
             web.get("/v1/storage-migrations", self._list), web.post("/v1/storage-migrations", self._create),
             web.get("/v1/storage-migrations/{id}", self._get),
             web.delete("/v1/storage-migrations/{id}", self._cancel),
+            web.patch("/v1/storage-migrations/{id}", self._patch),
             web.get("/v1/storage-migrations/{id}/events", self._events),
         ])
         return app
@@ -217,16 +233,30 @@ class Daemon:
     async def _create(self, request: web.Request) -> web.Response:
         if self.stopping:
             return _error(503, "shutting down: no new jobs")
-        if request.content_type != "application/json":
-            return _error(415, f"the body must be application/json, not {request.content_type!r}")
-        try:
-            body = json.loads(await request.read())
-        except ValueError as exc:
-            return _error(400, f"malformed JSON: {exc}")
-        params = validate_body("StorageMigrationRequest", body)
+        params = await self._body(request, "StorageMigrationRequest")
         job = self.submit(STORAGE, params)
         return web.json_response(self._view(job), status=201,
                                  headers={"Location": f"/v1/storage-migrations/{job.id}"})
+
+    async def _body(self, request: web.Request, schema: str) -> dict[str, Any]:
+        """The request's JSON body, validated. :raises web.HTTPException / BadRequest: a 4xx."""
+        if request.content_type != "application/json":
+            raise web.HTTPUnsupportedMediaType(
+                text=f"the body must be application/json, not {request.content_type!r}")
+        try:
+            body = json.loads(await request.read())
+        except ValueError as exc:
+            raise BadRequest(f"malformed JSON: {exc}") from None
+        return validate_body(schema, body)
+
+    async def _patch(self, request: web.Request) -> web.Response:
+        job = self._job(request)
+        change = await self._body(request, "StorageMigrationChange")
+        try:
+            self.set_bandwidth(job, change["bandwidth"])
+        except ValueError as exc:
+            return _error(409, str(exc))
+        return web.json_response(self._view(job))
 
     async def _get(self, request: web.Request) -> web.Response:
         return web.json_response(self._view(self._job(request)))

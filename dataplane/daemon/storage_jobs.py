@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dataplane.migration import PlanRefused
-from dataplane.migration.slm import DiskMove, SlmFailed, SlmOptions, storage_migrate
+from dataplane.migration.slm import DiskMove, SlmControl, SlmFailed, SlmOptions, storage_migrate
 from dataplane.storage.targets import TargetError, parse_target
 from qmp_driver import DriverError, QemuDriver
 
@@ -48,11 +48,11 @@ def _refused(error: str) -> JobEnd:
 
 
 async def run_storage_migration(params: Mapping[str, Any], on_event: Callable[[dict[str, Any]], None],
-                                interrupt: asyncio.Event) -> JobEnd:
+                                interrupt: asyncio.Event, control: SlmControl) -> JobEnd:
     """Run the storage migration ``params`` asks for (a validated ``StorageMigrationRequest``).
 
-    ``interrupt`` set: roll back unless the pivot happened. Never raises for a migration that
-    fails or is refused (that is the job's outcome).
+    ``interrupt`` set: roll back unless the pivot happened; ``control``: live changes. Never
+    raises for a migration that fails or is refused (that is the job's outcome).
 
     :raises asyncio.CancelledError: cancelled (after the migration's own rollback).
     """
@@ -72,10 +72,12 @@ async def run_storage_migration(params: Mapping[str, Any], on_event: Callable[[d
 
             lv = params["libvirt"]
             drv = await LibvirtDomainDisks.open(lv["uri"], lv["domain"])
-            work = storage_migrate_libvirt(drv, moves, options, on_event=on_event, interrupt=interrupt)
+            work = storage_migrate_libvirt(drv, moves, options, on_event=on_event, interrupt=interrupt,
+                                           control=control)
         else:
             drv = await QemuDriver.connect_socket(params["qmp"])
-            work = storage_migrate(drv, moves, options, on_event=on_event, interrupt=interrupt)
+            work = storage_migrate(drv, moves, options, on_event=on_event, interrupt=interrupt,
+                                   control=control)
     except (DriverError, OSError) as exc:
         where = f"libvirt domain {params['libvirt']['domain']!r}" if "libvirt" in params else params["qmp"]
         return _refused(f"cannot reach the VM ({where}): {exc}")

@@ -48,7 +48,7 @@ from .policy import NOTE, Decision
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DiskMove", "SlmDisk", "SlmFailed", "SlmOptions", "SlmReport", "storage_migrate"]
+__all__ = ["DiskMove", "SlmControl", "SlmDisk", "SlmFailed", "SlmOptions", "SlmReport", "storage_migrate"]
 
 SLM_NODE_PREFIX = "dpslm"
 SLM_JOB_PREFIX = "dpslm-mirror"
@@ -177,6 +177,24 @@ class CopyMonitor:
 ProgressCallback = Callable[[dict[str, Any]], object]
 
 
+class SlmControl:
+    """A handle on a running storage migration (give it to :func:`storage_migrate`): what it is
+    asked to change live. :meth:`set_bandwidth` takes effect within a progress interval, on every
+    copy that runs and on those that start later; it is an ``bandwidth`` event when applied."""
+
+    def __init__(self) -> None:
+        self.bandwidth: int | None = None
+
+    def set_bandwidth(self, rate: int) -> None:
+        """Copy at most ``rate`` bytes/s per disk from now on (0: unlimited).
+
+        :raises ValueError: a negative rate.
+        """
+        if rate < 0:
+            raise ValueError("the bandwidth must be >= 0")
+        self.bandwidth = rate
+
+
 class SlmRun:
     """What both ways of moving disks share (QMP here, libvirt in :mod:`.slm_libvirt`): events,
     decisions, the report, the write-limiting step of the convergence policy, removing old files,
@@ -193,6 +211,9 @@ class SlmRun:
         self.disks: list[SlmDisk] = []
         self.decisions: list[Decision] = []
         self.throttled: dict[str, int] = {}  # device → the write rate it is throttled to (B/s)
+        self.bandwidth = options.bandwidth  # the copy's speed cap now (B/s per disk, 0: none)
+        self.control: SlmControl | None = None
+        self.copying: list[SlmDisk] = []  # the disks whose copy job runs (their speed can be changed)
 
     def decide(self, action: str, reason: str) -> None:
         d = Decision(action, reason, time.monotonic() - self.t0)
@@ -222,6 +243,22 @@ class SlmRun:
     async def set_write_limit(self, device: str, rate: int) -> None:
         """Limit the guest's writes to ``device`` to ``rate`` B/s (0: no limit)."""
         raise NotImplementedError
+
+    async def set_copy_speed(self, disk: SlmDisk, rate: int) -> None:
+        """Cap the running copy of ``disk`` at ``rate`` B/s (0: none)."""
+        raise NotImplementedError
+
+    async def apply_control(self) -> None:
+        """Apply what :attr:`control` asks for since the last call (a new bandwidth)."""
+        wanted = None if self.control is None else self.control.bandwidth
+        if wanted is None or wanted == self.bandwidth:
+            return
+        for disk in self.copying:
+            await self.set_copy_speed(disk, wanted)
+        self.bandwidth = wanted
+        log.info("copy bandwidth now %s", f"{wanted} B/s per disk" if wanted else "unlimited")
+        emit(self.on_event, {"event": "bandwidth", "bandwidth": wanted,
+                             "elapsed": round(time.monotonic() - self.t0, 3)})
 
     async def throttle(self, disk: SlmDisk, copy_rate: float, first_why: str) -> None:
         """Slow the guest's writes to ``disk`` down: to a quarter of what the copy moves, then half
@@ -333,9 +370,11 @@ class _StorageMigration(SlmRun):
 
     async def start_mirrors(self) -> None:
         for disk in self.disks:
+            await self.apply_control()
             await self.drv.blockdev_mirror(disk.job, disk.node, disk.target_node, sync="full",
-                                           copy_mode="background", speed=self.opts.bandwidth or None,
+                                           copy_mode="background", speed=self.bandwidth or None,
                                            auto_finalize=True, auto_dismiss=True)
+            self.copying.append(disk)
             log.info("copying disk %s (%s) to %s", disk.disk, disk.node, disk.target)
         emit(self.on_event, {"event": "phase", "phase": "copy", "disks": [d.disk for d in self.disks]})
 
@@ -356,6 +395,7 @@ class _StorageMigration(SlmRun):
                 if now > deadline:
                     raise MigrationError(f"the copy did not converge within {self.opts.timeout:g} s")
                 self.check_interrupt()
+                await self.apply_control()
                 for j in await self.drv.query_block_jobs():
                     if j.device in jobs:
                         log.debug("copy %s: %d of %d, ready %s", j.device, j.offset, j.length, j.ready)
@@ -406,6 +446,9 @@ class _StorageMigration(SlmRun):
                               f"device whose writes could be throttled")
             return
         await self.throttle(disk, copy_rate, "this QEMU cannot switch a running copy to write-blocking")
+
+    async def set_copy_speed(self, disk: SlmDisk, rate: int) -> None:
+        await self.drv.block_job_set_speed(disk.job, rate)
 
     async def set_write_limit(self, device: str, rate: int) -> None:
         await self.drv.execute("block_set_io_throttle", {
@@ -498,11 +541,13 @@ def _device_id(dev: BlockDevice) -> str:
 
 async def storage_migrate(drv: QemuDriver, moves: Sequence[DiskMove], options: SlmOptions | None = None,
                           *, on_event: ProgressCallback | None = None,
-                          interrupt: asyncio.Event | None = None) -> SlmReport:
+                          interrupt: asyncio.Event | None = None,
+                          control: SlmControl | None = None) -> SlmReport:
     """Move the disks of the running VM behind ``drv`` to their targets (see the module).
 
     ``on_event`` receives ``phase``, ``progress`` and ``decision`` events (dicts). ``interrupt``
-    (e.g. set on SIGINT) stops the copy before the pivot and rolls back.
+    (e.g. set on SIGINT) stops the copy before the pivot and rolls back. ``control`` changes the
+    copy's bandwidth live (:class:`SlmControl`).
 
     :returns: the report, outcome ``completed``; the device of each disk now uses its target.
     :raises PlanRefused: before anything changed: a disk missing, read-only or named twice, a
@@ -514,6 +559,7 @@ async def storage_migrate(drv: QemuDriver, moves: Sequence[DiskMove], options: S
     :raises asyncio.CancelledError: re-raised after the rollback.
     """
     mig = _StorageMigration(drv, moves, options or SlmOptions(), on_event, interrupt)
+    mig.control = control
     report = await mig.run()
     log.info("storage migration completed in %.1f s: %d bytes copied", report.total_time, report.copied)
     return report

@@ -32,6 +32,7 @@ from .slm import (
     CopyMonitor,
     DiskMove,
     ProgressCallback,
+    SlmControl,
     SlmDisk,
     SlmOptions,
     SlmReport,
@@ -61,7 +62,6 @@ class _LibvirtStorageMigration(SlmRun):
                  on_event: ProgressCallback | None, interrupt: asyncio.Event | None) -> None:
         super().__init__(moves, options, on_event, interrupt)
         self.lv = lv
-        self.started: list[SlmDisk] = []
 
     async def plan(self) -> None:
         disks = await self.lv.disks()
@@ -109,9 +109,10 @@ class _LibvirtStorageMigration(SlmRun):
     async def start(self) -> None:
         for move, disk in zip(self.moves, self.disks, strict=True):
             reuse = move.target.kind == "device" or not disk.created
-            await self.lv.block_copy(disk.device, disk.target_node, bandwidth=self.opts.bandwidth,
+            await self.apply_control()
+            await self.lv.block_copy(disk.device, disk.target_node, bandwidth=self.bandwidth,
                                      reuse=reuse)
-            self.started.append(disk)
+            self.copying.append(disk)
             log.info("copying disk %s through libvirt to %s", disk.disk, disk.target)
         emit(self.on_event, {"event": "phase", "phase": "copy", "disks": [d.disk for d in self.disks]})
 
@@ -126,6 +127,7 @@ class _LibvirtStorageMigration(SlmRun):
             if now > deadline:
                 raise MigrationError(f"the copy did not converge within {self.opts.timeout:g} s")
             self.check_interrupt()
+            await self.apply_control()
             ready = 0
             rate_total = 0.0
             for disk in self.disks:
@@ -155,6 +157,9 @@ class _LibvirtStorageMigration(SlmRun):
     async def set_write_limit(self, device: str, rate: int) -> None:
         await self.lv.throttle_writes(device, rate)
 
+    async def set_copy_speed(self, disk: SlmDisk, rate: int) -> None:
+        await self.lv.set_speed(disk.device, rate)
+
     async def pivot(self) -> None:
         emit(self.on_event, {"event": "phase", "phase": "pivot"})
         for disk in self.disks:
@@ -164,7 +169,7 @@ class _LibvirtStorageMigration(SlmRun):
                     raise MigrationError(f"the copy of disk {disk.disk!r} never became ready to pivot")
                 await asyncio.sleep(0.1)
             disk.pivoted = True
-            self.started.remove(disk)
+            self.copying.remove(disk)
             now = next((d for d in await self.lv.disks() if d.target == disk.device), None)
             disk.file = now.source if now else ""
             disk.old_released = True  # libvirt released the old nodes at the pivot
@@ -173,7 +178,7 @@ class _LibvirtStorageMigration(SlmRun):
 
     async def rollback(self, exc: BaseException) -> SlmReport:
         errors: list[str] = []
-        for disk in list(self.started):
+        for disk in list(self.copying):
             try:
                 if await self.lv.job(disk.device) is not None:
                     await self.lv.cancel(disk.device)
@@ -197,10 +202,12 @@ class _LibvirtStorageMigration(SlmRun):
 async def storage_migrate_libvirt(lv: LibvirtDomainDisks, moves: Sequence[DiskMove],
                                   options: SlmOptions | None = None, *,
                                   on_event: ProgressCallback | None = None,
-                                  interrupt: asyncio.Event | None = None) -> SlmReport:
+                                  interrupt: asyncio.Event | None = None,
+                                  control: SlmControl | None = None) -> SlmReport:
     """Move disks of the libvirt domain behind ``lv`` to their targets (see the module).
 
-    A disk is named by its target (``vda``), its alias or its source path.
+    A disk is named by its target (``vda``), its alias or its source path. ``control`` changes the
+    copy's bandwidth live (:class:`~dataplane.migration.slm.SlmControl`).
 
     :returns: the report, outcome ``completed``; libvirt's XML names the new sources.
     :raises PlanRefused: before anything changed (a disk missing, read-only, named twice or busy; a
@@ -209,6 +216,7 @@ async def storage_migrate_libvirt(lv: LibvirtDomainDisks, moves: Sequence[DiskMo
     :raises asyncio.CancelledError: re-raised after the rollback.
     """
     mig = _LibvirtStorageMigration(lv, moves, options or SlmOptions(), on_event, interrupt)
+    mig.control = control
     report = await mig.run()
     log.info("storage migration through libvirt completed in %.1f s", report.total_time)
     return report
