@@ -382,3 +382,51 @@ async def test_bandwidth_changed_live(served, vm_factory, tmp_path):
     assert status == 409 and "already ended" in body["error"]
     await asyncio.to_thread(vm.stop)
     assert disk_sha256(new, "raw") == want
+
+
+@pytest.mark.e2e
+def test_cli_through_the_daemon_says_what_the_command_says(vm_factory, tmp_path):
+    """`dataplane --daemon unix:PATH storage-migrate ...`: the same refusal line and exit status as
+    the command run alone, the same JSON events and report, and a clear usage error for a command
+    the daemon does not run yet."""
+    vm, jrnl, data = _guest(vm_factory, tmp_path)
+    want = disk_sha256(data, "qcow2")
+    sock = tmp_path / "api.sock"
+    serve = subprocess.Popen([sys.executable, "-m", "dataplane", "serve", "--api", f"unix:{sock}"],
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert serve.stderr is not None and "serve listening on" in serve.stderr.readline()
+
+        def cli(*argv: str, daemon: bool = True) -> subprocess.CompletedProcess[str]:
+            pre = ["--daemon", f"unix:{sock}"] if daemon else []
+            return subprocess.run([sys.executable, "-m", "dataplane", *pre, *argv], capture_output=True,
+                                  text=True, timeout=180)
+
+        taken = tmp_path / "taken.raw"
+        taken.write_bytes(b"")
+        alone = cli("storage-migrate", "--qmp", str(vm.qmp_path), "--disk", f"data={taken}", daemon=False)
+        through = cli("storage-migrate", "--qmp", str(vm.qmp_path), "--disk", f"data={taken}")
+        assert alone.returncode == through.returncode == 1
+        assert alone.stderr.splitlines()[-1] == through.stderr.splitlines()[-1], (alone, through)
+        assert "exists; give --reuse" in through.stderr
+
+        new = tmp_path / "new-data.raw"
+        out = cli("storage-migrate", "--qmp", str(vm.qmp_path), "--disk", f"data={new}", "--format", "raw",
+                  "--output", "json")
+        assert out.returncode == 0, out.stderr
+        events = [json.loads(line) for line in out.stdout.splitlines()]
+        assert events[-1]["event"] == "report" and events[-1]["outcome"] == "completed"
+        assert {"phase", "progress"} <= {e["event"] for e in events}
+        assert events[-1]["disks"][0]["file"] == str(new)
+
+        wrong = cli("migrate", "--qmp", str(vm.qmp_path), "--to", "127.0.0.1:1", "--plaintext")
+        assert wrong.returncode == 2 and "does not run through the daemon yet" in wrong.stderr
+        off = subprocess.run([sys.executable, "-m", "dataplane", "--daemon", f"unix:{tmp_path / 'none.sock'}",
+                              "storage-migrate", "--qmp", str(vm.qmp_path), "--disk",
+                              f"jrnl={tmp_path / 'j'}"], capture_output=True, text=True, timeout=60)
+        assert off.returncode == 1 and "cannot reach the daemon" in off.stderr, off.stderr
+    finally:
+        serve.terminate()
+        serve.wait(30)
+    vm.stop()
+    assert disk_sha256(new, "raw") == want

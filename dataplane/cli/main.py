@@ -44,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description=(
             "dataplane: live migration of running QEMU/KVM VMs and their non-shared disks across\n"
-            "clusters (CCLM), and storage live migration in place (SLM), through QMP or libvirt.\n"
-            "SLM onto another node and a node daemon are not there yet."
+            "clusters (CCLM), and storage live migration (SLM) in place or onto another node's new\n"
+            "volumes (`migrate --disk-map`), through QMP or libvirt; `serve` runs the node daemon."
         ),
         epilog=(
             "examples:\n"
@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument(
+        "--daemon", metavar="unix:PATH", default=None,
+        help="run the command through the node daemon at PATH (`dataplane serve`), with the same output "
+             "and exit status; storage-migrate only, so far")
     parser.add_argument(
         "--log-level",
         choices=["debug", "info", "warning", "error"],
@@ -105,6 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_OK
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     prog = getattr(args, "_prog", PROG)
+    if args.daemon is not None and not getattr(args, "daemon_capable", False):
+        _fail(prog, f"--daemon: {args.command} does not run through the daemon yet (storage-migrate does)")
+        return EXIT_USAGE
     try:
         return int(args.handler(args))
     except CommandFailed as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -20,6 +21,7 @@ from dataplane.cli.common import (
     UsageError,
     add_command,
     arg_type,
+    log,
     node_pair,
     parse_rate_arg,
     positive_float,
@@ -88,7 +90,7 @@ def register_storage(commands: Commands) -> None:
                      help="give up (and roll back) if the copy has not converged by then (default: 3600)")
     cmd.add_argument("--output", choices=["text", "json"], default="text",
                      help="text: progress and a summary; json: one JSON object per line on stdout")
-    cmd.set_defaults(handler=_cmd_storage_migrate)
+    cmd.set_defaults(handler=_cmd_storage_migrate, daemon_capable=True)
 
 
 class _Printer:
@@ -113,14 +115,84 @@ class _Printer:
                 print(line, flush=True)
 
 
-def _summary(report: Any) -> list[str]:
-    out = [f"outcome: {report.outcome} in {report.total_time:.1f} s, {format_bytes(report.copied)} copied"]
-    for d in report.disks:
-        now = d.file or d.now
-        extra = "" if not d.pivoted else (", old file removed" if d.source_removed else
-                                          "" if d.old_released else ", old node still open")
-        out.append(f"disk {d.disk}: {'now on' if d.pivoted else 'still on'} {now} ({d.mode}{extra})")
+def _summary(report: dict[str, Any]) -> list[str]:
+    """The text summary of a report event (``SlmReport.as_dict()``)."""
+    out = [f"outcome: {report['outcome']} in {report['total_time']:.1f} s, "
+           f"{format_bytes(report['bytes_copied'])} copied"]
+    for d in report["disks"]:
+        now = d["file"] or d["now"]
+        extra = "" if not d["pivoted"] else (", old file removed" if d["source_removed"] else
+                                             "" if d["old_released"] else ", old node still open")
+        out.append(f"disk {d['disk']}: {'now on' if d['pivoted'] else 'still on'} {now} ({d['mode']}{extra})")
     return out
+
+
+def _finish(printer: _Printer, report: dict[str, Any], output: str) -> int:
+    """Print the report as the command does; the exit status (CommandFailed unless completed)."""
+    if output == "json":
+        printer(report)
+    else:
+        for line in _summary(report) if report.get("disks") is not None else []:
+            print(line, flush=True)
+    if report.get("outcome") == "refused":  # nothing changed: the reason alone, as PlanRefused says it
+        raise CommandFailed(str(report.get("error")))
+    if report.get("outcome") != "completed":
+        raise CommandFailed(f"{report.get('outcome')}: {report.get('error')}")
+    return EXIT_OK
+
+
+def _request(args: argparse.Namespace) -> dict[str, Any]:
+    """The daemon's StorageMigrationRequest for this command line."""
+    fmt = {"format": args.format} if args.format else {}
+    body: dict[str, Any] = {"disks": [{"disk": d, "target": t, **fmt} for d, t in args.disks],
+                            "bandwidth": int(args.bandwidth or 0), "reuse": args.reuse,
+                            "remove_source": args.remove_source, "stall_window": args.stall_window,
+                            "timeout": args.timeout}
+    if args.libvirt:
+        body["libvirt"] = {"uri": args.libvirt, "domain": args.domain}
+    else:
+        body["qmp"] = os.path.abspath(args.qmp)
+    return body
+
+
+def _through_daemon(args: argparse.Namespace, printer: _Printer) -> int:
+    scheme, sep, path = args.daemon.partition(":")
+    if scheme != "unix" or not sep or not path:
+        raise UsageError(f"--daemon {args.daemon}: expected unix:PATH")
+    body = _request(args)
+
+    async def run() -> int:
+        import asyncio
+
+        from dataplane.daemon.client import DaemonClient, DaemonError
+
+        stop = stop_event("asking the daemon to roll back unless the pivot already happened")
+        async with DaemonClient(path) as api:
+            try:
+                job = await api.create("storage-migrations", body)
+                log.info("daemon job %s (%s)", job["id"], job["state"])
+
+                async def cancel_on_signal() -> None:
+                    await stop.wait()
+                    await api.cancel("storage-migrations", job["id"])
+
+                canceller = asyncio.create_task(cancel_on_signal())
+                report: dict[str, Any] | None = None
+                try:
+                    async for event in api.events("storage-migrations", job["id"]):
+                        if event.get("event") == "report":
+                            report = event
+                        else:
+                            printer(event)
+                finally:
+                    canceller.cancel()
+            except DaemonError as exc:
+                raise CommandFailed(str(exc)) from None
+        if report is None:
+            raise CommandFailed("the daemon's event stream ended without a report")
+        return _finish(printer, report, args.output)
+
+    return run_loop(run)
 
 
 def _cmd_storage_migrate(args: argparse.Namespace) -> int:
@@ -134,6 +206,8 @@ def _cmd_storage_migrate(args: argparse.Namespace) -> int:
         except TargetError as exc:
             raise UsageError(f"--disk {disk}={target}: {exc}") from None
     printer = _Printer(args.output)
+    if args.daemon is not None:
+        return _through_daemon(args, printer)
 
     async def run() -> int:
         from dataplane.migration import PlanRefused
@@ -163,20 +237,9 @@ def _cmd_storage_migrate(args: argparse.Namespace) -> int:
         except PlanRefused as exc:
             raise CommandFailed(str(exc)) from exc
         except SlmFailed as exc:
-            rep = exc.report
-            if args.output == "json":
-                printer(rep.as_dict())
-            else:
-                for line in _summary(rep):
-                    print(line, flush=True)
-            raise CommandFailed(f"{rep.outcome}: {rep.error}") from None
+            return _finish(printer, exc.report.as_dict(), args.output)
         finally:
             await drv.close()
-        if args.output == "json":
-            printer(report.as_dict())
-        else:
-            for line in _summary(report):
-                print(line, flush=True)
-        return EXIT_OK
+        return _finish(printer, report.as_dict(), args.output)
 
     return run_loop(run)
