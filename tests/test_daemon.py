@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import dataplane.daemon as daemon_pkg
 from dataplane.daemon.jobs import JobTable
 from dataplane.daemon.openapi import DOCUMENT, BadRequest, validate_body
 from dataplane.daemon.server import Daemon, SocketBusy
@@ -259,6 +261,12 @@ async def test_storage_migration_through_the_daemon(served, vm_factory, tmp_path
     assert _metric(text, "dataplane_migration_phases_total", kind=KIND, phase="pivot") == 1
     assert _metric(text, "dataplane_migration_duration_seconds_count", kind=KIND) == 1
     assert _metric(text, "dataplane_migrations_active", kind=KIND, state="running") == 0
+    # every series the shipped Grafana dashboard queries exists
+    dashboard = json.loads((Path(daemon_pkg.__file__).parent / "grafana-dashboard.json").read_text())
+    queried = {name for panel in dashboard["panels"] for target in panel["targets"]
+               for name in re.findall(r"\bdataplane_[a-z_]+", target["expr"])}
+    served = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+    assert len(queried) >= 6 and queried <= served, queried - served
     n = vm.serial().max_ack
     await asyncio.to_thread(vm.wait_acks, n + 5, 60)  # the journal goes on, on the new disk
     await asyncio.to_thread(vm.stop)

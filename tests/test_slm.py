@@ -191,8 +191,9 @@ def test_target_parsing():
 @pytest.mark.e2e
 async def test_a_guest_outrunning_the_copy_is_made_to_converge(qemu_platform, vm_factory, tmp_path):
     """The guest rewrites its 4 MiB journal disk at ~6 MiB/s while the copy is capped at 1 MiB/s: the
-    background copy cannot converge, so the policy steps in (write-blocking where QEMU can switch a
-    running job, 8.2+; guest writes throttled on QEMU 7.2) and the migration completes."""
+    background copy cannot converge, so the policy steps in (write-blocking: the running job switched
+    where QEMU can, 8.2+; started over in that mode on QEMU 7.2, copying again what it had copied)
+    and the migration completes."""
     jrnl = make_disk(tmp_path / "jrnl.raw", 4 * MiB)
     vm = vm_factory(disks=[Disk(jrnl, "raw", node_name="jrnl")], memory_mib=128, name="vm",
                     cmdline={"hb_ms": 100, "disk": "/dev/vda", "disk_rate": 100, "disk_rec": 65536})
@@ -204,13 +205,27 @@ async def test_a_guest_outrunning_the_copy_is_made_to_converge(qemu_platform, vm
         report = await storage_migrate(drv, [DiskMove("jrnl", parse_target(str(new)))],
                                        SlmOptions(bandwidth=1 * MiB, stall_window=3, timeout=240))
     actions = [d.action for d in report.decisions]
-    want = "write-blocking" if features.block_job_change else "throttle"
-    assert want in actions, report.decisions
+    assert "write-blocking" in actions, report.decisions  # switched (8.2+) or started over (7.2)
+    step = next(d for d in report.decisions if d.action == "write-blocking")
+    if features.block_job_change:
+        assert "started over" not in step.reason and report.disks[0].copied_again == 0
+    else:
+        assert "started over in write-blocking mode" in step.reason, step
+        assert report.disks[0].copied_again > 0
     assert report.outcome == "completed" and report.disks[0].file == str(new)
+    # and back, where starting over is not allowed (restart_max_s=0): throttling on 7.2
+    back = tmp_path / "back.raw"
+    async with await QemuDriver.connect_socket(vm.qmp_path) as drv:
+        report = await storage_migrate(drv, [DiskMove("jrnl-dev", parse_target(str(back)))],
+                                       SlmOptions(bandwidth=1 * MiB, stall_window=3, timeout=240,
+                                                  restart_max_s=0))
+    actions = [d.action for d in report.decisions]
+    assert ("write-blocking" if features.block_job_change else "throttle") in actions, report.decisions
+    assert report.outcome == "completed" and report.disks[0].copied_again == 0
     n = vm.serial().max_ack
     await asyncio.to_thread(vm.wait_acks, n + 20, 60)  # writes go on at full speed after the pivot
     await asyncio.to_thread(vm.stop)
-    verify_journal(str(new), "raw", acked_upto=vm.serial().max_ack)
+    verify_journal(str(back), "raw", acked_upto=vm.serial().max_ack)
 
 
 def test_copy_monitor_sees_a_sawtooth_that_does_not_shrink():

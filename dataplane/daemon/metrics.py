@@ -38,6 +38,15 @@ class Metrics:
         self.rollbacks = Counter("dataplane_rollbacks", "Migrations rolled back, by kind", ["kind"],
                                  registry=r)
 
+    def declare(self, kind: str, actions: tuple[str, ...] = ()) -> None:
+        """Make the series of ``kind`` (and of its policy ``actions``) exist at zero before the
+        first migration, so that dashboards and alerts see them."""
+        self.rollbacks.labels(kind)
+        self.disk_bytes.labels(kind)
+        self.set_active(kind, 0, 0)
+        for action in actions:
+            self.decisions.labels(kind, action)
+
     def set_active(self, kind: str, queued: int, running: int) -> None:
         self.active.labels(kind, "queued").set(queued)
         self.active.labels(kind, "running").set(running)

@@ -28,7 +28,8 @@ from typing import Any
 
 from aiohttp import web
 
-from dataplane.migration.slm import SlmControl
+from dataplane.migration.policy import NOTE
+from dataplane.migration.slm import WRITE_BLOCKING, SlmControl
 
 from .jobs import Job, JobTable, UnknownJob
 from .metrics import CONTENT_TYPE, Metrics
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 __all__ = ["Daemon", "SocketBusy"]
 
 STORAGE = "storage-migration"
+#: The convergence steps a storage migration takes (SlmRun.decide).
+SLM_ACTIONS = (WRITE_BLOCKING, "throttle", NOTE)
 #: Seconds a server-sent event stream waits between keep-alive comments.
 KEEPALIVE = 15.0
 
@@ -84,6 +87,7 @@ class Daemon:
     def __init__(self, *, max_storage: int = 2, runners: dict[str, Runner] | None = None) -> None:
         self.table = JobTable({STORAGE: max_storage})
         self.metrics = Metrics()
+        self.metrics.declare(STORAGE, SLM_ACTIONS)
         self.runners: dict[str, Runner] = runners or {STORAGE: run_storage_migration}
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.interrupts: dict[str, asyncio.Event] = {}

@@ -13,11 +13,13 @@ QEMU no longer holds the old file open; with ``remove_source`` the old file is d
 Convergence: the copy starts in the ``background`` copy mode. When the guest dirties faster than
 the copy converges (the remaining bytes do not shrink by ``stall_min_shrink`` over
 ``stall_window`` seconds, or the copy wrote the disk :data:`REWRITES_BEFORE_STEP` times over
-without catching up), the copy is made to converge: ``block-job-change`` to the
-``write-blocking`` copy mode where the QEMU has it (8.2+); otherwise, or if that is not
-enough, the guest's writes to that disk are throttled to a quarter of the copy rate
-(``block_set_io_throttle``), halved at every further stall, until the pivot. Each step
-is a :class:`~dataplane.migration.policy.Decision` with its reason.
+without catching up), the copy is made to converge in the ``write-blocking`` copy mode (guest
+writes go to both disks before they complete): ``block-job-change`` where the QEMU has it (8.2+);
+on an older QEMU the copy is cancelled and started over in that mode (it copies again what it had
+copied: measured on 7.2, this ends sooner and slows the guest less than throttling its writes, see
+docs/slm.md). If that is not enough, the guest's writes to that disk are throttled to a quarter
+of the copy rate (``block_set_io_throttle``), halved at every further stall, until the pivot. Each
+step is a :class:`~dataplane.migration.policy.Decision` with its reason.
 
 Rollback: any failure or cancellation before a disk's pivot cancels its mirror and deletes the
 target nodes; the guest keeps running on its old disk, untouched (the mirror only reads it). The
@@ -73,7 +75,10 @@ class SlmOptions:
     """``bandwidth``: copy speed per disk in bytes/s (0: unlimited); ``reuse``: write over an
     existing target file of the right size; ``remove_source``: delete the old file after a
     successful pivot; ``stall_window`` (s) / ``stall_min_shrink``: convergence; ``timeout``: the
-    whole copy (s); ``progress_interval`` (s)."""
+    whole copy (s); ``progress_interval`` (s); ``restart_max_s``: on a QEMU that cannot switch a
+    running copy to write-blocking, a copy that does not converge starts over in that mode when
+    copying the whole disk again takes at most this long at the rate it copied (0: never; the
+    guest's writes are throttled instead)."""
 
     bandwidth: int = 0
     reuse: bool = False
@@ -82,6 +87,7 @@ class SlmOptions:
     stall_min_shrink: float = 0.05
     timeout: float = 3600.0
     progress_interval: float = 0.5
+    restart_max_s: float = 60.0
 
 
 @dataclass
@@ -108,6 +114,7 @@ class SlmDisk:
     old_released: bool = False
     source_removed: bool = False
     copied_at_step: int = 0  # bytes copied when the last convergence step was taken
+    copied_again: int = 0  # bytes a restarted copy had copied before it started over
 
 
 @dataclass(frozen=True)
@@ -124,7 +131,7 @@ class SlmReport:
 
     @property
     def copied(self) -> int:
-        return sum(d.copied for d in self.disks)
+        return sum(d.copied + d.copied_again for d in self.disks)
 
     def as_dict(self) -> dict[str, Any]:
         return {"event": "report", "outcome": self.outcome, "total_time": round(self.total_time, 3),
@@ -132,7 +139,8 @@ class SlmReport:
                 "throughput": round(self.copied / self.total_time) if self.total_time > 0 else 0,
                 "error": self.error, "decisions": [d.as_dict() for d in self.decisions],
                 "disks": [{"disk": d.disk, "device": d.device, "target": d.target, "size": d.size,
-                           "copied": d.copied, "pivoted": d.pivoted, "now": d.now, "file": d.file,
+                           "copied": d.copied + d.copied_again, "copied_again": d.copied_again,
+                           "pivoted": d.pivoted, "now": d.now, "file": d.file,
                            "mode": d.mode, "old_released": d.old_released,
                            "source_removed": d.source_removed, "target_created": d.created}
                           for d in self.disks]}
@@ -387,8 +395,9 @@ class _StorageMigration(SlmRun):
         pred = match(("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR"),
                      device=frozenset(jobs))
         last = (time.monotonic(), 0)
-        prev: dict[str, tuple[float, int]] = {}
-        rates: dict[str, float] = {}
+        # per job: (time, offset) when it started or the last convergence step was taken; the copy's
+        # rate is averaged from there (a 7.2 mirror moves in steps of up to 16 MiB: one poll says little)
+        since = {job: (time.monotonic(), 0) for job in jobs}
         with self.drv.expect(pred) as sub:
             while True:
                 now = time.monotonic()
@@ -397,23 +406,30 @@ class _StorageMigration(SlmRun):
                 self.check_interrupt()
                 await self.apply_control()
                 for j in await self.drv.query_block_jobs():
-                    if j.device in jobs:
-                        log.debug("copy %s: %d of %d, ready %s", j.device, j.offset, j.length, j.ready)
-                        jobs[j.device].copied, jobs[j.device].length = j.offset, j.length
-                        disk = jobs[j.device]
-                        if j.ready:
-                            ready.add(j.device)
-                        elif (monitors[j.device].stalled(now, j.length - j.offset)
-                              or j.offset - disk.copied_at_step > REWRITES_BEFORE_STEP * disk.size):
-                            # the remaining count does not shrink, or the copy wrote the whole disk
-                            # over and over without ever catching up: make it converge
-                            disk.copied_at_step = j.offset
-                            await self.converge(disk, rates.get(j.device, 0.0))
-                        if j.device in prev and now > prev[j.device][0]:
-                            rates[j.device] = (j.offset - prev[j.device][1]) / (now - prev[j.device][0])
-                        prev[j.device] = (now, j.offset)
+                    if j.device not in jobs:
+                        continue
+                    log.debug("copy %s: %d of %d, ready %s", j.device, j.offset, j.length, j.ready)
+                    jobs[j.device].copied, jobs[j.device].length = j.offset, j.length
+                    disk = jobs[j.device]
+                    if j.ready:
+                        ready.add(j.device)
+                    elif (monitors[j.device].stalled(now, j.length - j.offset)
+                          or j.offset - disk.copied_at_step > REWRITES_BEFORE_STEP * disk.size):
+                        # the remaining count does not shrink, or the copy wrote the whole disk
+                        # over and over without ever catching up: make it converge
+                        t, off = since[j.device]
+                        rate = (j.offset - off) / (now - t) if now > t else 0.0
+                        disk.copied_at_step = j.offset
+                        restarted = await self.converge(disk, rate)
+                        # judged afresh from here: the windows before the step say nothing of after it
+                        monitors[j.device] = CopyMonitor(self.opts.stall_window, self.opts.stall_min_shrink,
+                                                         time.monotonic())
+                        since[j.device] = (time.monotonic(), 0 if restarted else j.offset)
+                        if restarted:
+                            disk.copied_at_step = 0
+                            sub.discard(match(None, device=j.device))  # the old job's end
                 done = sum(d.copied for d in self.disks)
-                rate = (done - last[1]) / (now - last[0]) if now > last[0] else 0.0
+                rate = max(0.0, (done - last[1]) / (now - last[0])) if now > last[0] else 0.0
                 last = (now, done)
                 emit(self.on_event, {"event": "progress", "phase": "copy", "elapsed": round(now - self.t0, 3),
                            "disk_done": done, "disk_total": sum(d.length for d in self.disks),
@@ -429,23 +445,57 @@ class _StorageMigration(SlmRun):
                         why = ev.data.get("error") or ev.data.get("msg") or ev.name
                         raise MigrationError(f"the copy of disk {jobs[job].disk!r} failed: {why}")
 
-    async def converge(self, disk: SlmDisk, copy_rate: float) -> None:
-        """The guest dirties this disk faster than the copy converges: make it converge."""
+    async def converge(self, disk: SlmDisk, copy_rate: float) -> bool:
+        """The guest dirties this disk faster than the copy converges: make it converge. Returns
+        True when the copy was started over (a new job of the same id)."""
         features = await self.drv.features()
+        left = disk.length - disk.copied
+        stalled = f"the copy does not converge ({left} bytes left after {self.opts.stall_window:g} s)"
         if disk.mode == "background" and features.block_job_change:
             await self.drv.execute("block-job-change", {"id": disk.job, "type": "mirror",
                                                         "copy-mode": WRITE_BLOCKING})
             disk.mode = WRITE_BLOCKING
-            left = disk.length - disk.copied
-            self.decide("write-blocking", f"disk {disk.disk!r}: the copy does not converge ({left} bytes "
-                                          f"left after {self.opts.stall_window:g} s); guest writes now go "
-                                          f"to both disks before they complete")
-            return
+            self.decide("write-blocking", f"disk {disk.disk!r}: {stalled}; guest writes now go to both "
+                                          f"disks before they complete")
+            return False
+        again_s = disk.size / copy_rate if copy_rate > 0 else float("inf")
+        if disk.mode == "background" and again_s <= self.opts.restart_max_s:
+            again = await self.restart_write_blocking(disk)
+            self.decide("write-blocking", f"disk {disk.disk!r}: {stalled}, and this QEMU cannot switch a "
+                                          f"running copy: started over in write-blocking mode (guest "
+                                          f"writes go to both disks before they complete; the {again} "
+                                          f"bytes copied so far are copied again)")
+            return True
         if not disk.device:
             self.decide(NOTE, f"disk {disk.disk!r}: the copy does not converge, and the disk has no "
                               f"device whose writes could be throttled")
-            return
-        await self.throttle(disk, copy_rate, "this QEMU cannot switch a running copy to write-blocking")
+            return False
+        why = ("this QEMU cannot switch a running copy to write-blocking, and starting it over would copy "
+               f"the whole disk again (~{again_s:.0f} s at {copy_rate:.0f} B/s, more than "
+               f"{self.opts.restart_max_s:g} s)")
+        await self.throttle(disk, copy_rate, why)
+        return False
+
+    async def restart_write_blocking(self, disk: SlmDisk) -> int:
+        """Cancel the background copy of ``disk`` and start it over in write-blocking mode (same job
+        id, same target node); returns the bytes the cancelled copy had copied."""
+        ended = match(("BLOCK_JOB_CANCELLED", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_ERROR"), device=disk.job)
+        gone = match("JOB_STATUS_CHANGE", id=disk.job, status="null")
+        with self.drv.expect(ended) as sub, self.drv.expect(gone) as dismissed:
+            await self.drv.block_job_cancel(disk.job, force=True)
+            ev = await sub.wait(60)
+            if ev.name != "BLOCK_JOB_CANCELLED":
+                raise MigrationError(f"the copy of disk {disk.disk!r} ended ({ev.name}) while it was "
+                                     f"being restarted in write-blocking mode")
+            await dismissed.wait(60)
+        again = disk.copied
+        disk.copied_again += again
+        disk.copied = 0
+        await self.drv.blockdev_mirror(disk.job, disk.node, disk.target_node, sync="full",
+                                       copy_mode=WRITE_BLOCKING, speed=self.bandwidth or None,
+                                       auto_finalize=True, auto_dismiss=True)
+        disk.mode = WRITE_BLOCKING
+        return again
 
     async def set_copy_speed(self, disk: SlmDisk, rate: int) -> None:
         await self.drv.block_job_set_speed(disk.job, rate)
