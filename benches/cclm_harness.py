@@ -26,6 +26,7 @@ import argparse
 import statistics
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from dataplane.testing.cclm import (
     PATHS,
@@ -81,7 +82,7 @@ def compare(scenario: Scenario, paths: Sequence[str], rounds: int = 1,
             extra_args: Sequence[str] = ()) -> dict[str, list[MigrationRun]]:
     """Migrate along each of *paths* once per round; odd rounds go in reverse order.
 
-    Each migration boots a fresh VM pair from the same recipe. ``extra_args``
+    Each migration boots a fresh VM pair from the same recipe, in :func:`run_dir`. ``extra_args``
     go to ``dataplane migrate``. Raises BenchError at the first migration that
     fails or cannot be verified; ScenarioError / VMError if a run cannot be
     set up.
@@ -93,8 +94,16 @@ def compare(scenario: Scenario, paths: Sequence[str], rounds: int = 1,
     for rnd in range(rounds):
         order = list(paths) if rnd % 2 == 0 else list(reversed(paths))
         for p in order:
-            out[p].append(checked(scenario.run(p, extra_args=extra_args if p == "ours" else ())))
+            out[p].append(checked(scenario.run(p, extra_args=extra_args if p == "ours" else (),
+                                               rundir=run_dir(scenario.workdir, p, rnd))))
     return out
+
+
+def run_dir(workdir: Path, path: str, rnd: int) -> Path:
+    """The directory of :func:`compare`'s migration along *path* in round *rnd* (0-based) of a scenario
+    whose work directory is *workdir*: its VMs' files and disks (``src-data.raw``, ``dst-data.raw``, ...)
+    stay there after the run."""
+    return workdir / f"round{rnd + 1}-{path}"
 
 
 def best(runs: Sequence[MigrationRun], key: str) -> float:

@@ -29,11 +29,17 @@ journal verifies); a failure fails the benchmark. Each path runs in
 * ``cclm_downtime_vs_direct``: downtime, ours / direct (<= 1.2)
 * ``cclm_time_vs_kubevirt_like_random``: total time with random memory pages and random disk data,
   ours / kubevirt-like (<= 1.05)
+* ``cclm_target_alloc_vs_source``: allocated bytes (``st_blocks * 512``, as ``du``) of the data disk's
+  raw volume on the destination after each of ours' text-like migrations, against the source's data
+  disk (a sparse copy of the written image: its zero regions are holes there), the largest of the
+  rounds (<= 1.05); the other paths' figures are printed beside it
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -46,6 +52,7 @@ from benches.cclm_harness import (
     best,
     compare,
     describe,
+    run_dir,
     unavailable_reason,
 )
 from benches.terminal import say
@@ -85,12 +92,17 @@ def _guest() -> Any:
         pytest.skip(f"the test guest cannot be built: {exc}")
 
 
+def _scenario_dir(clusters: Any, name: str) -> Path:
+    return Path(clusters.workdir) / name
+
+
 def _compare(clusters: Any, recipe: Any, paths: tuple[str, ...], name: str) -> dict[str, list[Any]]:
     from dataplane.testing.cclm import Scenario
 
     _skip_unless(paths)
     art = _guest()
-    with Scenario(clusters, recipe, clusters.workdir / name, kernel=art.kernel, initrd=art.initrd) as sc:
+    with Scenario(clusters, recipe, _scenario_dir(clusters, name), kernel=art.kernel,
+                  initrd=art.initrd) as sc:
         return compare(sc, paths, ROUNDS)
 
 
@@ -136,3 +148,27 @@ def test_cclm_time_vs_kubevirt_like_random(ratio, random_runs, capsys):
     ours, ref = best(random_runs["ours"], "total_time"), best(random_runs["kubevirt-like"], "total_time")
     ratio("cclm_time_vs_kubevirt_like_random", ours / ref, "<=1.05",
           note=f"ours {ours:.2f} s vs kubevirt-like {ref:.2f} s")
+
+
+def _allocated(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def test_cclm_target_alloc_vs_source(ratio, clusters, text_runs, capsys):
+    lines, ratios = [], []
+    for path, runs in text_runs.items():  # the other paths' figures are printed, not judged
+        for i in range(len(runs)):
+            rundir = run_dir(_scenario_dir(clusters, "text"), path, i)
+            src, dst = rundir / "src-data.raw", rundir / "dst-data.raw"
+            missing = [str(p) for p in (src, dst) if not p.exists()]
+            assert not missing, f"the data disks of {path} #{i + 1} are not where they should be: {missing}"
+            a_src, a_dst = _allocated(src), _allocated(dst)
+            if path == "ours":
+                ratios.append((a_dst / a_src, a_dst, a_src))
+            lines.append(f"{path} #{i + 1}: destination {a_dst / MiB:.0f} MiB allocated, source "
+                         f"{a_src / MiB:.0f} MiB (x{a_dst / a_src:.3f}; virtual size "
+                         f"{dst.stat().st_size / MiB:.0f} MiB)")
+    say(capsys, "CCLM data disk, allocated bytes (st_blocks * 512) after the text-like migrations:", *lines)
+    worst = max(ratios)
+    ratio("cclm_target_alloc_vs_source", worst[0], "<=1.05",
+          note=f"destination {worst[1] / MiB:.0f} MiB vs source {worst[2] / MiB:.0f} MiB allocated")
