@@ -112,6 +112,33 @@ async def test_onto_a_loop_block_device(vm_factory, tmp_path):
 
 
 @pytest.mark.e2e
+async def test_a_target_that_cannot_keep_holes_is_named_in_the_report(vm_factory, tmp_path):
+    """A target on ramfs, which cannot punch holes: the copy completes, and the report says that the
+    target's written zeros stay allocated (a target on the test's own file system keeps its holes)."""
+    vm, jrnl, _data = await asyncio.to_thread(_guest, vm_factory, tmp_path)
+    mnt = Path(tempfile.mkdtemp(prefix="dp-ramfs-"))
+    subprocess.run(["mount", "-t", "ramfs", "ramfs", str(mnt)], check=True)
+    try:
+        moves = [DiskMove("jrnl", parse_target(str(mnt / "j.raw"), "raw")),
+                 DiskMove("data", parse_target(str(tmp_path / "d.raw"), "raw"))]
+        async with await QemuDriver.connect_socket(vm.qmp_path) as drv:
+            report = await storage_migrate(drv, moves)
+        assert report.outcome == "completed"
+        on_ramfs, kept = report.disks
+        assert on_ramfs.holes.startswith("allocated: the file system of"), on_ramfs.holes
+        assert "punch holes" in on_ramfs.holes and kept.holes == "kept"
+        assert report.as_dict()["disks"][0]["holes"] == on_ramfs.holes
+        n = vm.serial().max_ack
+        await asyncio.to_thread(vm.wait_acks, n + 3, 60)
+        await asyncio.to_thread(vm.stop)
+        verify_journal(str(mnt / "j.raw"), "raw", acked_upto=vm.serial().max_ack)
+        assert not [f for f in os.listdir(mnt) if f.startswith(".dataplane-holes-")]  # the probe is gone
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+        shutil.rmtree(mnt, ignore_errors=True)
+
+
+@pytest.mark.e2e
 async def test_target_that_fills_up_rolls_back(vm_factory, tmp_path):
     """The target's file system fills up mid-copy: the VM stays on its old disk, running, nothing of
     the migration left in QEMU, the target file kept and named."""

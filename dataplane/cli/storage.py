@@ -124,6 +124,8 @@ def _summary(report: dict[str, Any]) -> list[str]:
         extra = "" if not d["pivoted"] else (", old file removed" if d["source_removed"] else
                                              "" if d["old_released"] else ", old node still open")
         out.append(f"disk {d['disk']}: {'now on' if d['pivoted'] else 'still on'} {now} ({d['mode']}{extra})")
+        if d.get("holes", "kept") != "kept":
+            out.append(f"disk {d['disk']}: holes {d['holes']}")
     return out
 
 

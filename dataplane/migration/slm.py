@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dataplane.aio import run_shielded
+from dataplane.storage.sparse import hole_support
 from dataplane.storage.targets import Target, TargetError, blockdev_nodes, prepare_target_file
 from qmp_driver import BlockDevice, DriverError, DriverTimeout, QemuDriver, match
 
@@ -115,6 +116,7 @@ class SlmDisk:
     source_removed: bool = False
     copied_at_step: int = 0  # bytes copied when the last convergence step was taken
     copied_again: int = 0  # bytes a restarted copy had copied before it started over
+    holes: str = "kept"  # or "allocated: <why>": zeros written to the target cannot stay holes
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,7 @@ class SlmReport:
                 "error": self.error, "decisions": [d.as_dict() for d in self.decisions],
                 "disks": [{"disk": d.disk, "device": d.device, "target": d.target, "size": d.size,
                            "copied": d.copied + d.copied_again, "copied_again": d.copied_again,
+                           "holes": d.holes,
                            "pivoted": d.pivoted, "now": d.now, "file": d.file,
                            "mode": d.mode, "old_released": d.old_released,
                            "source_removed": d.source_removed, "target_created": d.created}
@@ -291,6 +294,14 @@ class SlmRun:
                 await self.set_write_limit(dev, 0)
             del self.throttled[dev]
 
+    def check_holes(self, disk: SlmDisk, target: Target) -> None:
+        """Note in ``disk.holes`` (and the log) if zeros written to ``target`` cannot stay holes."""
+        why = hole_support(target)
+        if why is not None:
+            disk.holes = f"allocated: {why}"
+            log.warning("disk %s: the target cannot keep holes (%s): written zeros will be allocated",
+                        disk.disk, why)
+
     def remove_old_file(self, disk: SlmDisk) -> None:
         """With ``remove_source``: delete the old file of a disk that pivoted and let go of it."""
         if self.opts.remove_source and disk.old_file.startswith("/") and os.path.isfile(disk.old_file):
@@ -364,6 +375,7 @@ class _StorageMigration(SlmRun):
                                                        reuse=self.opts.reuse)
             except TargetError as exc:
                 raise PlanRefused(f"disk {disk.disk!r}: {exc}") from None
+            await asyncio.to_thread(self.check_holes, disk, move.target)
             for args in blockdev_nodes(move.target, disk.target_node, disk.size):
                 self.added.append(args["node-name"])
                 try:

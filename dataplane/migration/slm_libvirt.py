@@ -89,6 +89,7 @@ class _LibvirtStorageMigration(SlmRun):
             slm = SlmDisk(move.disk, disk.target, disk.target, disk.source, target.describe(), size,
                           target_node=xml, job=disk.target, now=disk.target, file=disk.source)
             await asyncio.to_thread(self._check_target, target, slm)
+            await asyncio.to_thread(self.check_holes, slm, target)
             self.disks.append(slm)
 
     def _check_target(self, target: Target, disk: SlmDisk) -> None:

@@ -20,14 +20,67 @@ be reopened this way, and the reason is returned so that the caller can say so.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import os
+import stat
+import tempfile
 from typing import Any
 
 from qmp_driver import BlockNode, CommandError, QemuDriver
 
-__all__ = ["PROTOCOLS", "enable_unmap", "reopen_options"]
+from .targets import Target
+
+__all__ = ["PROTOCOLS", "enable_unmap", "hole_support", "reopen_options"]
 
 #: The protocol drivers whose nodes :func:`enable_unmap` reopens under a format node.
 PROTOCOLS = frozenset({"file", "host_device"})
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> None:
+    """``fallocate(PUNCH_HOLE | KEEP_SIZE)``; raises OSError."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def hole_support(target: Target) -> str | None:
+    """Whether zeros written to ``target`` can stay holes: None if they can, else why not (a file
+    system that cannot punch holes, a device that takes no discards). A blockdev JSON target is not
+    probed (None). Probes with a scratch file beside a file target, never the target itself."""
+    if target.kind == "blockdev" or target.path is None:
+        return None
+    if target.kind == "device":
+        try:
+            rdev = os.stat(target.path).st_rdev
+            with open(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}/queue/discard_max_bytes") as f:
+                if int(f.read().strip() or 0) > 0:
+                    return None
+        except (OSError, ValueError):
+            pass
+        return f"{target.path} takes no discards"
+    directory = os.path.dirname(os.path.abspath(target.path))
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".dataplane-holes-", dir=directory)
+    except OSError as exc:
+        return f"cannot probe {directory}: {exc.strerror or exc}"
+    try:
+        os.write(fd, b"\1" * 8192)
+        _punch_hole(fd, 0, 4096)
+        if stat.S_ISREG(os.fstat(fd).st_mode) and os.fstat(fd).st_blocks * 512 >= 8192:
+            return f"the file system of {directory} keeps punched ranges allocated"
+        return None
+    except OSError as exc:
+        return f"the file system of {directory} cannot punch holes ({exc.strerror or exc})"
+    finally:
+        os.close(fd)
+        os.unlink(probe)
 
 
 def _common(node: BlockNode) -> dict[str, Any]:
