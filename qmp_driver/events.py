@@ -94,13 +94,6 @@ class Subscription:
         """Events received and not yet taken, oldest first (does not take them)."""
         return list(self._events)
 
-    def discard(self, predicate: Predicate) -> int:
-        """Drop the events received and not yet taken that match ``predicate``; returns how many."""
-        kept = deque(ev for ev in self._events if not predicate(ev))
-        dropped = len(self._events) - len(kept)
-        self._events = kept
-        return dropped
-
     async def wait(self, timeout: float | None = None) -> Event:
         """Return the next matching event.
 

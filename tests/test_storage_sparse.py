@@ -32,3 +32,10 @@ def test_what_cannot_be_reopened_says_why():
     assert "protocol node" in str(reopen_options(proto, [proto]))
     net = _node("vdc", "raw", "nbd://host/export")
     assert "not over one file or host device" in str(reopen_options(net, [net, _node("n", "nbd", "nbd://host/export")]))
+
+
+def test_a_raw_slice_is_not_reopened():
+    """A raw node that is a slice of its file (offset/size options) would lose them in a reopen."""
+    fmt = BlockNode("vda", "raw", "/v/a.raw", False, 1 << 20, [], {})
+    proto = BlockNode("vda-file", "file", "/v/a.raw", False, 4 << 20, [], {})
+    assert "slice" in str(reopen_options(fmt, [fmt, proto]))

@@ -33,8 +33,12 @@ class DaemonClient:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        # no total limit: an event stream lasts as long as its migration; the daemon sends a
+        # keep-alive every 15 s, so a read that waits a minute means it is gone
         self.session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=path),
-                                             base_url="http://dataplane")
+                                             base_url="http://dataplane",
+                                             timeout=aiohttp.ClientTimeout(total=None, sock_connect=30,
+                                                                           sock_read=60))
 
     async def __aenter__(self) -> DaemonClient:
         return self
@@ -56,8 +60,9 @@ class DaemonClient:
                     more = f" ({'; '.join(details)})" if details and len(details) > 1 else ""
                     raise DaemonError(f"the daemon says: {error}{more}", resp.status)
                 return data
-        except aiohttp.ClientConnectionError as exc:
-            raise DaemonError(f"cannot reach the daemon on {self.path}: {exc}") from None
+        except (TimeoutError, aiohttp.ClientConnectionError) as exc:
+            why = str(exc) or type(exc).__name__
+            raise DaemonError(f"cannot reach the daemon on {self.path}: {why}") from None
         except ValueError as exc:
             raise DaemonError(f"the daemon answered something that is not JSON: {exc}") from None
 
@@ -93,5 +98,6 @@ class DaemonClient:
                     line = raw.decode(errors="replace")
                     if line.startswith("data: "):
                         yield json.loads(line[6:])
-        except aiohttp.ClientError as exc:
-            raise DaemonError(f"the event stream from the daemon broke: {exc}") from None
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise DaemonError(f"the event stream of job {job_id} from the daemon broke "
+                              f"({exc or type(exc).__name__}); the job goes on in the daemon") from None

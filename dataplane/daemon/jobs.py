@@ -78,8 +78,9 @@ class Job:
         n = next(self._next_event)
         self.events.append((n, dict(event)))
         if len(self.events) > MAX_EVENTS:
-            drop = next((i for i, (_, e) in enumerate(self.events) if e.get("event") == "progress"), 0)
-            del self.events[drop]
+            drop = next((i for i, (_, e) in enumerate(self.events) if e.get("event") == "progress"), None)
+            if drop is not None:
+                del self.events[drop]
         return n
 
     def events_after(self, last: int) -> list[tuple[int, dict[str, Any]]]:

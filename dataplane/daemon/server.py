@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import socket
+import stat
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -100,6 +101,10 @@ class Daemon:
 
     def submit(self, kind: str, params: dict[str, Any]) -> Job:
         job = self.table.create(kind, params)
+        known = {j.id for j in self.table.jobs()}  # the table forgets its oldest ended jobs
+        for gone in [i for i in self.news if i not in known]:
+            del self.news[gone]
+            self.controls.pop(gone, None)
         self.news[job.id] = asyncio.Event()
         self.controls[job.id] = SlmControl()
         log.info("job %s: %s queued", job.id, kind)
@@ -131,8 +136,9 @@ class Daemon:
             self.news[job.id] = asyncio.Event()
 
     def _end(self, job: Job, end: JobEnd) -> None:
-        if end.report is not None:
-            job.add_event(end.report)
+        report = end.report if end.report is not None else {"event": "report", "outcome": end.outcome,
+                                                             "error": end.error}
+        job.add_event(report)
         job.finish(end.outcome, end.report, end.error)
         self.metrics.on_end(job.kind, end.outcome, end.report)
         log.info("job %s: %s%s", job.id, end.outcome, f": {end.error}" if end.error else "")
@@ -140,6 +146,7 @@ class Daemon:
 
     async def _run(self, job: Job) -> None:
         log.info("job %s: %s started", job.id, job.kind)
+        end = JobEnd("failed", None, "the job stopped unexpectedly (see the daemon's log)")
         try:
             runner = self.runners[job.kind]
             end = await runner(job.params, lambda e: self._emit(job, e), self.interrupts[job.id],
@@ -290,12 +297,13 @@ class Daemon:
     async def _stream(self, job: Job, last: int, resp: web.StreamResponse) -> None:
         while True:
             news = self.news[job.id]
+            ended = not job.active  # read first: the report is added before the job ends
             for n, event in job.events_after(last):
                 data = json.dumps(event, default=str)
                 kind = event.get("event", "message")
                 await resp.write(f"id: {n}\nevent: {kind}\ndata: {data}\n\n".encode())
                 last = n
-            if not job.active:
+            if ended:
                 break
             try:
                 await asyncio.wait_for(news.wait(), KEEPALIVE)
@@ -334,6 +342,8 @@ def _clear_stale(path: str) -> None:
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         return
+    if not stat.S_ISSOCK(os.stat(path).st_mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)

@@ -87,6 +87,9 @@ async def run_storage_migration(params: Mapping[str, Any], on_event: Callable[[d
         return _refused(str(exc))
     except SlmFailed as exc:
         return JobEnd(exc.report.outcome, exc.report.as_dict(), exc.report.error)
+    except DriverError as exc:  # QEMU or libvirt failed outside the copy (planning, releasing old nodes)
+        error = f"the VM's QEMU or libvirt failed: {exc}; check which disk each device uses"
+        return JobEnd("failed", {"event": "report", "outcome": "failed", "error": error}, error)
     finally:
         await drv.close()
     return JobEnd("completed", report.as_dict())

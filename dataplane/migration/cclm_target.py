@@ -232,7 +232,7 @@ class _TargetRole:
         except (PlanRefused, DriverError) as exc:
             reason = exc.reason if isinstance(exc, PlanRefused) else f"destination QEMU: {exc}"
             raise await self._refused(control, reason) from None
-        emit(self.on_event, {"event": "phase", "phase": "ready", "disks": [d.dest_node for d in plan.disks],
+        emit(self.on_event, {"event": "phase", "phase": "ready", "disks": list(self.prepared.holes),
                              "holes": dict(self.prepared.holes)})
         self.routing.ready = True
         control.send(Ready(plan.options.multifd_channels, bool(caps.get("postcopy-ram"))))

@@ -264,9 +264,12 @@ class SlmRun:
         wanted = None if self.control is None else self.control.bandwidth
         if wanted is None or wanted == self.bandwidth:
             return
-        for disk in self.copying:
-            await self.set_copy_speed(disk, wanted)
         self.bandwidth = wanted
+        for disk in self.copying:
+            try:
+                await self.set_copy_speed(disk, wanted)
+            except DriverError as exc:  # e.g. the job just ended: the migration goes on
+                self.decide(NOTE, f"disk {disk.disk!r}: the copy's bandwidth could not be changed: {exc}")
         log.info("copy bandwidth now %s", f"{wanted} B/s per disk" if wanted else "unlimited")
         emit(self.on_event, {"event": "bandwidth", "bandwidth": wanted,
                              "elapsed": round(time.monotonic() - self.t0, 3)})
@@ -410,6 +413,7 @@ class _StorageMigration(SlmRun):
         # per job: (time, offset) when it started or the last convergence step was taken; the copy's
         # rate is averaged from there (a 7.2 mirror moves in steps of up to 16 MiB: one poll says little)
         since = {job: (time.monotonic(), 0) for job in jobs}
+        stale: dict[str, int] = {}  # per job: ends of cancelled jobs it started over from, not yet seen
         with self.drv.expect(pred) as sub:
             while True:
                 now = time.monotonic()
@@ -417,7 +421,12 @@ class _StorageMigration(SlmRun):
                     raise MigrationError(f"the copy did not converge within {self.opts.timeout:g} s")
                 self.check_interrupt()
                 await self.apply_control()
-                for j in await self.drv.query_block_jobs():
+                listed = await self.drv.query_block_jobs()
+                missing = set(jobs) - ready - {j.device for j in listed}
+                if missing:  # an auto-dismissed job that ended without our seeing its event
+                    raise MigrationError(f"the copy of disk {jobs[min(missing)].disk!r} ended before it "
+                                         f"was ready (see QEMU's log)")
+                for j in listed:
                     if j.device not in jobs:
                         continue
                     log.debug("copy %s: %d of %d, ready %s", j.device, j.offset, j.length, j.ready)
@@ -437,9 +446,9 @@ class _StorageMigration(SlmRun):
                         monitors[j.device] = CopyMonitor(self.opts.stall_window, self.opts.stall_min_shrink,
                                                          time.monotonic())
                         since[j.device] = (time.monotonic(), 0 if restarted else j.offset)
-                        if restarted:
+                        if restarted:  # the old job's BLOCK_JOB_CANCELLED is not the new one's end
                             disk.copied_at_step = 0
-                            sub.discard(match(None, device=j.device))  # the old job's end
+                            stale[j.device] = stale.get(j.device, 0) + 1
                 done = sum(d.copied for d in self.disks)
                 rate = max(0.0, (done - last[1]) / (now - last[0])) if now > last[0] else 0.0
                 last = (now, done)
@@ -453,13 +462,16 @@ class _StorageMigration(SlmRun):
                     job = str(ev.data.get("device"))
                     if ev.name == "BLOCK_JOB_READY":
                         ready.add(job)
+                    elif ev.name == "BLOCK_JOB_CANCELLED" and stale.get(job):
+                        stale[job] -= 1
                     else:
                         why = ev.data.get("error") or ev.data.get("msg") or ev.name
                         raise MigrationError(f"the copy of disk {jobs[job].disk!r} failed: {why}")
 
     async def converge(self, disk: SlmDisk, copy_rate: float) -> bool:
         """The guest dirties this disk faster than the copy converges: make it converge. Returns
-        True when the copy was started over (a new job of the same id)."""
+        True when the copy was started over (a new job of the same id, after the old one's
+        ``BLOCK_JOB_CANCELLED``)."""
         features = await self.drv.features()
         left = disk.length - disk.copied
         stalled = f"the copy does not converge ({left} bytes left after {self.opts.stall_window:g} s)"

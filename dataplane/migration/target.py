@@ -65,11 +65,14 @@ async def prepare_target(dst: QemuDriver, plan: MigrationPlan, nbd_socket: str |
     the ``late-block-activate`` and ``events`` capabilities, with ``sparse`` reopens every disk's
     nodes with ``discard=unmap`` (:func:`dataplane.storage.sparse.enable_unmap`: the source's holes
     and written zeros then stay unallocated, as on a KubeVirt disk; a node that cannot be reopened
-    is left as configured and named in ``holes`` with the reason), starts the NBD server on
+    is left as configured and named in ``holes`` with the reason; "kept" also needs the source's
+    zero writes that may unmap, ``mirror_detect_zeroes``), starts the NBD server on
     ``nbd_socket`` (a unix socket path or a QMP SocketAddress), exports each disk writable
     under its ``export_name`` and starts ``migrate-incoming`` on ``migrate_uri``. If a step
-    fails, what this call set up is undone (:func:`abort_target`) before the error propagates:
-    an NBD server or export somebody else made is left alone. A destination that cannot enable
+    fails, the NBD server and exports this call set up are removed (:func:`abort_target`)
+    before the error propagates: an NBD server or export somebody else made is left alone. The
+    ``stop``, the capabilities and the nodes' ``discard=unmap`` stay (the destination QEMU of a
+    failed migration is its owner's to discard). A destination that cannot enable
     ``postcopy-ram`` (an unprivileged QEMU without userfaultfd) is prepared without it.
 
     :returns: what was set up (pass it to :func:`abort_target` and :func:`resume_target`).
@@ -104,6 +107,8 @@ async def prepare_target(dst: QemuDriver, plan: MigrationPlan, nbd_socket: str |
     try:
         for disk in plan.disks:
             why = await enable_unmap(dst, disk.dest_node) if sparse else PREALLOCATED
+            if why is None and not plan.options.mirror_detect_zeroes:
+                why = "the source does not send zero writes that may unmap (libvirt's sequence)"
             prepared.holes[disk.dest_node] = "kept" if why is None else f"as configured: {why}"
             if why is not None and sparse:
                 log.warning("disk %s: left as configured (%s): the source's holes are allocated here unless "

@@ -108,6 +108,8 @@ def reopen_options(fmt: BlockNode, nodes: list[BlockNode]) -> list[dict[str, Any
     if len(under) != 1:
         return f"it is not over one file or host device ({fmt.filename or 'no file name'})"
     proto = under[0]
+    if fmt.driver == "raw" and fmt.virtual_size != proto.virtual_size:
+        return "it is a slice of its file (a raw offset or size, which a reopen would reset)"
     proto_opts = _common(proto)
     proto_opts["filename"] = proto.filename
     fmt_opts = _common(fmt)
