@@ -266,10 +266,11 @@ def _guest_spec(disks: list[Disk], cmdline: dict[str, object], art: Any, name: s
 
 
 def slm_round(workdir: Path, art: Any, *, qemu: str | None = None,
-              log: Callable[[str], None] | None = None) -> SlmRound:
+              log: Callable[[str], None] | None = None, target_dir: Path | None = None) -> SlmRound:
     """Part 1, once (see the module): write the data image, convert it offline (timed), boot the guest on
     it, measure its journal rate for WINDOW_S, move both disks with ``storage_migrate``, verify.
 
+    *target_dir*: where the new disks go (default *workdir*: the same file system as the old ones).
     *art* is the built test guest (``dataplane.testing.guest.build()``). Raises BenchError when the
     migration fails or does not verify, VMError / TimeoutError when the guest cannot be run.
     """
@@ -285,7 +286,11 @@ def slm_round(workdir: Path, art: Any, *, qemu: str | None = None,
     conv = convert_offline(src, workdir / "convert.raw")
     (workdir / "convert.raw").unlink()
     jrnl = make_disk(workdir / "jrnl.raw", JOURNAL_MIB * MiB)
-    new_jrnl, new_data = workdir / "new-jrnl.raw", workdir / "new-data.raw"
+    where = workdir if target_dir is None else target_dir
+    where.mkdir(parents=True, exist_ok=True)
+    new_jrnl, new_data = where / "new-jrnl.raw", where / "new-data.raw"
+    for old in (new_jrnl, new_data):
+        old.unlink(missing_ok=True)
     os.sync()
     result = SlmRound(conv, src_alloc=allocated(src))
     vm = QemuVM(_guest_spec([Disk(jrnl, "raw", node_name="jrnl"), Disk(src, "raw", node_name="data")],
@@ -571,12 +576,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--options", default=",".join(OPTIONS),
                         help="comma-separated, of " + ", ".join(OPTIONS))
     parser.add_argument("--workdir", default="/tmp/dp-slm-bench")
+    parser.add_argument("--target-dir", default=None,
+                        help="where the SLM's new disks go (default: beside the old ones, in --workdir)")
     args = parser.parse_args(argv)
     art = build()
     work = Path(args.workdir)
     if args.part in ("slm", "both"):
         for i in range(args.rounds):
-            r = slm_round(work / f"slm{i}", art, log=print)
+            r = slm_round(work / f"slm{i}", art, log=print,
+                          target_dir=Path(args.target_dir) if args.target_dir else None)
             print(f"round {i + 1} (QEMU {r.qemu}): {r.line()}")
             for v in r.verified:
                 print(f"  verified: {v}")
