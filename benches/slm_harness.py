@@ -59,6 +59,7 @@ from dataplane.testing.vm import (
     Disk,
     QemuVM,
     VMSpec,
+    allocated_bytes,
     images_identical,
     make_disk,
     run_async,
@@ -99,11 +100,6 @@ STALE_BOOT = 0x5EED_0000_0000_0001
 
 class BenchError(AssertionError):
     """A migration of the benchmark failed or could not be verified (the message says why)."""
-
-
-def allocated(path: str | os.PathLike[str]) -> int:
-    """Bytes allocated to the file *path* (``st_blocks * 512``, as ``du`` counts)."""
-    return os.stat(path).st_blocks * 512
 
 
 # --------------------------------------------------------------------------- the guest's write rate
@@ -227,7 +223,7 @@ def convert_offline(src: Path, dst: Path, fmt: str = "raw", out_fmt: str = "raw"
         os.fsync(fd)
     finally:
         os.close(fd)
-    return Convert(convert_s, time.monotonic() - t, allocated(dst))
+    return Convert(convert_s, time.monotonic() - t, allocated_bytes(dst))
 
 
 @dataclass
@@ -292,7 +288,7 @@ def slm_round(workdir: Path, art: Any, *, qemu: str | None = None,
     for old in (new_jrnl, new_data):
         old.unlink(missing_ok=True)
     os.sync()
-    result = SlmRound(conv, src_alloc=allocated(src))
+    result = SlmRound(conv, src_alloc=allocated_bytes(src))
     vm = QemuVM(_guest_spec([Disk(jrnl, "raw", node_name="jrnl"), Disk(src, "raw", node_name="data")],
                             SLM_GUEST, art, "slm-bench"), workdir / "vm", qemu=qemu)
     vm.start()
@@ -338,8 +334,8 @@ def slm_round(workdir: Path, art: Any, *, qemu: str | None = None,
     if not images_identical(src, new_data, "raw", "raw"):
         raise BenchError(f"the new data disk {new_data} differs from the old one {src}")
     result.verified.append("new data disk identical to the old one (qemu-img compare)")
-    result.dst_alloc = allocated(new_data)
-    result.src_alloc = allocated(src)
+    result.dst_alloc = allocated_bytes(new_data)
+    result.src_alloc = allocated_bytes(src)
     for p in (src, new_data, new_jrnl, jrnl):
         p.unlink(missing_ok=True)
     return result

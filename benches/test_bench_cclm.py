@@ -37,7 +37,6 @@ journal verifies); a failure fails the benchmark. Each path runs in
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -150,11 +149,9 @@ def test_cclm_time_vs_kubevirt_like_random(ratio, random_runs, capsys):
           note=f"ours {ours:.2f} s vs kubevirt-like {ref:.2f} s")
 
 
-def _allocated(path: Path) -> int:
-    return os.stat(path).st_blocks * 512
-
-
 def test_cclm_target_alloc_vs_source(ratio, clusters, text_runs, capsys):
+    from dataplane.testing.vm import allocated_bytes
+
     lines, ratios = [], []
     for path, runs in text_runs.items():  # the other paths' figures are printed, not judged
         for i in range(len(runs)):
@@ -162,7 +159,7 @@ def test_cclm_target_alloc_vs_source(ratio, clusters, text_runs, capsys):
             src, dst = rundir / "src-data.raw", rundir / "dst-data.raw"
             missing = [str(p) for p in (src, dst) if not p.exists()]
             assert not missing, f"the data disks of {path} #{i + 1} are not where they should be: {missing}"
-            a_src, a_dst = _allocated(src), _allocated(dst)
+            a_src, a_dst = allocated_bytes(src), allocated_bytes(dst)
             if path == "ours":
                 ratios.append((a_dst / a_src, a_dst, a_src))
             lines.append(f"{path} #{i + 1}: destination {a_dst / MiB:.0f} MiB allocated, source "

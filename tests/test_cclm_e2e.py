@@ -19,7 +19,15 @@ import pytest
 from cclm_support import Clusters, MiB, Role, continues_on, make_vms, source_intact
 
 from dataplane.testing.journal import verify_journal
-from dataplane.testing.vm import Disk, QemuVM, disk_sha256, fill_random, images_identical, make_disk
+from dataplane.testing.vm import (
+    Disk,
+    QemuVM,
+    allocated_bytes,
+    disk_sha256,
+    fill_random,
+    images_identical,
+    make_disk,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -305,10 +313,6 @@ def test_receive_disk_restricts_what_the_source_may_write(vm_factory, link, tmp_
 # ------------------------------------------------------------------------------------ new volumes
 
 
-def _allocated(path: Any) -> int:
-    return os.stat(path).st_blocks * 512
-
-
 def test_disk_map_raw_source_onto_new_qcow2_and_thin_raw_volumes(qemu_platform, vm_factory, link_factory,
                                                                   tmp_path):
     """``migrate --disk-map``: the destination's disks are new volumes of other names and formats (the
@@ -353,5 +357,5 @@ def test_disk_map_raw_source_onto_new_qcow2_and_thin_raw_volumes(qemu_platform, 
     verify_journal(str(d0), "qcow2", acked_upto=max(src.serial().max_ack, dst.serial().max_ack),
                    expect_boot_id=boot)
     assert disk_sha256(d1, "raw") == want
-    assert _allocated(d1) <= _allocated(s1) * 1.05, (_allocated(d1), _allocated(s1))
+    assert allocated_bytes(d1) <= allocated_bytes(s1) * 1.05, (allocated_bytes(d1), allocated_bytes(s1))
     cl.assert_workdirs_clean()

@@ -18,14 +18,10 @@ from dataplane.migration import PlanRefused
 from dataplane.migration.slm import DiskMove, SlmFailed, SlmOptions, storage_migrate
 from dataplane.storage.targets import TargetError, parse_target
 from dataplane.testing.journal import verify_journal
-from dataplane.testing.vm import Disk, disk_sha256, fill_random, images_identical, make_disk
+from dataplane.testing.vm import Disk, allocated_bytes, disk_sha256, fill_random, images_identical, make_disk
 from qmp_driver import QemuDriver
 
 MiB = 1 << 20
-
-
-def _allocated(path: Path) -> int:
-    return os.stat(path).st_blocks * 512
 
 
 def _open_files(pid: int) -> set[str]:
@@ -82,7 +78,7 @@ async def test_in_place_raw_to_qcow2_and_qcow2_to_raw(vm_factory, tmp_path):
     assert images_identical(data, new_data, "qcow2", "raw")
     assert disk_sha256(new_data, "raw") == want_data
     # thin stays thin: the raw target holds about the 8 MiB of data, not its 64 MiB
-    assert _allocated(new_data) <= 8 * MiB * 1.05 + MiB, _allocated(new_data)
+    assert allocated_bytes(new_data) <= 8 * MiB * 1.05 + MiB, allocated_bytes(new_data)
 
 
 @pytest.mark.e2e

@@ -232,6 +232,14 @@ def node_pair(right: str) -> Callable[[str], tuple[str, str]]:
     return parse
 
 
+def unix_api_path(option: str, text: str, why: str = "") -> str:
+    """The PATH of a ``unix:PATH`` daemon API address given as ``option``; raises UsageError."""
+    scheme, sep, path = text.partition(":")
+    if scheme != "unix" or not sep or not path:
+        raise UsageError(f"{option} {text}: expected unix:PATH{why}")
+    return path
+
+
 def parse_bind(text: str) -> tuple[str, int]:
     from dataplane.channel.addr import parse_hostport
 

@@ -8,12 +8,12 @@ from dataplane.cli.common import (
     EXIT_OK,
     CommandFailed,
     Commands,
-    UsageError,
     add_command,
     positive_int,
     ready,
     run_loop,
     stop_event,
+    unix_api_path,
 )
 
 DEFAULT_API = "unix:/run/dataplane/api.sock"
@@ -53,9 +53,7 @@ def register_serve(commands: Commands) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    scheme, sep, path = args.api.partition(":")
-    if scheme != "unix" or not sep or not path:
-        raise UsageError(f"--api {args.api}: expected unix:PATH (TCP with mutual TLS is not served yet)")
+    path = unix_api_path("--api", args.api, " (TCP with mutual TLS is not served yet)")
 
     async def run() -> int:
         from dataplane.daemon.server import Daemon

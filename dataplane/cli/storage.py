@@ -27,6 +27,7 @@ from dataplane.cli.common import (
     positive_float,
     run_loop,
     stop_event,
+    unix_api_path,
 )
 from dataplane.cli.migration import connect_qemu, qemu_options, qemu_target
 from dataplane.progress import progress_line, terminal_width
@@ -158,9 +159,7 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _through_daemon(args: argparse.Namespace, printer: _Printer) -> int:
-    scheme, sep, path = args.daemon.partition(":")
-    if scheme != "unix" or not sep or not path:
-        raise UsageError(f"--daemon {args.daemon}: expected unix:PATH")
+    path = unix_api_path("--daemon", args.daemon)
     body = _request(args)
 
     async def run() -> int:

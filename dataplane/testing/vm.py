@@ -851,6 +851,11 @@ def fill_random(
     return hashlib.sha256(data).hexdigest()
 
 
+def allocated_bytes(path: str | os.PathLike[str]) -> int:
+    """Bytes allocated to the file *path* (``st_blocks * 512``, as ``du`` counts)."""
+    return os.stat(path).st_blocks * 512
+
+
 def disk_sha256(path: str | os.PathLike[str], fmt: str = "raw") -> str:
     """SHA-256 of the image's guest-visible content (qcow2 is converted to raw first).
 
