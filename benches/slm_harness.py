@@ -262,15 +262,18 @@ def _guest_spec(disks: list[Disk], cmdline: dict[str, object], art: Any, name: s
 
 
 def slm_round(workdir: Path, art: Any, *, qemu: str | None = None,
-              log: Callable[[str], None] | None = None, target_dir: Path | None = None) -> SlmRound:
+              log: Callable[[str], None] | None = None, target_dir: Path | None = None,
+              bandwidth: int = 0) -> SlmRound:
     """Part 1, once (see the module): write the data image, convert it offline (timed), boot the guest on
     it, measure its journal rate for WINDOW_S, move both disks with ``storage_migrate``, verify.
 
     *target_dir*: where the new disks go (default *workdir*: the same file system as the old ones).
+    *bandwidth*: the copy's cap per disk in bytes/s (``storage-migrate --bandwidth``; 0, the default,
+    copies as fast as QEMU can: what the benchmark measures).
     *art* is the built test guest (``dataplane.testing.guest.build()``). Raises BenchError when the
     migration fails or does not verify, VMError / TimeoutError when the guest cannot be run.
     """
-    from dataplane.migration.slm import DiskMove, SlmFailed, storage_migrate
+    from dataplane.migration.slm import DiskMove, SlmFailed, SlmOptions, storage_migrate
     from dataplane.storage.targets import parse_target
     from qmp_driver import QemuDriver
 
@@ -303,7 +306,8 @@ def slm_round(workdir: Path, art: Any, *, qemu: str | None = None,
                 async with await QemuDriver.connect_socket(str(vm.qmp_path)) as drv:
                     t0 = time.monotonic()
                     rep = await storage_migrate(drv, [DiskMove("jrnl", parse_target(str(new_jrnl), "raw")),
-                                                      DiskMove("data", parse_target(str(new_data), "raw"))])
+                                                      DiskMove("data", parse_target(str(new_data), "raw"))],
+                                                SlmOptions(bandwidth=bandwidth))
                     return rep, t0, time.monotonic()
 
             try:
@@ -574,13 +578,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", default="/tmp/dp-slm-bench")
     parser.add_argument("--target-dir", default=None,
                         help="where the SLM's new disks go (default: beside the old ones, in --workdir)")
+    parser.add_argument("--bandwidth", type=int, default=0, metavar="MIB_S",
+                        help="cap each disk's copy at this many MiB/s in the SLM part (default 0: no cap); "
+                             "shows what the guest's write rate gains for the copy's speed")
     args = parser.parse_args(argv)
     art = build()
     work = Path(args.workdir)
     if args.part in ("slm", "both"):
         for i in range(args.rounds):
             r = slm_round(work / f"slm{i}", art, log=print,
-                          target_dir=Path(args.target_dir) if args.target_dir else None)
+                          target_dir=Path(args.target_dir) if args.target_dir else None,
+                          bandwidth=args.bandwidth * MiB)
             print(f"round {i + 1} (QEMU {r.qemu}): {r.line()}")
             for v in r.verified:
                 print(f"  verified: {v}")
