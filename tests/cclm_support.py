@@ -68,9 +68,11 @@ class Role(RoleProcess):
 class Clusters:
     """Certificates from two CAs and the two roles across ``link``."""
 
-    def __init__(self, link: Link, tmp: Path) -> None:
+    def __init__(self, link: Link, tmp: Path, daemons: dict[str, Path] | None = None) -> None:
         self.link = link
         self.tmp = tmp
+        #: side -> the API socket of that side's `dataplane serve`: the roles then run through it
+        self.daemons = daemons or {}
         self.pki = tmp / "pki"
         subprocess.run([sys.executable, "-m", "dataplane", "certs", "init", str(self.pki), "--two-cas",
                         "--server-name", link.addr_b], check=True, capture_output=True)
@@ -82,30 +84,34 @@ class Clusters:
         for wd in self.workdirs.values():
             wd.mkdir()
 
-    def receive(self, dst: QemuVM, *extra: str, env: dict[str, str] | None = None) -> tuple[Role, int]:
-        return self.receive_argv(["--qmp", str(dst.qmp_path)], *extra, env=env)
+    def receive(self, dst: QemuVM, *extra: str, env: dict[str, str] | None = None,
+                log: str = "receive.log") -> tuple[Role, int]:
+        return self.receive_argv(["--qmp", str(dst.qmp_path)], *extra, env=env, log=log)
 
-    def receive_argv(self, qemu: list[str], *extra: str,
-                     env: dict[str, str] | None = None) -> tuple[Role, int]:
+    def _through(self, side: str) -> list[str]:
+        return ["--daemon", f"unix:{self.daemons[side]}"] if side in self.daemons else []
+
+    def receive_argv(self, qemu: list[str], *extra: str, env: dict[str, str] | None = None,
+                     log: str = "receive.log") -> tuple[Role, int]:
         """Start `dataplane receive` in B for the QEMU named by *qemu*; return it and its port."""
-        argv = ["receive", *qemu, "--listen", f"{self.link.addr_b}:0",
+        argv = [*self._through("b"), "receive", *qemu, "--listen", f"{self.link.addr_b}:0",
                 "--certs", str(self.pki), "--output", "json", "--workdir", str(self.workdirs["b"]), *extra]
-        role = Role(self.link, "b", argv, self.tmp / "receive.log", env)
+        role = Role(self.link, "b", argv, self.tmp / log, env)
         line = role.wait_stderr(r"receive listening on \S+:\d+", 30)
         port = int(line.split("receive listening on", 1)[1].split()[0].rsplit(":", 1)[1])
         return role, port
 
     def migrate(self, src: QemuVM, port: int, *extra: str, certs: list[str] | None = None,
-                env: dict[str, str] | None = None) -> Role:
-        return self.migrate_argv(["--qmp", str(src.qmp_path)], port, *extra, certs=certs, env=env)
+                env: dict[str, str] | None = None, log: str = "migrate.log") -> Role:
+        return self.migrate_argv(["--qmp", str(src.qmp_path)], port, *extra, certs=certs, env=env, log=log)
 
     def migrate_argv(self, qemu: list[str], port: int, *extra: str, certs: list[str] | None = None,
-                     env: dict[str, str] | None = None) -> Role:
+                     env: dict[str, str] | None = None, log: str = "migrate.log") -> Role:
         """Start `dataplane migrate` in A for the QEMU named by *qemu*, to B's *port*."""
         tls = certs if certs is not None else ["--certs", str(self.pki)]
-        argv = ["migrate", *qemu, "--to", f"{self.link.addr_b}:{port}", *tls,
+        argv = [*self._through("a"), "migrate", *qemu, "--to", f"{self.link.addr_b}:{port}", *tls,
                 "--output", "json", "--workdir", str(self.workdirs["a"]), *extra]
-        return Role(self.link, "a", argv, self.tmp / "migrate.log", env)
+        return Role(self.link, "a", argv, self.tmp / log, env)
 
     def assert_workdirs_clean(self) -> None:
         for side, wd in self.workdirs.items():
@@ -114,8 +120,8 @@ class Clusters:
 
 def make_vms(vm_factory: Any, tmp: Path, *, src_sizes: tuple[int, int] = (16 * MiB, 32 * MiB),
          dst_sizes: tuple[int, int] | None = None, data_fill: int = 8 * MiB, memory: int = 128,
-         cmdline: dict[str, object] | None = None,
-         qcow2: bool = True) -> tuple[QemuVM, QemuVM, dict[str, Path]]:
+         cmdline: dict[str, object] | None = None, qcow2: bool = True,
+         names: tuple[str, str] = ("src", "dst")) -> tuple[QemuVM, QemuVM, dict[str, Path]]:
     fmt = "qcow2" if qcow2 else "raw"
     paths = {
         "s0": make_disk(tmp / "s0.raw", src_sizes[0]), "s1": make_disk(tmp / f"s1.{fmt}", src_sizes[1], fmt),
@@ -128,10 +134,10 @@ def make_vms(vm_factory: Any, tmp: Path, *, src_sizes: tuple[int, int] = (16 * M
     params.update(cmdline or {})
     src = vm_factory(disks=[Disk(paths["s0"], "raw", node_name="jrnl"),
                             Disk(paths["s1"], fmt, node_name="data")],
-                     cmdline=params, memory_mib=memory, name="src")
+                     cmdline=params, memory_mib=memory, name=names[0])
     dst = vm_factory(disks=[Disk(paths["d0"], "raw", node_name="jrnl"),
                             Disk(paths["d1"], fmt, node_name="data")],
-                     memory_mib=memory, incoming="defer", paused=True, name="dst")
+                     memory_mib=memory, incoming="defer", paused=True, name=names[1])
     src.wait_acks(3, 60)
     return src, dst, paths
 

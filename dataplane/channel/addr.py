@@ -18,7 +18,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-__all__ = ["Endpoint", "format_hostport", "parse_endpoint", "parse_hostport", "parse_mapping"]
+__all__ = ["Endpoint", "format_hostport", "is_loopback", "parse_endpoint", "parse_hostport", "parse_mapping"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,254}$")
 
@@ -74,6 +74,16 @@ def parse_hostport(text: str, *, allow_zero: bool = False, allow_empty_host: boo
         raise ValueError(f"invalid address {text!r}: the host is missing")
     _check_host(host, repr(text))
     return host, _parse_port(port_text, repr(text), allow_zero=allow_zero)
+
+
+def is_loopback(host: str) -> bool:
+    """True for a loopback IP address or ``localhost`` (a wildcard or any other name: False)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def format_hostport(host: str, port: int) -> str:

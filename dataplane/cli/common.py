@@ -409,24 +409,14 @@ def stop_event(what: str | None = None) -> asyncio.Event:
 def check_plaintext_address(args: argparse.Namespace, host: str, tls: TLSConfig | None) -> None:
     """Refuse --plaintext on an address other hosts may reach, unless the operator said the network
     is isolated. Raises UsageError."""
+    from dataplane.channel.addr import is_loopback
+
     if tls is not None or getattr(args, "plaintext_network_is_isolated", False) or is_loopback(host):
         return
     where = host or "every interface"
     raise UsageError(f"--plaintext on {where}: any host that reaches it could write this side's data "
                      f"unauthenticated; use TLS, a loopback address, or add --plaintext-network-is-isolated "
                      f"if no other host can reach it")
-
-
-def is_loopback(host: str) -> bool:
-    """True for a loopback IP address or ``localhost`` (a wildcard or any other name: False)."""
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def channel_client(args: argparse.Namespace, tls: TLSConfig | None) -> ChannelClient:

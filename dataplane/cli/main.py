@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--daemon", metavar="unix:PATH", default=None,
         help="run the command through the node daemon at PATH (`dataplane serve`), with the same output "
-             "and exit status; storage-migrate only, so far")
+             "and exit status; migrate, receive and storage-migrate")
     parser.add_argument(
         "--log-level",
         choices=["debug", "info", "warning", "error"],
@@ -110,7 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     prog = getattr(args, "_prog", PROG)
     if args.daemon is not None and not getattr(args, "daemon_capable", False):
-        _fail(prog, f"--daemon: {args.command} does not run through the daemon yet (storage-migrate does)")
+        _fail(prog, f"--daemon: {args.command} does not run through the daemon "
+                    f"(migrate, receive and storage-migrate do)")
         return EXIT_USAGE
     try:
         return int(args.handler(args))

@@ -29,6 +29,7 @@ from dataplane.cli.common import (
     channel_options,
     channel_server,
     check_connections,
+    check_plaintext_address,
     check_stats_path,
     log,
     node_pair,
@@ -144,7 +145,7 @@ def register_migration(commands: Commands) -> None:
                      help="TCP connections of the channel session, 1..16 (default: 1)")
     _output_options(mig)
     channel_options(mig, side="client")
-    mig.set_defaults(handler=_cmd_migrate)
+    mig.set_defaults(handler=_cmd_migrate, daemon_capable=True)
 
     rcv = add_command(
         commands,
@@ -192,7 +193,7 @@ def register_migration(commands: Commands) -> None:
                           "be is named in the report)")
     _output_options(rcv)
     channel_options(rcv, side="server")
-    rcv.set_defaults(handler=_cmd_receive)
+    rcv.set_defaults(handler=_cmd_receive, daemon_capable=True)
 
 
 def qemu_target(args: argparse.Namespace) -> tuple[str, Callable[[], Any]]:
@@ -350,12 +351,63 @@ def _options(args: argparse.Namespace) -> Any:
         timeout_per_gib=args.timeout_per_gib)
 
 
+def _vm_request(args: argparse.Namespace) -> dict[str, Any]:
+    """The VM and channel members of a daemon request (paths made absolute: the daemon reads them)."""
+    import os
+
+    from dataplane.cli.through_daemon import tls_request
+
+    body: dict[str, Any] = {"tls": tls_request(args), "compress": args.compress, "grace": args.grace,
+                            "bandwidth": int(args.bandwidth or 0)}
+    if args.libvirt:
+        body["libvirt"] = {"uri": args.libvirt, "domain": args.domain}
+    else:
+        body["qmp"] = os.path.abspath(args.qmp)
+    if args.workdir is not None:
+        body["workdir"] = os.path.abspath(args.workdir)
+    if args.disks:
+        body["disks"] = list(args.disks)
+    return body
+
+
+def _migrate_finish(args: argparse.Namespace, printer: _Printer, report: dict[str, Any],
+                    job: dict[str, Any]) -> int:
+    """A daemon job's end as ``migrate`` ends: the report, then the exit status."""
+    error = job.get("error") or report.get("error") or "no reason given"
+    if report.get("outcome") == "refused":
+        if args.output == "json":
+            printer(report)
+        raise CommandFailed(error)
+    if "total_time" in report:
+        printer.report(report, _source_summary(report))
+    if report.get("outcome") == "in-doubt":
+        raise InDoubt(f"{error}; resolve with: {resolve_hint(args, 'source')}")
+    if report.get("outcome") != "completed":
+        raise CommandFailed(error)
+    return EXIT_OK
+
+
 def _cmd_migrate(args: argparse.Namespace) -> int:
     what, connect = qemu_target(args)
     options = _options(args)
     tls = tls_config(args, "client")
     check_stats_path(args.stats_json)
     printer = _Printer(args.output)
+    if args.daemon is not None:
+        from dataplane.channel.addr import format_hostport
+        from dataplane.cli.through_daemon import through_daemon
+
+        check_plaintext_address(args, args.to[0], tls)
+        body = {**_vm_request(args), "to": format_hostport(*args.to), "downtime_ms": args.downtime_ms,
+                "multifd": args.multifd, "postcopy": args.postcopy, "auto_converge": args.auto_converge,
+                "stall_window": args.stall_window, "stall_shrink": args.stall_shrink,
+                "timeout_base": args.timeout_base, "timeout_per_gib": args.timeout_per_gib,
+                "connections": args.connections}
+        if args.disk_map:
+            body["disk_map"] = dict(args.disk_map)
+        return through_daemon(args, "migrations", body, printer,
+                              lambda report, job: _migrate_finish(args, printer, report, job),
+                              "asking the daemon to roll back unless the switchover already happened")
 
     async def run() -> int:
         import asyncio
@@ -415,11 +467,43 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     return run_loop(run)
 
 
+def _receive_lines(rep: dict[str, Any]) -> list[str]:
+    """The text summary of a destination's report event (``TargetReport.as_dict()``)."""
+    lines = [f"outcome: {rep['outcome']}" + (f" (guest {rep['status']})" if rep.get("status") else ""),
+             f"total time {rep['total_time']:.1f} s" + (", postcopy" if rep.get("postcopy") else "")]
+    lines += [f"disk {node}: holes {how}" for node, how in (rep.get("holes") or {}).items()]
+    return lines
+
+
+def _receive_finish(args: argparse.Namespace, printer: _Printer, rep: dict[str, Any]) -> int:
+    """The report as ``receive`` prints it, then its exit status."""
+    printer.report(rep, _receive_lines(rep))
+    if rep["outcome"] == "in-doubt":
+        raise InDoubt(f"{rep.get('error')}; resolve with: {resolve_hint(args, 'destination')}")
+    if rep["outcome"] != "completed":  # the cause, as the one error line on stderr
+        raise CommandFailed(f"{rep['outcome']}: {rep.get('error') or 'no reason given'}")
+    return EXIT_OK
+
+
 def _cmd_receive(args: argparse.Namespace) -> int:
     what, connect = qemu_target(args)
     tls = tls_config(args, "server")
     check_stats_path(args.stats_json)
     printer = _Printer(args.output)
+    if args.daemon is not None:
+        from dataplane.channel.addr import format_hostport
+        from dataplane.cli.through_daemon import through_daemon
+
+        def finish(report: dict[str, Any], job: dict[str, Any]) -> int:
+            if "total_time" not in report:  # refused by the daemon before it started: the reason alone
+                raise CommandFailed(str(job.get("error") or report.get("error")))
+            return _receive_finish(args, printer, report)
+
+        check_plaintext_address(args, args.listen[0], tls)
+        body = {**_vm_request(args), "listen": format_hostport(*args.listen), "paused": args.paused,
+                "preallocated": args.preallocated}
+        return through_daemon(args, "receivers", body, printer, finish,
+                              "asking the daemon to abort unless the destination already took over")
 
     async def run() -> int:
         import asyncio
@@ -451,16 +535,7 @@ def _cmd_receive(args: argparse.Namespace) -> int:
             except OSError as exc:
                 raise CommandFailed(f"cannot listen on {format_hostport(host, port)}: "
                                    f"{os_error_text(exc)}") from exc
-            d = rep.as_dict()
-            lines = [f"outcome: {rep.outcome}" + (f" (guest {rep.status})" if rep.status else ""),
-                     f"total time {rep.total_time:.1f} s" + (", postcopy" if rep.postcopy else "")]
-            lines += [f"disk {node}: holes {how}" for node, how in rep.holes.items()]
-            printer.report(d, lines)
-            if rep.outcome == "in-doubt":
-                raise InDoubt(f"{rep.error}; resolve with: {resolve_hint(args, 'destination')}")
-            if rep.outcome != "completed":  # the cause, as the one error line on stderr
-                raise CommandFailed(f"{rep.outcome}: {rep.error or 'no reason given'}")
-            return EXIT_OK
+            return _receive_finish(args, printer, rep.as_dict())
         finally:
             writer.cancel()
             stats.write()

@@ -9,6 +9,8 @@ from dataplane.cli.common import (
     CommandFailed,
     Commands,
     add_command,
+    arg_type,
+    parse_rate_arg,
     positive_int,
     ready,
     run_loop,
@@ -23,17 +25,22 @@ def register_serve(commands: Commands) -> None:
     cmd = add_command(
         commands,
         "serve",
-        help="run the node daemon: an HTTP/JSON API on a unix socket (storage migrations, events, metrics)",
+        help="run the node daemon: an HTTP/JSON API on a unix socket (migrations, receivers, storage "
+             "migrations, events, metrics)",
         description=(
-            "The node daemon. Serves an HTTP/JSON API on a unix socket: storage live migrations\n"
-            "(POST /v1/storage-migrations with the parameters of `storage-migrate`; GET to follow one,\n"
-            "DELETE to cancel it; GET .../events streams the same JSON events as the command, as\n"
-            "server-sent events), /healthz, /readyz, /metrics (Prometheus) and /openapi.json, the\n"
-            "contract every request body is checked against. At most --max-storage migrations run at\n"
-            "once; more wait in a queue, in order. SIGTERM or SIGINT: no new jobs, the queued ones\n"
-            "are cancelled, the running ones roll back unless past their pivot (the VM keeps its old\n"
-            "disk) and finish otherwise, then the daemon exits 0. Prints 'dataplane: serve listening\n"
-            "on PATH' on stderr once it listens.\n"
+            "The node daemon. Serves an HTTP/JSON API on a unix socket: cross-cluster migrations\n"
+            "(POST /v1/migrations with the parameters of `migrate`), receivers (POST /v1/receivers,\n"
+            "those of `receive`) and storage live migrations (POST /v1/storage-migrations, those of\n"
+            "`storage-migrate`); GET to follow a job, PATCH to change its bandwidth or downtime limit\n"
+            "live, DELETE to cancel it; GET .../events streams the same JSON events as the command, as\n"
+            "server-sent events; /healthz, /readyz, /metrics (Prometheus) and /openapi.json, the\n"
+            "contract every request body is checked against. At most --max-migrations outbound\n"
+            "migrations, --max-receivers receivers and --max-storage storage migrations run at once;\n"
+            "more wait in a queue, in order. --bandwidth-budget is shared equally by the running\n"
+            "migrations (each one's own cap still applies). SIGTERM or SIGINT: no new jobs, the queued\n"
+            "ones are cancelled, the running ones roll back unless past their switchover or pivot (the\n"
+            "VM keeps running where it was) and finish otherwise, then the daemon exits 0. Prints\n"
+            "'dataplane: serve listening on PATH' on stderr once it listens.\n"
             "\n"
             "exit status: 0 stopped by a signal, 1 the socket cannot be served, 2 wrong command line."
         ),
@@ -49,6 +56,14 @@ def register_serve(commands: Commands) -> None:
                      help=f"where the API listens (default: {DEFAULT_API}); TCP is not served yet")
     cmd.add_argument("--max-storage", metavar="N", type=positive_int, default=2,
                      help="storage migrations that run at once; more are queued (default: 2)")
+    cmd.add_argument("--max-migrations", metavar="N", type=positive_int, default=2,
+                     help="outbound cross-cluster migrations that run at once; more are queued (default: 2, "
+                          "as KubeVirt's parallelOutboundMigrationsPerNode)")
+    cmd.add_argument("--max-receivers", metavar="N", type=positive_int, default=8,
+                     help="receivers that listen at once; more are queued (default: 8)")
+    cmd.add_argument("--bandwidth-budget", metavar="RATE", type=arg_type(parse_rate_arg),
+                     help="what all running migrations of this node send together, shared equally: "
+                          "bits/s like 2G or bytes/s like 200MiB/s (default: unlimited)")
     cmd.set_defaults(handler=_cmd_serve)
 
 
@@ -59,7 +74,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from dataplane.daemon.server import Daemon
 
         stop = stop_event("stopping: rolling back the migrations before their pivot")
-        daemon = Daemon(max_storage=args.max_storage)
+        daemon = Daemon(max_storage=args.max_storage, max_migrations=args.max_migrations,
+                        max_receivers=args.max_receivers, bandwidth_budget=int(args.bandwidth_budget or 0))
         try:
             runner = await daemon.serve(path)
         except OSError as exc:

@@ -21,13 +21,11 @@ from dataplane.cli.common import (
     UsageError,
     add_command,
     arg_type,
-    log,
     node_pair,
     parse_rate_arg,
     positive_float,
     run_loop,
     stop_event,
-    unix_api_path,
 )
 from dataplane.cli.migration import connect_qemu, qemu_options, qemu_target
 from dataplane.progress import progress_line, terminal_width
@@ -159,41 +157,11 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _through_daemon(args: argparse.Namespace, printer: _Printer) -> int:
-    path = unix_api_path("--daemon", args.daemon)
-    body = _request(args)
+    from dataplane.cli.through_daemon import through_daemon
 
-    async def run() -> int:
-        import asyncio
-
-        from dataplane.daemon.client import DaemonClient, DaemonError
-
-        stop = stop_event("asking the daemon to roll back unless the pivot already happened")
-        async with DaemonClient(path) as api:
-            try:
-                job = await api.create("storage-migrations", body)
-                log.info("daemon job %s (%s)", job["id"], job["state"])
-
-                async def cancel_on_signal() -> None:
-                    await stop.wait()
-                    await api.cancel("storage-migrations", job["id"])
-
-                canceller = asyncio.create_task(cancel_on_signal())
-                report: dict[str, Any] | None = None
-                try:
-                    async for event in api.events("storage-migrations", job["id"]):
-                        if event.get("event") == "report":
-                            report = event
-                        else:
-                            printer(event)
-                finally:
-                    canceller.cancel()
-            except DaemonError as exc:
-                raise CommandFailed(str(exc)) from None
-        if report is None:
-            raise CommandFailed("the daemon's event stream ended without a report")
-        return _finish(printer, report, args.output)
-
-    return run_loop(run)
+    return through_daemon(args, "storage-migrations", _request(args), printer,
+                          lambda report, _job: _finish(printer, report, args.output),
+                          "asking the daemon to roll back unless the pivot already happened")
 
 
 def _cmd_storage_migrate(args: argparse.Namespace) -> int:

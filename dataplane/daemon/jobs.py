@@ -25,19 +25,30 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ACTIVE", "FINAL", "Job", "JobTable", "UnknownJob"]
+__all__ = ["ACTIVE", "FINAL", "Job", "JobEnd", "JobTable", "UnknownJob"]
 
 #: The states of a job that has not ended.
 ACTIVE = frozenset({"queued", "running"})
 #: The outcomes a job ends with: a migration's (``completed``, ``rolled-back``, ``partial``,
 #: ``in-doubt``), ``refused`` (nothing changed), ``cancelled`` (before it started) or ``failed``
 #: (an error of the daemon itself, not of the migration).
-FINAL = frozenset({"completed", "rolled-back", "partial", "in-doubt", "refused", "cancelled", "failed"})
+FINAL = frozenset({"completed", "rolled-back", "partial", "in-doubt", "refused", "aborted", "cancelled",
+                   "failed"})
 #: Events a job keeps; the oldest progress events make room beyond that (phases, decisions and
 #: the report are always kept).
 MAX_EVENTS = 2000
 #: Ended jobs a daemon remembers (the oldest are forgotten first).
 KEEP_ENDED = 200
+
+
+@dataclass(frozen=True)
+class JobEnd:
+    """How a job ended: ``outcome`` (see :data:`dataplane.daemon.jobs.FINAL`), the ``report``
+    event (as the CLI prints it) and the one-line ``error``."""
+
+    outcome: str
+    report: dict[str, Any] | None
+    error: str | None = None
 
 
 class UnknownJob(KeyError):

@@ -37,11 +37,24 @@ class Metrics:
                                   buckets=(1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600), registry=r)
         self.rollbacks = Counter("dataplane_rollbacks", "Migrations rolled back, by kind", ["kind"],
                                  registry=r)
+        self.in_doubt = Counter("dataplane_in_doubt", "Migrations that ended in doubt, by kind", ["kind"],
+                                registry=r)
+        self.downtime = Histogram("dataplane_downtime_seconds",
+                                  "The guest's pause at the switchover (the source QEMU's figure)",
+                                  buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10), registry=r)
+        self.stream_bytes = Counter("dataplane_stream_bytes",
+                                    "Bytes a cross-cluster migration's channel carried, by stream class "
+                                    "(ram, disk) and form (raw: what QEMU wrote; wire: after compression "
+                                    "and zero elision)", ["stream", "form"], registry=r)
+        self.zero_pages = Counter("dataplane_zero_pages", "Zero pages elided on the channel", registry=r)
+        self.reconnects = Counter("dataplane_reconnects", "Channel connections re-established", registry=r)
+        self.replayed = Counter("dataplane_replayed_bytes", "Bytes sent again after a reconnect", registry=r)
 
     def declare(self, kind: str, actions: tuple[str, ...] = ()) -> None:
         """Make the series of ``kind`` (and of its policy ``actions``) exist at zero before the
         first migration, so that dashboards and alerts see them."""
         self.rollbacks.labels(kind)
+        self.in_doubt.labels(kind)
         self.disk_bytes.labels(kind)
         self.set_active(kind, 0, 0)
         for action in actions:
@@ -69,6 +82,31 @@ class Metrics:
             total = report.get("total_time")
             if isinstance(total, int | float) and total >= 0:
                 self.duration.labels(kind).observe(float(total))
+            self._channel(report)
+        if outcome == "in-doubt":
+            self.in_doubt.labels(kind).inc()
+
+    def declare_channel(self) -> None:
+        """Make the channel's series exist at zero (a daemon that runs cross-cluster migrations)."""
+        for stream in ("ram", "disk"):
+            for form in ("raw", "wire"):
+                self.stream_bytes.labels(stream, form)
+
+    def _channel(self, report: Mapping[str, Any]) -> None:
+        """The figures of a cross-cluster migration's report (the source's, which has them)."""
+        for stream in ("ram", "disk"):
+            for form in ("raw", "wire"):
+                n = report.get(f"{stream}_{form}")
+                if isinstance(n, int) and n > 0:
+                    self.stream_bytes.labels(stream, form).inc(n)
+        for key, counter in (("zero_pages", self.zero_pages), ("reconnects", self.reconnects),
+                             ("replayed_bytes", self.replayed)):
+            n = report.get(key)
+            if isinstance(n, int) and n > 0:
+                counter.inc(n)
+        downtime = report.get("downtime_ms")
+        if isinstance(downtime, int | float) and report.get("switched_over"):
+            self.downtime.observe(float(downtime) / 1000)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -20,6 +20,23 @@ API_VERSION = "1"
 _RATE = {"type": "integer", "minimum": 0, "maximum": 1 << 40,
          "description": "bytes per second; 0: unlimited"}
 
+_HOSTPORT = {"type": "string", "minLength": 1, "maxLength": 300, "description": "HOST:PORT ([IPv6]:PORT)"}
+_QMP = {"type": "string", "minLength": 1, "maxLength": 107, "description": "the QEMU's QMP unix socket"}
+_NODES = {"type": "array", "minItems": 1, "maxItems": 64,
+          "items": {"type": "string", "minLength": 1, "maxLength": 256},
+          "description": "disks by block node name or device id (default: every writable disk)"}
+_DOWNTIME = {"type": "integer", "minimum": 1, "maximum": 2_000_000, "default": 300,
+             "description": "the guest's pause QEMU may take at the switchover (ms)"}
+#: The channel options of both sides.
+_CHANNEL: dict[str, Any] = {
+    "bandwidth": _RATE,
+    "compress": {"enum": ["auto", "on", "off"], "default": "auto"},
+    "grace": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600, "default": 60,
+              "description": "seconds a session survives with no connection"},
+    "workdir": {"type": "string", "minLength": 1, "maxLength": 60,
+                "description": "where the private socket directories go (default: the system's tmp)"},
+}
+
 _SCHEMAS: dict[str, Any] = {
     "LibvirtDomain": {
         "type": "object", "additionalProperties": False, "required": ["uri", "domain"],
@@ -40,8 +57,7 @@ _SCHEMAS: dict[str, Any] = {
         "type": "object", "additionalProperties": False, "required": ["disks"],
         "oneOf": [{"required": ["qmp"]}, {"required": ["libvirt"]}],
         "properties": {
-            "qmp": {"type": "string", "minLength": 1, "maxLength": 107,
-                    "description": "the QEMU's QMP unix socket"},
+            "qmp": _QMP,
             "libvirt": {"$ref": "#/components/schemas/LibvirtDomain"},
             "disks": {"type": "array", "minItems": 1, "maxItems": 64,
                       "items": {"$ref": "#/components/schemas/DiskMove"}},
@@ -52,6 +68,68 @@ _SCHEMAS: dict[str, Any] = {
             "timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": 7 * 86400, "default": 3600},
         },
     },
+    "Tls": {
+        "type": "object", "additionalProperties": False,
+        "description": "mutual TLS of the channel: a `dataplane certs init` directory (`peer_name` may "
+                       "override the peer's name), or `cert`, `key`, `ca` and `peer_name`; or `plaintext` "
+                       "(loopback only unless `plaintext_network_is_isolated`). Paths are the daemon's.",
+        "oneOf": [{"required": ["certs"]}, {"required": ["cert", "key", "ca", "peer_name"]},
+                  {"required": ["plaintext"]}],
+        "properties": {
+            "certs": {"type": "string", "minLength": 1, "maxLength": 4096},
+            "cert": {"type": "string", "minLength": 1, "maxLength": 4096},
+            "key": {"type": "string", "minLength": 1, "maxLength": 4096},
+            "ca": {"type": "string", "minLength": 1, "maxLength": 4096},
+            "peer_name": {"type": "string", "minLength": 1, "maxLength": 253},
+            "plaintext": {"const": True},
+            "plaintext_network_is_isolated": {"type": "boolean"},
+        },
+    },
+    "MigrationRequest": {
+        "type": "object", "additionalProperties": False, "required": ["to", "tls"],
+        "oneOf": [{"required": ["qmp"]}, {"required": ["libvirt"]}],
+        "description": "the parameters of `dataplane migrate` (the source side)",
+        "properties": {
+            "to": _HOSTPORT,
+            "qmp": _QMP,
+            "libvirt": {"$ref": "#/components/schemas/LibvirtDomain"},
+            "tls": {"$ref": "#/components/schemas/Tls"},
+            "disks": _NODES,
+            "disk_map": {"type": "object", "maxProperties": 64,
+                         "additionalProperties": {"type": "string", "minLength": 1, "maxLength": 256},
+                         "description": "disk here -> node or device id on the destination"},
+            "downtime_ms": _DOWNTIME,
+            "multifd": {"type": "integer", "minimum": 0, "maximum": 255, "default": 0},
+            "postcopy": {"enum": ["never", "auto"], "default": "auto"},
+            "auto_converge": {"enum": ["auto", "on", "off"], "default": "auto"},
+            "stall_window": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600, "default": 10},
+            "stall_shrink": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1, "default": 0.05},
+            "timeout_base": {"type": "number", "exclusiveMinimum": 0, "maximum": 7 * 86400, "default": 120},
+            "timeout_per_gib": {"type": "number", "exclusiveMinimum": 0, "maximum": 86400, "default": 120},
+            "connections": {"type": "integer", "minimum": 1, "maximum": 16, "default": 1},
+            **_CHANNEL,
+        },
+    },
+    "ReceiverRequest": {
+        "type": "object", "additionalProperties": False, "required": ["listen", "tls"],
+        "oneOf": [{"required": ["qmp"]}, {"required": ["libvirt"]}],
+        "description": "the parameters of `dataplane receive` (the destination side)",
+        "properties": {
+            "listen": {**_HOSTPORT, "description": "HOST:PORT; :PORT for every interface; port 0 picks "
+                                                   "one (the `listening` event gives it)"},
+            "qmp": _QMP,
+            "libvirt": {"$ref": "#/components/schemas/LibvirtDomain"},
+            "tls": {"$ref": "#/components/schemas/Tls"},
+            "disks": _NODES,
+            "paused": {"type": "boolean", "default": False},
+            "preallocated": {"type": "boolean", "default": False},
+            **_CHANNEL,
+        },
+    },
+    "MigrationChange": {
+        "type": "object", "additionalProperties": False, "minProperties": 1,
+        "properties": {"bandwidth": _RATE, "downtime_ms": _DOWNTIME},
+    },
     "StorageMigrationChange": {
         "type": "object", "additionalProperties": False, "required": ["bandwidth"],
         "properties": {"bandwidth": _RATE},
@@ -61,9 +139,9 @@ _SCHEMAS: dict[str, Any] = {
         "required": ["id", "kind", "state", "params", "created", "last_event"],
         "properties": {
             "id": {"type": "string"},
-            "kind": {"enum": ["storage-migration"]},
+            "kind": {"enum": ["storage-migration", "migration", "receiver"]},
             "state": {"enum": ["queued", "running", "completed", "rolled-back", "partial", "in-doubt",
-                               "refused", "cancelled", "failed"]},
+                               "refused", "aborted", "cancelled", "failed"]},
             "params": {"type": "object"},
             "created": {"type": "number"}, "started": {"type": ["number", "null"]},
             "ended": {"type": ["number", "null"]}, "cancel_requested": {"type": "boolean"},
@@ -89,47 +167,41 @@ def _error(text: str) -> dict[str, Any]:
 
 _JOB_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
 
-DOCUMENT: dict[str, Any] = {
-    "openapi": "3.1.0",
-    "info": {"title": "dataplane node daemon", "version": API_VERSION,
-             "description": "Storage live migrations on this node (receivers and cross-cluster "
-                            "migrations are not served yet)."},
-    "paths": {
-        "/healthz": {"get": {"summary": "liveness", "responses": {"200": {"description": "alive"}}}},
-        "/readyz": {"get": {"summary": "readiness", "responses": {"200": {"description": "ready"},
-                                                                   "503": {"description": "shutting down"}}}},
-        "/metrics": {"get": {"summary": "Prometheus metrics",
-                             "responses": {"200": {"description": "text format 0.0.4"}}}},
-        "/openapi.json": {"get": {"summary": "this document", "responses": {"200": {"description": "it"}}}},
-        "/v1/storage-migrations": {
+
+def _job_paths(resource: str, what: str, request: str, change: str | None, changes: str,
+               cancel: str) -> dict[str, Any]:
+    """The paths of one kind of job: list, create, get, cancel, (change), events."""
+    item: dict[str, Any] = {
+        "parameters": [_JOB_ID],
+        "get": {"summary": "get", "responses": {
+            "200": {"description": "the job", "content": _json("Job")}, "404": _error("no such job")}},
+        "delete": {"summary": f"cancel: {cancel}",
+                   "responses": {"202": {"description": "cancel requested", "content": _json("Job")},
+                                 "404": _error("no such job"),
+                                 "409": _error("the job already ended")}},
+    }
+    if change is not None:
+        item["patch"] = {"summary": f"change a queued or running job live: {changes}",
+                         "requestBody": {"required": True, "content": _json(change)},
+                         "responses": {"200": {"description": "changed (a running job within a progress "
+                                                              "interval)", "content": _json("Job")},
+                                       "400": _error("the body is not valid"), "404": _error("no such job"),
+                                       "409": _error("the job already ended"), "415": _error("not JSON")}}
+    return {
+        f"/v1/{resource}": {
             "get": {"summary": "list", "responses": {"200": {
                 "description": "the jobs, oldest first",
                 "content": {"application/json": {"schema": {
                     "type": "object", "properties": {"items": {
                         "type": "array", "items": {"$ref": "#/components/schemas/Job"}}}}}}}}},
-            "post": {"summary": "start a storage live migration (queued beyond the node's limit)",
-                     "requestBody": {"required": True, "content": _json("StorageMigrationRequest")},
+            "post": {"summary": f"start a {what} (queued beyond the node's limit)",
+                     "requestBody": {"required": True, "content": _json(request)},
                      "responses": {"201": {"description": "created", "content": _json("Job")},
                                    "400": _error("the body is not valid"),
-                                   "415": _error("not JSON")}},
+                                   "415": _error("not JSON"), "503": _error("shutting down")}},
         },
-        "/v1/storage-migrations/{id}": {
-            "parameters": [_JOB_ID],
-            "get": {"summary": "get", "responses": {
-                "200": {"description": "the job", "content": _json("Job")}, "404": _error("no such job")}},
-            "patch": {"summary": "change a queued or running migration live (its copy bandwidth)",
-                      "requestBody": {"required": True, "content": _json("StorageMigrationChange")},
-                      "responses": {"200": {"description": "changed (a running copy within a progress "
-                                                           "interval: a bandwidth event)",
-                                            "content": _json("Job")},
-                                    "400": _error("the body is not valid"), "404": _error("no such job"),
-                                    "409": _error("the job already ended"), "415": _error("not JSON")}},
-            "delete": {"summary": "cancel: rolls back unless the pivot happened",
-                       "responses": {"202": {"description": "cancel requested", "content": _json("Job")},
-                                     "404": _error("no such job"),
-                                     "409": _error("the job already ended")}},
-        },
-        "/v1/storage-migrations/{id}/events": {
+        f"/v1/{resource}/{{id}}": item,
+        f"/v1/{resource}/{{id}}/events": {
             "parameters": [_JOB_ID, {"name": "Last-Event-ID", "in": "header", "required": False,
                                      "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"}},
                            {"name": "after", "in": "query", "required": False,
@@ -139,6 +211,29 @@ DOCUMENT: dict[str, Any] = {
                     "responses": {"200": {"description": "text/event-stream"},
                                   "400": _error("a bad event id"), "404": _error("no such job")}},
         },
+    }
+
+
+DOCUMENT: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {"title": "dataplane node daemon", "version": API_VERSION,
+             "description": "Live migrations on this node: storage live migrations, cross-cluster "
+                            "migrations (the source side) and receivers (the destination side)."},
+    "paths": {
+        "/healthz": {"get": {"summary": "liveness", "responses": {"200": {"description": "alive"}}}},
+        "/readyz": {"get": {"summary": "readiness", "responses": {"200": {"description": "ready"},
+                                                                   "503": {"description": "shutting down"}}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics",
+                             "responses": {"200": {"description": "text format 0.0.4"}}}},
+        "/openapi.json": {"get": {"summary": "this document", "responses": {"200": {"description": "it"}}}},
+        **_job_paths("storage-migrations", "storage live migration", "StorageMigrationRequest",
+                     "StorageMigrationChange", "its copy bandwidth", "rolls back unless the pivot happened"),
+        **_job_paths("migrations", "cross-cluster live migration (the source side)", "MigrationRequest",
+                     "MigrationChange", "its channel bandwidth and its downtime limit",
+                     "rolls back unless the switchover happened"),
+        **_job_paths("receivers", "receiver of one cross-cluster migration (the destination side)",
+                     "ReceiverRequest", None, "",
+                     "aborts unless the guest already resumed here"),
     },
     "components": {"schemas": _SCHEMAS},
 }

@@ -25,30 +25,55 @@ import os
 import socket
 import stat
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
-from dataplane.migration.policy import NOTE
+from dataplane.channel.addr import parse_hostport
+from dataplane.migration import MigrationControl
+from dataplane.migration.policy import NOTE, RAISE_THROTTLE, SWITCH_POSTCOPY
 from dataplane.migration.slm import WRITE_BLOCKING, SlmControl
 
-from .jobs import Job, JobTable, UnknownJob
+from .cclm_jobs import run_migration, run_receiver
+from .jobs import Job, JobEnd, JobTable, UnknownJob
 from .metrics import CONTENT_TYPE, Metrics
 from .openapi import DOCUMENT, BadRequest, validate_body
-from .storage_jobs import JobEnd, run_storage_migration
+from .storage_jobs import run_storage_migration
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Daemon", "SocketBusy"]
 
 STORAGE = "storage-migration"
-#: The convergence steps a storage migration takes (SlmRun.decide).
+MIGRATION = "migration"
+RECEIVER = "receiver"
+#: The convergence steps a storage migration takes (SlmRun.decide), and a migration's.
 SLM_ACTIONS = (WRITE_BLOCKING, "throttle", NOTE)
+CCLM_ACTIONS = (RAISE_THROTTLE, SWITCH_POSTCOPY, NOTE)
+
+
+@dataclass(frozen=True)
+class Resource:
+    """One kind of job in the API: ``/v1/<name>``, its request and live-change schemas."""
+
+    name: str
+    kind: str
+    request: str
+    change: str | None
+    title: str
+
+
+RESOURCES = {r.name: r for r in (
+    Resource("storage-migrations", STORAGE, "StorageMigrationRequest", "StorageMigrationChange",
+             "storage migration"),
+    Resource("migrations", MIGRATION, "MigrationRequest", "MigrationChange", "migration"),
+    Resource("receivers", RECEIVER, "ReceiverRequest", None, "receiver"),
+)}
 #: Seconds a server-sent event stream waits between keep-alive comments.
 KEEPALIVE = 15.0
 
-Runner = Callable[[dict[str, Any], Callable[[dict[str, Any]], None], asyncio.Event, SlmControl],
-                  Awaitable[JobEnd]]
+Runner = Callable[[dict[str, Any], Callable[[dict[str, Any]], None], asyncio.Event, Any], Awaitable[JobEnd]]
 
 
 class SocketBusy(OSError):
@@ -85,14 +110,21 @@ async def _json_errors(request: web.Request, handler: Callable[[web.Request], Aw
 class Daemon:
     """The jobs, their tasks and interrupts, the metrics, and the aiohttp application."""
 
-    def __init__(self, *, max_storage: int = 2, runners: dict[str, Runner] | None = None) -> None:
-        self.table = JobTable({STORAGE: max_storage})
+    def __init__(self, *, max_storage: int = 2, max_migrations: int = 2, max_receivers: int = 8,
+                 bandwidth_budget: int = 0, runners: dict[str, Runner] | None = None) -> None:
+        self.table = JobTable({STORAGE: max_storage, MIGRATION: max_migrations, RECEIVER: max_receivers})
         self.metrics = Metrics()
         self.metrics.declare(STORAGE, SLM_ACTIONS)
-        self.runners: dict[str, Runner] = runners or {STORAGE: run_storage_migration}
+        self.metrics.declare(MIGRATION, CCLM_ACTIONS)
+        self.metrics.declare(RECEIVER)
+        self.metrics.declare_channel()
+        #: bytes/s all running migrations share on this node (0: no budget)
+        self.bandwidth_budget = bandwidth_budget
+        self.runners: dict[str, Runner] = {STORAGE: run_storage_migration, MIGRATION: run_migration,
+                                           RECEIVER: run_receiver, **(runners or {})}
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.interrupts: dict[str, asyncio.Event] = {}
-        self.controls: dict[str, SlmControl] = {}
+        self.controls: dict[str, Any] = {}
         self.news: dict[str, asyncio.Event] = {}
         self.stopping = False
         self.app = self._make_app()
@@ -106,7 +138,8 @@ class Daemon:
             del self.news[gone]
             self.controls.pop(gone, None)
         self.news[job.id] = asyncio.Event()
-        self.controls[job.id] = SlmControl()
+        self.controls[job.id] = (SlmControl() if kind == STORAGE else MigrationControl() if kind == MIGRATION
+                                 else None)
         log.info("job %s: %s queued", job.id, kind)
         self._schedule()
         return job
@@ -116,7 +149,20 @@ class Daemon:
             job.start()
             self.interrupts[job.id] = asyncio.Event()
             self.tasks[job.id] = asyncio.create_task(self._run(job), name=f"job-{job.id}")
+        self._share_budget()
         self._gauges()
+
+    def _share_budget(self) -> None:
+        """Give each running migration its share of the node's bandwidth budget (an equal share, or
+        its own cap if lower); without a budget, its own cap."""
+        running = [j for j in self.table.jobs(MIGRATION) if j.state == "running"]
+        share = self.bandwidth_budget // len(running) if self.bandwidth_budget and running else 0
+        for job in running:
+            own = int(job.params.get("bandwidth", 0))
+            rate = min(r for r in (own, share) if r) if (own or share) else 0
+            control = self.controls.get(job.id)
+            if control is not None and control.bandwidth != rate:
+                control.set_bandwidth(rate)
 
     def _gauges(self) -> None:
         for kind in self.table.limits:
@@ -164,13 +210,29 @@ class Daemon:
             self.controls.pop(job.id, None)
             self._schedule()
 
-    def set_bandwidth(self, job: Job, rate: int) -> None:
-        """Change the copy bandwidth of ``job``: a queued one starts with it, a running one takes it
-        within a progress interval. :raises ValueError: it already ended."""
+    def change(self, job: Job, change: dict[str, Any]) -> None:
+        """Change ``job`` live: ``bandwidth`` (a storage migration's copy, a migration's channel: its
+        own cap, within the node's budget) and ``downtime_ms`` (a migration's). A queued job starts
+        with it, a running one takes it within a progress interval.
+
+        :raises ValueError: it already ended, or a value it cannot take.
+        """
         if not job.active:
             raise ValueError(f"job {job.id} already ended ({job.state})")
-        job.params["bandwidth"] = rate
-        self.controls[job.id].set_bandwidth(rate)
+        control = self.controls[job.id]
+        if "downtime_ms" in change:
+            control.set_downtime(change["downtime_ms"])
+            job.params["downtime_ms"] = change["downtime_ms"]
+        if "bandwidth" in change:
+            job.params["bandwidth"] = change["bandwidth"]
+            if job.kind == MIGRATION:  # a queued one gets its share when it starts
+                self._share_budget()
+            else:
+                control.set_bandwidth(change["bandwidth"])
+
+    def set_bandwidth(self, job: Job, rate: int) -> None:
+        """Change the bandwidth of ``job`` (see :meth:`change`). :raises ValueError: it already ended."""
+        self.change(job, {"bandwidth": rate})
 
     def cancel(self, job: Job) -> None:
         """Ask ``job`` to stop: a queued one ends ``cancelled``; a running one rolls back unless past
@@ -200,22 +262,31 @@ class Daemon:
 
     def _make_app(self) -> web.Application:
         app = web.Application(middlewares=[_json_errors], client_max_size=1 << 20)
+        kinds = "|".join(RESOURCES)
         app.add_routes([
             web.get("/healthz", self._healthz), web.get("/readyz", self._readyz),
             web.get("/metrics", self._metrics), web.get("/openapi.json", self._openapi),
-            web.get("/v1/storage-migrations", self._list), web.post("/v1/storage-migrations", self._create),
-            web.get("/v1/storage-migrations/{id}", self._get),
-            web.delete("/v1/storage-migrations/{id}", self._cancel),
-            web.patch("/v1/storage-migrations/{id}", self._patch),
-            web.get("/v1/storage-migrations/{id}/events", self._events),
+            web.get(f"/v1/{{resource:{kinds}}}", self._list),
+            web.post(f"/v1/{{resource:{kinds}}}", self._create),
+            web.get(f"/v1/{{resource:{kinds}}}/{{id}}", self._get),
+            web.delete(f"/v1/{{resource:{kinds}}}/{{id}}", self._cancel),
+            web.patch(f"/v1/{{resource:{kinds}}}/{{id}}", self._patch),
+            web.get(f"/v1/{{resource:{kinds}}}/{{id}}/events", self._events),
         ])
         return app
 
+    @staticmethod
+    def _resource(request: web.Request) -> Resource:
+        return RESOURCES[request.match_info["resource"]]
+
     def _job(self, request: web.Request) -> Job:
+        res = self._resource(request)
         try:
             job = self.table.get(request.match_info["id"])
         except UnknownJob:
-            raise web.HTTPNotFound(text=f"no storage migration {request.match_info['id']!r}") from None
+            job = None
+        if job is None or job.kind != res.kind:
+            raise web.HTTPNotFound(text=f"no {res.title} {request.match_info['id']!r}")
         return job
 
     def _view(self, job: Job) -> dict[str, Any]:
@@ -238,16 +309,19 @@ class Daemon:
     async def _openapi(self, _request: web.Request) -> web.Response:
         return web.json_response(DOCUMENT)
 
-    async def _list(self, _request: web.Request) -> web.Response:
-        return web.json_response({"items": [self._view(j) for j in self.table.jobs(STORAGE)]})
+    async def _list(self, request: web.Request) -> web.Response:
+        kind = self._resource(request).kind
+        return web.json_response({"items": [self._view(j) for j in self.table.jobs(kind)]})
 
     async def _create(self, request: web.Request) -> web.Response:
+        res = self._resource(request)
         if self.stopping:
             return _error(503, "shutting down: no new jobs")
-        params = await self._body(request, "StorageMigrationRequest")
-        job = self.submit(STORAGE, params)
+        params = await self._body(request, res.request)
+        _check_addresses(params)
+        job = self.submit(res.kind, params)
         return web.json_response(self._view(job), status=201,
-                                 headers={"Location": f"/v1/storage-migrations/{job.id}"})
+                                 headers={"Location": f"/v1/{res.name}/{job.id}"})
 
     async def _body(self, request: web.Request, schema: str) -> dict[str, Any]:
         """The request's JSON body, validated. :raises web.HTTPException / BadRequest: a 4xx."""
@@ -261,10 +335,14 @@ class Daemon:
         return validate_body(schema, body)
 
     async def _patch(self, request: web.Request) -> web.Response:
+        res = self._resource(request)
+        if res.change is None:
+            raise web.HTTPMethodNotAllowed("PATCH", ["GET", "DELETE"],
+                                           text=f"a {res.title} has nothing to change")
         job = self._job(request)
-        change = await self._body(request, "StorageMigrationChange")
+        change = await self._body(request, res.change)
         try:
-            self.set_bandwidth(job, change["bandwidth"])
+            self.change(job, change)
         except ValueError as exc:
             return _error(409, str(exc))
         return web.json_response(self._view(job))
@@ -335,6 +413,16 @@ class Daemon:
             raise
         os.chmod(path, 0o660)
         return runner
+
+
+def _check_addresses(params: dict[str, Any]) -> None:
+    """:raises BadRequest: a ``to`` or ``listen`` address that cannot be parsed."""
+    for key, listen in (("to", False), ("listen", True)):
+        if key in params:
+            try:
+                parse_hostport(params[key], allow_zero=listen, allow_empty_host=listen)
+            except ValueError as exc:
+                raise BadRequest(f"{key}: {exc}") from None
 
 
 def _clear_stale(path: str) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from dataplane.migration import PlanRefused
@@ -16,17 +15,9 @@ from dataplane.migration.slm import DiskMove, SlmControl, SlmFailed, SlmOptions,
 from dataplane.storage.targets import TargetError, parse_target
 from qmp_driver import DriverError, QemuDriver
 
-__all__ = ["JobEnd", "run_storage_migration", "storage_moves"]
+from .jobs import JobEnd
 
-
-@dataclass(frozen=True)
-class JobEnd:
-    """How a job ended: ``outcome`` (see :data:`dataplane.daemon.jobs.FINAL`), the ``report``
-    event (as the CLI prints it) and the one-line ``error``."""
-
-    outcome: str
-    report: dict[str, Any] | None
-    error: str | None = None
+__all__ = ["run_storage_migration", "storage_moves"]
 
 
 def storage_moves(params: Mapping[str, Any]) -> list[DiskMove]:

@@ -29,7 +29,7 @@ from .errors import (
 )
 from .plan import DiskPlan, MigrationOptions, MigrationPlan, discover_plan, resolve_targets, validate_target
 from .report import PHASES, MigrationProgress, MigrationReport
-from .source import migrate_source
+from .source import MigrationControl, migrate_source
 from .target import (
     PreparedTarget,
     abort_target,
@@ -44,7 +44,7 @@ __all__ = [
     "MigrationError", "PlanRefused", "RolledBack", "ControlError", "ControlLost", "PeerAborted",
     "Interrupted",
     "DiskPlan", "MigrationOptions", "MigrationPlan", "discover_plan", "resolve_targets", "validate_target",
-    "PHASES", "MigrationProgress", "MigrationReport", "migrate_source",
+    "PHASES", "MigrationControl", "MigrationProgress", "MigrationReport", "migrate_source",
     "PreparedTarget", "abort_target", "await_incoming", "finish_target", "image_paths", "prepare_target",
     "resume_target",
 ]

@@ -53,7 +53,7 @@ from .hooks import reached as hook_reached
 from .plan import MigrationOptions, MigrationPlan, discover_plan
 from .policy import Decision
 from .report import MigrationProgress, MigrationReport
-from .source import migrate_source
+from .source import MigrationControl, migrate_source
 from .target import postcopy_enabled
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,8 @@ async def run_source(client: ChannelClient, src: QemuDriver, *, disks: Iterable[
                      options: MigrationOptions | None = None, workdir: str | Path | None = None,
                      on_event: EventCallback | None = None,
                      interrupt: asyncio.Event | None = None,
-                     disk_map: Mapping[str, str] | None = None) -> CclmReport:
+                     disk_map: Mapping[str, str] | None = None,
+                     control: MigrationControl | None = None) -> CclmReport:
     """Migrate the VM behind ``src`` to the destination at the other end of ``client``'s session.
 
     ``client`` must be started (the session established: a wrong
@@ -89,7 +90,8 @@ async def run_source(client: ChannelClient, src: QemuDriver, *, disks: Iterable[
     then; before that any failure takes the guest back (``cont`` on a
     completed source), after it only the destination's ``abort`` does.
     ``on_event`` receives ``progress``, ``decision`` and ``phase`` events
-    (dicts, see docs/cli.md).
+    (dicts, see docs/cli.md). ``control`` changes the downtime limit live
+    (:class:`~dataplane.migration.source.MigrationControl`).
 
     :returns: the report: outcome ``completed`` (the destination confirmed
         with ``done``) or ``in-doubt`` (``commit`` was sent and no answer
@@ -103,7 +105,7 @@ async def run_source(client: ChannelClient, src: QemuDriver, *, disks: Iterable[
     :raises asyncio.CancelledError: after the rollback and the abort message.
     """
     role = _SourceRole(client, src, disks, options or MigrationOptions(), workdir, on_event, interrupt,
-                       disk_map)
+                       disk_map, control)
     return await role.run()
 
 
@@ -114,7 +116,8 @@ class _SourceRole:
 
     def __init__(self, client: ChannelClient, src: QemuDriver, disks: Iterable[str] | None,
                  options: MigrationOptions, workdir: str | Path | None, on_event: EventCallback | None,
-                 interrupt: asyncio.Event | None, disk_map: Mapping[str, str] | None = None) -> None:
+                 interrupt: asyncio.Event | None, disk_map: Mapping[str, str] | None = None,
+                 control: MigrationControl | None = None) -> None:
         self.client = client
         self.src = src
         self.disks = disks
@@ -129,6 +132,7 @@ class _SourceRole:
         self.control = ControlStream()
         self.final: list[MigrationReport] = []  # migrate_source's report, once it made one
         self.handed: list[str] = []  # the source QEMU status at which ``commit`` was sent
+        self.live = control
 
     async def run(self) -> CclmReport:
         try:
@@ -185,7 +189,7 @@ class _SourceRole:
         mig = asyncio.ensure_future(migrate_source(
             self.src, plan, lambda _disk: str(self.nbd_sock), f"unix:{self.mig_sock}", self.options,
             progress=self.on_progress, on_decision=self.on_decision, on_report=self.final.append,
-            on_handover=self.handover))
+            on_handover=self.handover, control=self.live))
         watch = asyncio.ensure_future(_watch_peer(self.control, self.client, self.interrupt))
         try:
             await first_done(mig, watch)

@@ -73,11 +73,47 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+#: QEMU's largest ``downtime-limit`` (ms).
+MAX_DOWNTIME_MS = 2_000_000
+
+
+class MigrationControl:
+    """A handle on a running migration (give it to :func:`migrate_source` / ``run_source``): what
+    it is asked to change live. :meth:`set_downtime` takes effect within a progress interval while
+    RAM is being copied (``migrate-set-parameters downtime-limit``; a ``decision`` event, action
+    ``note``) and is restored with the other parameters afterwards. :meth:`set_bandwidth` calls
+    ``on_bandwidth`` (the channel's cap, set by whoever owns the channel)."""
+
+    def __init__(self) -> None:
+        self.downtime_ms: int | None = None
+        self.bandwidth: int | None = None
+        self.on_bandwidth: Callable[[int], None] | None = None
+
+    def set_downtime(self, ms: int) -> None:
+        """Let the switchover pause the guest for at most ``ms`` milliseconds from now on.
+
+        :raises ValueError: not within 1..MAX_DOWNTIME_MS.
+        """
+        if not 1 <= ms <= MAX_DOWNTIME_MS:
+            raise ValueError(f"the downtime limit must be 1..{MAX_DOWNTIME_MS} ms, not {ms}")
+        self.downtime_ms = ms
+
+    def set_bandwidth(self, rate: int) -> None:
+        """Send at most ``rate`` bytes/s from now on (0: unlimited). :raises ValueError: negative."""
+        if rate < 0:
+            raise ValueError("the bandwidth must be >= 0")
+        self.bandwidth = rate
+        if self.on_bandwidth is not None:
+            self.on_bandwidth(rate)
+
+
 class _SourceMigration:
     def __init__(self, src: QemuDriver, plan: MigrationPlan, nbd_uri_for: Callable[[DiskPlan], NbdAddress],
                  migrate_uri: str, options: MigrationOptions, progress: ProgressCallback | None,
-                 on_decision: DecisionCallback | None = None) -> None:
+                 on_decision: DecisionCallback | None = None,
+                 control: MigrationControl | None = None) -> None:
         self.src = src
+        self.control = control
         self.plan = plan
         self.nbd_uri_for = nbd_uri_for
         self.migrate_uri = migrate_uri
@@ -281,7 +317,10 @@ class _SourceMigration:
                                        f"({o.multifd_channels} channels)", self.elapsed()))
         self.set_caps = caps
         await self.src.migrate_set_capabilities(caps)
-        params: dict[str, Any] = {"max-bandwidth": o.max_bandwidth, "downtime-limit": o.downtime_limit_ms}
+        downtime = o.downtime_limit_ms
+        if self.control is not None and self.control.downtime_ms is not None:
+            downtime = self.control.downtime_ms
+        params: dict[str, Any] = {"max-bandwidth": o.max_bandwidth, "downtime-limit": downtime}
         if o.multifd_channels:
             params["multifd-channels"] = o.multifd_channels
         self.set_params = params
@@ -307,6 +346,7 @@ class _SourceMigration:
                 await self.sample_disks()
                 self.emit()
                 if info.status == "active":
+                    await self.apply_control()
                     await self.apply_policy(info)
                 elif info.status == "pre-switchover":  # the event is the fast path; polling covers a lost one
                     return
@@ -322,6 +362,15 @@ class _SourceMigration:
                     return
                 info = await self.src.query_migrate()
                 raise MigrationError(f"migration {status} during precopy: {info.error_desc or 'no reason'}")
+
+    async def apply_control(self) -> None:
+        """Apply a downtime limit asked for live (:class:`MigrationControl`)."""
+        want = self.control.downtime_ms if self.control is not None else None
+        if want is None or want == self.set_params.get("downtime-limit"):
+            return
+        await self.src.migrate_set_parameters({"downtime-limit": want})
+        self.set_params["downtime-limit"] = want  # restored afterwards like the others
+        self.decide(Decision(NOTE, f"downtime limit set to {want} ms (asked live)", self.elapsed()))
 
     async def apply_policy(self, info: Any) -> None:
         assert self.monitor is not None
@@ -545,7 +594,8 @@ async def migrate_source(src: QemuDriver, plan: MigrationPlan, nbd_uri_for: Call
                          progress: ProgressCallback | None = None,
                          on_decision: DecisionCallback | None = None,
                          on_report: Callable[[MigrationReport], object] | None = None,
-                         on_handover: HandoverCallback | None = None) -> MigrationReport:
+                         on_handover: HandoverCallback | None = None,
+                         control: MigrationControl | None = None) -> MigrationReport:
     """Live-migrate the VM behind ``src`` with the disks of ``plan``.
 
     Sequence: an NBD client node per disk (``nbd_uri_for(disk)``: a unix
@@ -579,7 +629,7 @@ async def migrate_source(src: QemuDriver, plan: MigrationPlan, nbd_uri_for: Call
     After a precopy the source QEMU is ``completed`` (stopped, postmigrate)
     when this returns; handing over or taking back the guest is the caller's
     decision (``cont`` resumes a completed source whose destination never
-    ran).
+    ran). ``control`` changes the downtime limit live (:class:`MigrationControl`).
 
     On any failure or cancellation before the switchover completed the
     migration is rolled back: ``migrate_cancel``, forced cancel of the
@@ -597,7 +647,7 @@ async def migrate_source(src: QemuDriver, plan: MigrationPlan, nbd_uri_for: Call
     :raises asyncio.CancelledError: re-raised after the rollback.
     """
     mig = _SourceMigration(src, plan, nbd_uri_for, migrate_uri, options or plan.options, progress,
-                           on_decision)
+                           on_decision, control)
     mig.on_handover = on_handover
     try:
         return await mig.run()

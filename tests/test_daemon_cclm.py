@@ -1,0 +1,141 @@
+"""Cross-cluster migrations through the node daemon: one `dataplane serve` in each network-namespace
+cluster, the migrations and receivers asked for with `dataplane --daemon unix:PATH migrate|receive`
+(the same command lines, output and exit status as the standalone commands), real QEMUs (TCG).
+
+Each test asserts outcomes: the guest's heartbeat going on at the destination with the same boot id,
+the data disk identical, the source stopped; for a live change, the change's effect on QEMU; for
+the metrics, the series matching the report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cclm_support import Clusters, Role, continues_on, make_vms
+from prometheus_client.parser import text_string_to_metric_families
+
+from dataplane.daemon.client import DaemonClient
+from dataplane.testing.netns import Link
+from dataplane.testing.vm import images_identical
+
+pytestmark = pytest.mark.e2e
+
+
+@contextlib.contextmanager
+def daemons(link: Link, tmp: Path, *extra: str) -> Iterator[dict[str, Path]]:
+    """`dataplane serve` in each namespace (its API socket under a short private directory); stopped
+    with SIGTERM at the end, which must exit 0."""
+    short = Path(tempfile.mkdtemp(prefix="dpd-"))
+    paths = {side: short / f"api-{side}.sock" for side in "ab"}
+    roles = {side: Role(link, side, ["serve", "--api", f"unix:{path}", *extra], tmp / f"serve-{side}.log")
+             for side, path in paths.items()}
+    try:
+        for role in roles.values():
+            role.wait_stderr(r"serve listening on", 30)
+        yield paths
+        for side, role in roles.items():
+            assert role.stop(signal.SIGTERM, 30) == 0, role.stderr()[-3000:]
+            assert not paths[side].exists(), "the daemon left its API socket behind"
+    finally:
+        for role in roles.values():
+            role.stop(signal.SIGKILL)
+        shutil.rmtree(short, ignore_errors=True)
+
+
+def api(path: Path, method: str, url: str, body: dict[str, Any] | None = None) -> Any:
+    """One call of a daemon's API (the client the CLI uses)."""
+    async def call() -> Any:
+        async with DaemonClient(str(path)) as client:
+            return await client._call(method, url, body)
+    return asyncio.run(call())
+
+
+def metrics(path: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The daemon's /metrics, parsed by prometheus_client's own parser: {(sample, labels): value}."""
+    async def get() -> str:
+        async with DaemonClient(str(path)) as client, client.session.get("/metrics") as resp:
+            assert resp.status == 200
+            return await resp.text()
+    out = {}
+    for family in text_string_to_metric_families(asyncio.run(get())):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_migrate_and_receive_through_daemons_with_a_live_downtime_change(vm_factory, link_factory, tmp_path):
+    """A precopy that cannot converge within a 1 ms downtime limit (no auto-converge, no postcopy)
+    completes only because the limit is raised live with PATCH on the source daemon's job."""
+    link = link_factory("100mbit")
+    with daemons(link, tmp_path) as api_socks:
+        cl = Clusters(link, tmp_path, daemons=api_socks)
+        src, dst, paths = make_vms(vm_factory, tmp_path, data_fill=4 << 20,
+                                   cmdline={"dirty_mib": 16, "dirty_rate": 8, "pattern": "random"})
+        rcv, port = cl.receive(dst)
+        mig = cl.migrate(src, port, "--downtime-ms", "1", "--postcopy", "never", "--auto-converge", "off",
+                         "--timeout-base", "120")
+        mig.wait_event(lambda e: e.get("event") == "progress" and e.get("phase") == "precopy", 120)
+        [job] = api(api_socks["a"], "GET", "/v1/migrations")["items"]
+        assert job["state"] == "running" and job["params"]["downtime_ms"] == 1
+        assert src.qmp("query-migrate-parameters")["downtime-limit"] == 1
+        changed = api(api_socks["a"], "PATCH", f"/v1/migrations/{job['id']}", {"downtime_ms": 20000})
+        assert changed["params"]["downtime_ms"] == 20000
+        assert mig.wait(180) == 0, mig.stderr()[-3000:]
+        assert rcv.wait() == 0, rcv.stderr()[-3000:]
+        rep = mig.report()
+        assert rep["outcome"] == "completed" and rep["switched_over"] and rep["destination"] == "running"
+        assert any("downtime limit set to 20000 ms (asked live)" in d["reason"] for d in rep["decisions"])
+        assert "migrate connected to" in mig.stderr() and "receive listening on" in rcv.stderr()
+        assert src.qmp("query-status")["status"] == "postmigrate"
+        assert src.qmp("query-migrate-parameters")["downtime-limit"] != 20000, "not restored afterwards"
+        continues_on(dst, src)
+        src.kill()
+        dst.kill()
+        assert images_identical(paths["s1"], paths["d1"], "qcow2", "qcow2")
+        # the source daemon's series match the report
+        m = metrics(api_socks["a"])
+        assert m[("dataplane_migrations_total", (("kind", "migration"), ("outcome", "completed")))] == 1
+        assert m[("dataplane_stream_bytes_total", (("form", "wire"), ("stream", "ram")))] == rep["ram_wire"]
+        assert m[("dataplane_stream_bytes_total", (("form", "raw"), ("stream", "disk")))] == rep["disk_raw"]
+        assert m[("dataplane_downtime_seconds_count", ())] == 1
+        assert m[("dataplane_downtime_seconds_sum", ())] == pytest.approx(rep["downtime_ms"] / 1000)
+        assert m[("dataplane_migrations_active", (("kind", "migration"), ("state", "running")))] == 0
+        done = metrics(api_socks["b"])
+        assert done[("dataplane_migrations_total", (("kind", "receiver"), ("outcome", "completed")))] == 1
+
+
+def test_three_concurrent_migrations_through_one_daemon_per_side(vm_factory, link_factory, tmp_path):
+    link = link_factory("1gbit")
+    with daemons(link, tmp_path, "--max-migrations", "3") as api_socks:
+        cl = Clusters(link, tmp_path, daemons=api_socks)
+        pairs = []
+        for i in range(3):
+            where = tmp_path / f"pair{i}"
+            where.mkdir()
+            pairs.append(make_vms(vm_factory, where, data_fill=4 << 20, names=(f"src{i}", f"dst{i}")))
+        roles = [cl.receive(dst, log=f"receive{i}.log") for i, (_src, dst, _paths) in enumerate(pairs)]
+        migs = [cl.migrate(src, port, log=f"migrate{i}.log")
+                for i, ((src, _dst, _paths), (_rcv, port)) in enumerate(zip(pairs, roles, strict=True))]
+        for i, mig in enumerate(migs):
+            assert mig.wait(240) == 0, mig.stderr()[-3000:]
+            assert roles[i][0].wait() == 0, roles[i][0].stderr()[-3000:]
+            assert mig.report()["outcome"] == "completed"
+        for src, dst, _paths in pairs:
+            assert src.qmp("query-status")["status"] == "postmigrate"
+            continues_on(dst, src)
+        for src, dst, paths in pairs:
+            src.kill()
+            dst.kill()
+            assert images_identical(paths["s1"], paths["d1"], "qcow2", "qcow2")
+        ended = api(api_socks["a"], "GET", "/v1/migrations")["items"]
+        assert [j["state"] for j in ended] == ["completed"] * 3
+        # the three ran at once in the source daemon: each started before any ended
+        assert max(j["started"] for j in ended) < min(j["ended"] for j in ended), ended
