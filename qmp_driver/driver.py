@@ -12,7 +12,7 @@ Example::
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -81,6 +81,10 @@ class Action:
                 "data": {"node": node, "target": target, "bitmaps": list(bitmaps)}}
 
 
+#: ``before_change(driver, command, arguments)`` (see :attr:`QemuDriver.before_change`).
+BeforeChange = Callable[["QemuDriver", str, Mapping[str, Any] | None], Awaitable[None]]
+
+
 class QemuDriver:
     """Asynchronous control of one QEMU, over a QMP socket or through libvirt.
 
@@ -99,6 +103,10 @@ class QemuDriver:
         self.commands: frozenset[str] = frozenset()
         self.migration_capabilities: frozenset[str] = frozenset()
         self._features: Features | None = None
+        #: awaited with (driver, command, arguments) before every command that is not a ``query-*``
+        #: (one that may change the QEMU): a crash journal writes it down first. Its exceptions
+        #: propagate, and the command is then not sent.
+        self.before_change: BeforeChange | None = None
 
     # ------------------------------------------------------------------ setup
 
@@ -194,6 +202,8 @@ class QemuDriver:
         :raises Unsupported: the command is not offered by this QEMU.
         """
         self.require(command)
+        if self.before_change is not None and not command.startswith("query-"):
+            await self.before_change(self, command, arguments)
         return await self.transport.execute(command, arguments,
                                             timeout=self.command_timeout if timeout is None else timeout)
 

@@ -336,7 +336,8 @@ async def _events_so_far(api: Api, job_id: str) -> list[tuple[int, dict]]:
 def test_sigterm_rolls_the_daemons_migrations_back_and_exits_0(vm_factory, tmp_path):
     vm, jrnl, data = _guest(vm_factory, tmp_path)
     sock = tmp_path / "api.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "dataplane", "serve", "--api", f"unix:{sock}"],
+    proc = subprocess.Popen([sys.executable, "-m", "dataplane", "serve", "--api", f"unix:{sock}",
+                             "--state-dir", str(tmp_path / "state")],
                             stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stderr is not None
@@ -408,8 +409,8 @@ def test_cli_through_the_daemon_says_what_the_command_says(vm_factory, tmp_path)
     vm, jrnl, data = _guest(vm_factory, tmp_path)
     want = disk_sha256(data, "qcow2")
     sock = tmp_path / "api.sock"
-    serve = subprocess.Popen([sys.executable, "-m", "dataplane", "serve", "--api", f"unix:{sock}"],
-                             stderr=subprocess.PIPE, text=True)
+    serve = subprocess.Popen([sys.executable, "-m", "dataplane", "serve", "--api", f"unix:{sock}",
+                              "--state-dir", str(tmp_path / "state")], stderr=subprocess.PIPE, text=True)
     try:
         assert serve.stderr is not None and "serve listening on" in serve.stderr.readline()
 

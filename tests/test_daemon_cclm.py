@@ -35,7 +35,8 @@ def daemons(link: Link, tmp: Path, *extra: str) -> Iterator[dict[str, Path]]:
     with SIGTERM at the end, which must exit 0."""
     short = Path(tempfile.mkdtemp(prefix="dpd-"))
     paths = {side: short / f"api-{side}.sock" for side in "ab"}
-    roles = {side: Role(link, side, ["serve", "--api", f"unix:{path}", *extra], tmp / f"serve-{side}.log")
+    roles = {side: Role(link, side, ["serve", "--api", f"unix:{path}", "--state-dir",
+                                     str(short / f"state-{side}"), *extra], tmp / f"serve-{side}.log")
              for side, path in paths.items()}
     try:
         for role in roles.values():

@@ -256,8 +256,12 @@ def test_the_installed_daemon_runs_as_the_unit_starts_it(installed: Installed, t
     here = tmp_path / "run" / runtime.name  # what systemd makes of RuntimeDirectory= before the start
     here.mkdir(parents=True, mode=int(_one(unit, "Service.RuntimeDirectoryMode"), 8))
 
+    state = Path("/var/lib") / _one(unit, "Service.StateDirectory")
+    kept = tmp_path / "lib" / state.name  # and of StateDirectory=
+
     def local(text: str) -> str:
-        return text.replace(VENV, str(installed.venv)).replace(str(runtime), str(here))
+        return text.replace(VENV, str(installed.venv)).replace(str(runtime), str(here)).replace(str(state),
+                                                                                               str(kept))
 
     argv = [local(word) for word in shlex.split(_one(unit, "Service.ExecStart"))]
     api = argv[argv.index("--api") + 1]

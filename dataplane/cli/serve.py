@@ -19,6 +19,7 @@ from dataplane.cli.common import (
 )
 
 DEFAULT_API = "unix:/run/dataplane/api.sock"
+DEFAULT_STATE = "/var/lib/dataplane"
 
 
 def register_serve(commands: Commands) -> None:
@@ -54,6 +55,10 @@ def register_serve(commands: Commands) -> None:
     )
     cmd.add_argument("--api", metavar="unix:PATH", default=DEFAULT_API,
                      help=f"where the API listens (default: {DEFAULT_API}); TCP is not served yet")
+    cmd.add_argument("--state-dir", metavar="DIR", default=DEFAULT_STATE,
+                     help="the crash journal: every change a job makes to a QEMU is written here first; "
+                          "after a crash or kill -9 the next start undoes what it finds and reports it as "
+                          f"the job's outcome (default: {DEFAULT_STATE}; one daemon per directory)")
     cmd.add_argument("--max-storage", metavar="N", type=positive_int, default=2,
                      help="storage migrations that run at once; more are queued (default: 2)")
     cmd.add_argument("--max-migrations", metavar="N", type=positive_int, default=2,
@@ -71,21 +76,39 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     path = unix_api_path("--api", args.api, " (TCP with mutual TLS is not served yet)")
 
     async def run() -> int:
+        import asyncio
+        import os
+        from pathlib import Path
+
+        from dataplane.daemon.journal import StateDirBusy, lock_state_dir
         from dataplane.daemon.server import Daemon
 
+        state = Path(args.state_dir)
+        try:
+            lock = lock_state_dir(state)
+        except StateDirBusy as exc:
+            raise CommandFailed(str(exc)) from None
+        except OSError as exc:
+            raise CommandFailed(f"--state-dir {state}: {exc.strerror or exc}") from None
         stop = stop_event("stopping: rolling back the migrations before their pivot")
         daemon = Daemon(max_storage=args.max_storage, max_migrations=args.max_migrations,
-                        max_receivers=args.max_receivers, bandwidth_budget=int(args.bandwidth_budget or 0))
+                        max_receivers=args.max_receivers, bandwidth_budget=int(args.bandwidth_budget or 0),
+                        state_dir=state)
         try:
-            runner = await daemon.serve(path)
-        except OSError as exc:
-            raise CommandFailed(f"cannot serve {path}: {exc.strerror or exc}") from exc
-        ready(f"serve listening on {path}")
-        try:
-            await stop.wait()
-            await daemon.shutdown()
+            try:
+                runner = await daemon.serve(path)
+            except OSError as exc:
+                raise CommandFailed(f"cannot serve {path}: {exc.strerror or exc}") from exc
+            ready(f"serve listening on {path}")
+            reconciling = asyncio.create_task(daemon.reconcile())
+            try:
+                await stop.wait()
+                await reconciling
+                await daemon.shutdown()
+            finally:
+                await runner.cleanup()
         finally:
-            await runner.cleanup()
+            os.close(lock)
         return EXIT_OK
 
     return run_loop(run)

@@ -29,11 +29,12 @@ from dataplane.migration import MigrationControl, MigrationError, MigrationOptio
 from dataplane.migration.cclm import CclmReport, ChannelFigures, run_source, run_target
 from qmp_driver import DriverError, QemuDriver
 
+from . import journal
 from .jobs import JobEnd
 
 log = logging.getLogger(__name__)
 
-__all__ = ["JobRefused", "run_migration", "run_receiver", "tls_for"]
+__all__ = ["JobRefused", "check_plaintext", "run_migration", "run_receiver", "tls_for"]
 
 #: Sessions a receiver's listener takes at once (the migration, and a `dataplane resolve`).
 RECEIVER_SESSIONS = 4
@@ -75,7 +76,11 @@ def tls_for(params: Mapping[str, Any], side: str) -> TLSConfig | None:
     return cfg
 
 
-def _check_plaintext(params: Mapping[str, Any], host: str, tls: TLSConfig | None) -> None:
+def check_plaintext(params: Mapping[str, Any], host: str, tls: TLSConfig | None) -> None:
+    """Plaintext only on a loopback ``host``, or where the request says the network is isolated.
+
+    :raises JobRefused: otherwise (why).
+    """
     if tls is not None or params["tls"].get("plaintext_network_is_isolated") or is_loopback(host):
         return
     raise JobRefused(f"plaintext on {host or 'every interface'}: any host that reaches it could write "
@@ -92,7 +97,8 @@ def _channel(params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 async def _connect_qemu(params: Mapping[str, Any]) -> tuple[str, QemuDriver]:
-    """(what, driver). :raises JobRefused: it cannot be reached."""
+    """(what, driver), its changes journaled (:func:`journal.watch`). :raises JobRefused: it cannot
+    be reached."""
     if "libvirt" in params:
         uri, dom = params["libvirt"]["uri"], params["libvirt"]["domain"]
         what = f"domain {dom!r} of {uri}"
@@ -104,6 +110,12 @@ async def _connect_qemu(params: Mapping[str, Any]) -> tuple[str, QemuDriver]:
         drv: QemuDriver = await connect()
     except (DriverError, OSError) as exc:
         raise JobRefused(f"cannot reach the {what}: {exc}") from None
+    where = {"libvirt": dict(params["libvirt"])} if "libvirt" in params else {"qmp": params["qmp"]}
+    try:
+        await journal.watch(drv, where)
+    except BaseException:
+        await drv.close()
+        raise
     return what, drv
 
 
@@ -132,7 +144,7 @@ async def run_migration(params: Mapping[str, Any], on_event: Callable[[dict[str,
     host, port = parse_hostport(params["to"])
     try:
         tls = tls_for(params, "client")
-        _check_plaintext(params, host, tls)
+        check_plaintext(params, host, tls)
     except JobRefused as exc:
         return _refused(str(exc))
     target = format_hostport(host, port)
@@ -157,7 +169,8 @@ async def run_migration(params: Mapping[str, Any], on_event: Callable[[dict[str,
             report = await run_source(client, src, disks=params.get("disks"),
                                       options=migration_options(params), workdir=params.get("workdir"),
                                       on_event=on_event, interrupt=interrupt,
-                                      disk_map=dict(params.get("disk_map", {})), control=control)
+                                      disk_map=dict(params.get("disk_map", {})), control=control,
+                                      before_commit=journal.before_commit)
         except RolledBack as exc:
             d = CclmReport(exc.report, ChannelFigures.from_stats(client.stats())).as_dict()
             why = exc.report.error or "no reason given"
@@ -192,7 +205,7 @@ async def run_receiver(params: Mapping[str, Any], on_event: Callable[[dict[str, 
     host, port = parse_hostport(params["listen"], allow_zero=True, allow_empty_host=True)
     try:
         tls = tls_for(params, "server")
-        _check_plaintext(params, host, tls)
+        check_plaintext(params, host, tls)
         _what, dst = await _connect_qemu(params)
     except JobRefused as exc:
         return _refused(str(exc))

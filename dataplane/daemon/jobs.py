@@ -140,6 +140,18 @@ class JobTable:
         self._jobs[job.id] = job
         return job
 
+    def adopt(self, job_id: str, kind: str, params: Mapping[str, Any]) -> Job:
+        """A job of a previous run of the daemon, under its own id, started (its end follows).
+
+        :raises ValueError: that id is taken.
+        """
+        if job_id in self._jobs:
+            raise ValueError(f"job {job_id} exists")
+        job = Job(job_id, kind, dict(params))
+        job.start()
+        self._jobs[job.id] = job
+        return job
+
     def get(self, job_id: str) -> Job:
         """:raises UnknownJob: no such job."""
         try:

@@ -20,8 +20,24 @@ API_VERSION = "1"
 _RATE = {"type": "integer", "minimum": 0, "maximum": 1 << 40,
          "description": "bytes per second; 0: unlimited"}
 
-_HOSTPORT = {"type": "string", "minLength": 1, "maxLength": 300, "description": "HOST:PORT ([IPv6]:PORT)"}
-_QMP = {"type": "string", "minLength": 1, "maxLength": 107, "description": "the QEMU's QMP unix socket"}
+#: HOST:PORT as channel.addr.parse_hostport takes it: a host name (its labels) or an IPv4 address,
+#: or an IPv6 address in brackets; a port 1..65535 (a listener's may be 0, its host empty).
+_H16 = "[0-9A-Fa-f]{1,4}"
+_IPV6 = "|".join([f"({_H16}:){{7}}{_H16}", f"({_H16}:){{1,7}}:", f"({_H16}:){{1,6}}:{_H16}",
+                  *(f"({_H16}:){{1,{6 - n}}}(:{_H16}){{1,{n + 1}}}" for n in range(1, 6)),
+                  f":((:{_H16}){{1,7}}|:)"])
+_LABEL = "[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOST = f"({_LABEL}(\\.{_LABEL})*\\.?|\\[({_IPV6})\\])"
+_PORT = "0*([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+_HOSTPORT = {"type": "string", "minLength": 1, "maxLength": 300, "description": "HOST:PORT ([IPv6]:PORT)",
+             "pattern": f"^\\s*{_HOST}:{_PORT}\\s*$"}
+_LISTEN = {**_HOSTPORT, "pattern": f"^\\s*{_HOST}?:({_PORT}|0+)\\s*$",
+           "description": "HOST:PORT; :PORT for every interface; port 0 picks one (the `listening` event "
+                          "gives it)"}
+#: A path: no NUL byte (the kernel ends a unix socket path at one, so "/a\0b" would reach "/a").
+_NO_NUL = "^[^\\x00]*$"
+_QMP = {"type": "string", "minLength": 1, "maxLength": 107, "pattern": _NO_NUL,
+        "description": "the QEMU's QMP unix socket"}
 _NODES = {"type": "array", "minItems": 1, "maxItems": 64,
           "items": {"type": "string", "minLength": 1, "maxLength": 256},
           "description": "disks by block node name or device id (default: every writable disk)"}
@@ -48,7 +64,7 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {
             "disk": {"type": "string", "minLength": 1, "maxLength": 256,
                      "description": "block node name or device id (libvirt: target, alias or source)"},
-            "target": {"type": "string", "minLength": 1, "maxLength": 4096,
+            "target": {"type": "string", "minLength": 1, "maxLength": 4096, "pattern": _NO_NUL,
                        "description": "a file path, a host block device (/dev/...) or blockdev JSON"},
             "format": {"enum": ["raw", "qcow2"], "description": "of a file target; default the disk's own"},
         },
@@ -115,8 +131,7 @@ _SCHEMAS: dict[str, Any] = {
         "oneOf": [{"required": ["qmp"]}, {"required": ["libvirt"]}],
         "description": "the parameters of `dataplane receive` (the destination side)",
         "properties": {
-            "listen": {**_HOSTPORT, "description": "HOST:PORT; :PORT for every interface; port 0 picks "
-                                                   "one (the `listening` event gives it)"},
+            "listen": _LISTEN,
             "qmp": _QMP,
             "libvirt": {"$ref": "#/components/schemas/LibvirtDomain"},
             "tls": {"$ref": "#/components/schemas/Tls"},
@@ -186,7 +201,8 @@ def _job_paths(resource: str, what: str, request: str, change: str | None, chang
                          "responses": {"200": {"description": "changed (a running job within a progress "
                                                               "interval)", "content": _json("Job")},
                                        "400": _error("the body is not valid"), "404": _error("no such job"),
-                                       "409": _error("the job already ended"), "415": _error("not JSON")}}
+                                       "409": _error("the job already ended"),
+                                       "413": _error("the body is over 1 MiB"), "415": _error("not JSON")}}
     return {
         f"/v1/{resource}": {
             "get": {"summary": "list", "responses": {"200": {
@@ -198,6 +214,9 @@ def _job_paths(resource: str, what: str, request: str, change: str | None, chang
                      "requestBody": {"required": True, "content": _json(request)},
                      "responses": {"201": {"description": "created", "content": _json("Job")},
                                    "400": _error("the body is not valid"),
+                                   "403": _error("a disallowed peer (plaintext on an address other "
+                                                 "hosts may reach)"),
+                                   "413": _error("the body is over 1 MiB"),
                                    "415": _error("not JSON"), "503": _error("shutting down")}},
         },
         f"/v1/{resource}/{{id}}": item,
@@ -205,7 +224,7 @@ def _job_paths(resource: str, what: str, request: str, change: str | None, chang
             "parameters": [_JOB_ID, {"name": "Last-Event-ID", "in": "header", "required": False,
                                      "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"}},
                            {"name": "after", "in": "query", "required": False,
-                            "schema": {"type": "integer", "minimum": 0}}],
+                            "schema": {"type": "integer", "minimum": 0, "maximum": 10**18 - 1}}],
             "get": {"summary": "the job's events as server-sent events (the CLI's JSON events), from "
                                "the first or after an event id; the stream ends after the report",
                     "responses": {"200": {"description": "text/event-stream"},

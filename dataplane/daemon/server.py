@@ -22,10 +22,12 @@ import errno
 import json
 import logging
 import os
+import re
 import socket
 import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -35,7 +37,8 @@ from dataplane.migration import MigrationControl
 from dataplane.migration.policy import NOTE, RAISE_THROTTLE, SWITCH_POSTCOPY
 from dataplane.migration.slm import WRITE_BLOCKING, SlmControl
 
-from .cclm_jobs import run_migration, run_receiver
+from . import journal
+from .cclm_jobs import JobRefused, check_plaintext, run_migration, run_receiver
 from .jobs import Job, JobEnd, JobTable, UnknownJob
 from .metrics import CONTENT_TYPE, Metrics
 from .openapi import DOCUMENT, BadRequest, validate_body
@@ -70,6 +73,8 @@ RESOURCES = {r.name: r for r in (
     Resource("migrations", MIGRATION, "MigrationRequest", "MigrationChange", "migration"),
     Resource("receivers", RECEIVER, "ReceiverRequest", None, "receiver"),
 )}
+#: An event id as the API takes it: ASCII digits only (str.isdigit() takes '²', which int() refuses).
+_EVENT_ID = re.compile(r"[0-9]{1,18}")
 #: Seconds a server-sent event stream waits between keep-alive comments.
 KEEPALIVE = 15.0
 
@@ -96,8 +101,11 @@ async def _json_errors(request: web.Request, handler: Callable[[web.Request], Aw
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return _error(exc.status, exc.reason if exc.text is None or exc.text.startswith(str(exc.status))
+        resp = _error(exc.status, exc.reason if exc.text is None or exc.text.startswith(str(exc.status))
                       else exc.text)
+        if "Allow" in exc.headers:  # a 405 says which methods the resource takes (RFC 9110)
+            resp.headers["Allow"] = exc.headers["Allow"]
+        return resp
     except BadRequest as exc:
         return _error(400, exc.message, exc.details)
     except asyncio.CancelledError:
@@ -111,7 +119,8 @@ class Daemon:
     """The jobs, their tasks and interrupts, the metrics, and the aiohttp application."""
 
     def __init__(self, *, max_storage: int = 2, max_migrations: int = 2, max_receivers: int = 8,
-                 bandwidth_budget: int = 0, runners: dict[str, Runner] | None = None) -> None:
+                 bandwidth_budget: int = 0, runners: dict[str, Runner] | None = None,
+                 state_dir: str | os.PathLike[str] | None = None) -> None:
         self.table = JobTable({STORAGE: max_storage, MIGRATION: max_migrations, RECEIVER: max_receivers})
         self.metrics = Metrics()
         self.metrics.declare(STORAGE, SLM_ACTIONS)
@@ -127,6 +136,10 @@ class Daemon:
         self.controls: dict[str, Any] = {}
         self.news: dict[str, asyncio.Event] = {}
         self.stopping = False
+        #: where the jobs' crash journals go (None: not journaled; see :mod:`.journal`)
+        self.state_dir = Path(state_dir) if state_dir is not None else None
+        self.reconciling = self.state_dir is not None and self.state_dir.is_dir() and bool(
+            journal.pending(self.state_dir))
         self.app = self._make_app()
 
     # ------------------------------------------------------------------ jobs
@@ -193,7 +206,12 @@ class Daemon:
     async def _run(self, job: Job) -> None:
         log.info("job %s: %s started", job.id, job.kind)
         end = JobEnd("failed", None, "the job stopped unexpectedly (see the daemon's log)")
+        jour: journal.JobJournal | None = None
         try:
+            if self.state_dir is not None:
+                jour = journal.JobJournal(self.state_dir / f"{job.id}{journal.SUFFIX}", job.id, job.kind,
+                                          job.params)
+                journal.CURRENT.set(jour)  # this task's context: the runner's QEMU drivers write to it
             runner = self.runners[job.kind]
             end = await runner(job.params, lambda e: self._emit(job, e), self.interrupts[job.id],
                                self.controls[job.id])
@@ -204,6 +222,8 @@ class Daemon:
             log.exception("job %s failed", job.id)
             end = JobEnd("failed", None, f"{type(exc).__name__}: {exc}")
         finally:
+            if jour is not None:
+                jour.end(end.outcome)
             self._end(job, end)
             self.tasks.pop(job.id, None)
             self.interrupts.pop(job.id, None)
@@ -258,11 +278,43 @@ class Daemon:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    async def reconcile(self) -> list[Job]:
+        """Undo what the journals of the state directory say a previous run of the daemon left
+        behind (see :mod:`.journal`); each becomes an ended job of the same id, whose events say
+        what was done. New jobs are taken meanwhile (their QEMUs are others).
+
+        :returns: those jobs.
+        """
+        out: list[Job] = []
+        try:
+            for path in journal.pending(self.state_dir) if self.state_dir is not None else []:
+                try:
+                    res = await journal.reconcile(path)
+                except Exception:  # a bug of ours: keep the journal for the next start, go on
+                    log.exception("reconciling %s failed", path)
+                    continue
+                if res is None:
+                    continue
+                job = self.table.adopt(res.id, res.kind, res.params)
+                for action in res.actions:
+                    job.add_event({"event": "reconcile", "action": action})
+                for problem in res.problems:
+                    job.add_event({"event": "reconcile", "problem": problem})
+                self._end(job, JobEnd(res.outcome, {"event": "report", "outcome": res.outcome,
+                                                     "reconciled": True, "actions": res.actions,
+                                                     "problems": res.problems, "error": res.error},
+                                      res.error))
+                out.append(job)
+        finally:
+            self.reconciling = False
+        return out
+
     # ------------------------------------------------------------------ HTTP
 
     def _make_app(self) -> web.Application:
         app = web.Application(middlewares=[_json_errors], client_max_size=1 << 20)
         kinds = "|".join(RESOURCES)
+        changeable = "|".join(r.name for r in RESOURCES.values() if r.change is not None)
         app.add_routes([
             web.get("/healthz", self._healthz), web.get("/readyz", self._readyz),
             web.get("/metrics", self._metrics), web.get("/openapi.json", self._openapi),
@@ -270,7 +322,7 @@ class Daemon:
             web.post(f"/v1/{{resource:{kinds}}}", self._create),
             web.get(f"/v1/{{resource:{kinds}}}/{{id}}", self._get),
             web.delete(f"/v1/{{resource:{kinds}}}/{{id}}", self._cancel),
-            web.patch(f"/v1/{{resource:{kinds}}}/{{id}}", self._patch),
+            web.patch(f"/v1/{{resource:{changeable}}}/{{id}}", self._patch),
             web.get(f"/v1/{{resource:{kinds}}}/{{id}}/events", self._events),
         ])
         return app
@@ -300,6 +352,8 @@ class Daemon:
     async def _readyz(self, _request: web.Request) -> web.Response:
         if self.stopping:
             return _error(503, "shutting down")
+        if self.reconciling:
+            return _error(503, "reconciling what a previous run of the daemon left behind")
         return web.json_response({"status": "ready"})
 
     async def _metrics(self, _request: web.Request) -> web.Response:
@@ -336,9 +390,7 @@ class Daemon:
 
     async def _patch(self, request: web.Request) -> web.Response:
         res = self._resource(request)
-        if res.change is None:
-            raise web.HTTPMethodNotAllowed("PATCH", ["GET", "DELETE"],
-                                           text=f"a {res.title} has nothing to change")
+        assert res.change is not None  # the route takes only the resources that have one
         job = self._job(request)
         change = await self._body(request, res.change)
         try:
@@ -360,10 +412,12 @@ class Daemon:
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
         job = self._job(request)
-        text = request.headers.get("Last-Event-ID", request.query.get("after", "0"))
-        if not text.isdigit() or len(text) > 18:
-            return _error(400, f"a bad event id {text!r}: give the number of the last event seen")
-        last = int(text)
+        header, query = request.headers.get("Last-Event-ID"), request.query.get("after")
+        given = [t for t in (header, query) if t is not None]
+        for text in given:  # both checked; the header wins (an EventSource resends it on reconnecting)
+            if not _EVENT_ID.fullmatch(text):
+                return _error(400, f"a bad event id {text!r}: give the number of the last event seen")
+        last = int(given[0]) if given else 0
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         try:
@@ -420,9 +474,14 @@ def _check_addresses(params: dict[str, Any]) -> None:
     for key, listen in (("to", False), ("listen", True)):
         if key in params:
             try:
-                parse_hostport(params[key], allow_zero=listen, allow_empty_host=listen)
+                host, _port = parse_hostport(params[key], allow_zero=listen, allow_empty_host=listen)
             except ValueError as exc:
                 raise BadRequest(f"{key}: {exc}") from None
+            if params["tls"].get("plaintext"):  # a disallowed peer is refused when asked, not as a job
+                try:
+                    check_plaintext(params, host, None)
+                except JobRefused as exc:
+                    raise web.HTTPForbidden(text=f"{key}: {exc}") from None
 
 
 def _clear_stale(path: str) -> None:

@@ -15,6 +15,7 @@ from dataplane.migration.slm import DiskMove, SlmControl, SlmFailed, SlmOptions,
 from dataplane.storage.targets import TargetError, parse_target
 from qmp_driver import DriverError, QemuDriver
 
+from . import journal
 from .jobs import JobEnd
 
 __all__ = ["run_storage_migration", "storage_moves"]
@@ -67,6 +68,7 @@ async def run_storage_migration(params: Mapping[str, Any], on_event: Callable[[d
                                            control=control)
         else:
             drv = await QemuDriver.connect_socket(params["qmp"])
+            await journal.watch(drv, {"qmp": params["qmp"]})
             work = storage_migrate(drv, moves, options, on_event=on_event, interrupt=interrupt,
                                    control=control)
     except (DriverError, OSError) as exc:

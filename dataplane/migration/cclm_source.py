@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import shutil
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -72,7 +72,8 @@ async def run_source(client: ChannelClient, src: QemuDriver, *, disks: Iterable[
                      on_event: EventCallback | None = None,
                      interrupt: asyncio.Event | None = None,
                      disk_map: Mapping[str, str] | None = None,
-                     control: MigrationControl | None = None) -> CclmReport:
+                     control: MigrationControl | None = None,
+                     before_commit: Callable[[str], None] | None = None) -> CclmReport:
     """Migrate the VM behind ``src`` to the destination at the other end of ``client``'s session.
 
     ``client`` must be started (the session established: a wrong
@@ -91,7 +92,9 @@ async def run_source(client: ChannelClient, src: QemuDriver, *, disks: Iterable[
     completed source), after it only the destination's ``abort`` does.
     ``on_event`` receives ``progress``, ``decision`` and ``phase`` events
     (dicts, see docs/cli.md). ``control`` changes the downtime limit live
-    (:class:`~dataplane.migration.source.MigrationControl`).
+    (:class:`~dataplane.migration.source.MigrationControl`). ``before_commit(status)`` is
+    called right before ``commit`` is sent (a crash journal writes it down: from then on the
+    source must never resume by itself); if it raises, the commit is not sent.
 
     :returns: the report: outcome ``completed`` (the destination confirmed
         with ``done``) or ``in-doubt`` (``commit`` was sent and no answer
@@ -105,7 +108,7 @@ async def run_source(client: ChannelClient, src: QemuDriver, *, disks: Iterable[
     :raises asyncio.CancelledError: after the rollback and the abort message.
     """
     role = _SourceRole(client, src, disks, options or MigrationOptions(), workdir, on_event, interrupt,
-                       disk_map, control)
+                       disk_map, control, before_commit)
     return await role.run()
 
 
@@ -117,8 +120,10 @@ class _SourceRole:
     def __init__(self, client: ChannelClient, src: QemuDriver, disks: Iterable[str] | None,
                  options: MigrationOptions, workdir: str | Path | None, on_event: EventCallback | None,
                  interrupt: asyncio.Event | None, disk_map: Mapping[str, str] | None = None,
-                 control: MigrationControl | None = None) -> None:
+                 control: MigrationControl | None = None,
+                 before_commit: Callable[[str], None] | None = None) -> None:
         self.client = client
+        self.before_commit = before_commit
         self.src = src
         self.disks = disks
         self.disk_map = dict(disk_map or {})
@@ -180,6 +185,8 @@ class _SourceRole:
 
     async def handover(self, status: str) -> None:
         """``commit``: the source QEMU handed the guest over (``completed``, or a postcopy started)."""
+        if self.before_commit is not None:
+            self.before_commit(status)
         self.control.send(Commit(status))
         self.handed.append(status)
         emit(self.on_event, {"event": "phase", "phase": "committed", "status": status})

@@ -85,6 +85,8 @@ def parse_target(text: str, fmt: str | None = None) -> Target:
         is_device = stat.S_ISBLK(os.stat(path).st_mode)
     except FileNotFoundError:
         is_device = False
+    except (OSError, ValueError) as exc:  # a NUL byte, a name too long, a file where a directory should be
+        raise TargetError(f"target {path!r}: {getattr(exc, 'strerror', None) or exc}") from None
     if is_device:
         if fmt not in (None, "raw"):
             raise TargetError(f"{path} is a block device: it is written raw (no --format {fmt})")

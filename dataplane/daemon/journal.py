@@ -1,0 +1,330 @@
+"""The daemon's crash journal, and the reconciliation that reads it after a restart.
+
+Every job that may change a QEMU writes ``<state-dir>/<job id>.journal`` (JSON lines, each
+``fsync``'ed before the step it describes is taken):
+
+* ``job``: the job's id, kind and parameters (first);
+* ``qemu``: a QEMU the job connected to (``where``: its QMP socket or libvirt domain) and its run
+  state then;
+* ``qmp``: a command about to be sent to that QEMU (every command but the ``query-*`` ones: block
+  nodes, mirror jobs, NBD exports, capabilities and parameters, ``migrate``, ``cont``...), with the
+  values it replaces (``prior``) for capabilities and parameters;
+* ``commit``: a cross-cluster migration's source is about to hand the guest over (from then on the
+  destination may run it: the source must never resume by itself);
+* ``end``: the job ended; the file is then removed.
+
+A journal without ``end`` was left by a daemon that died (``kill -9``, a crash, the node's power).
+:func:`reconcile` undoes what it recorded, newest first, with the QEMU's present state as the
+guide: a migration cancelled, mirror jobs cancelled, exports and the NBD server stopped, added
+nodes deleted, capabilities and parameters restored, and a source guest that was running resumed.
+It never resumes a guest that may run elsewhere: after a ``commit`` (source) or a ``cont``
+(destination) it only reports the job in doubt. What it did is the reconciled job's events.
+
+The journal of the running job is a context variable (:data:`CURRENT`), set by the daemon around
+each job's task; :func:`watch` attaches it to a QEMU driver, :func:`before_commit` writes a commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qmp_driver import DriverError, QemuDriver
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CURRENT", "JobJournal", "Reconciled", "StateDirBusy", "before_commit", "lock_state_dir",
+           "pending", "reconcile", "watch"]
+
+SUFFIX = ".journal"
+#: Commands whose prior values a journal keeps, and the query that reads them.
+PRIOR_QUERIES = {"migrate-set-capabilities": "query-migrate-capabilities",
+                 "migrate-set-parameters": "query-migrate-parameters"}
+#: Migration states in which ``migrate_cancel`` takes the guest back.
+CANCELLABLE = frozenset({"setup", "active", "pre-switchover", "device", "wait-unplug"})
+#: Seconds reconciliation waits for a cancelled migration or block job to go.
+SETTLE_S = 30.0
+
+#: The journal of the job whose task is running (None outside jobs, or without a state directory).
+CURRENT: contextvars.ContextVar[JobJournal | None] = contextvars.ContextVar("dataplane_journal", default=None)
+
+
+class JobJournal:
+    """The journal file of one job (see the module)."""
+
+    def __init__(self, path: Path, job_id: str, kind: str, params: Mapping[str, Any]) -> None:
+        self.path = path
+        self._qemus: dict[int, int] = {}  # id(driver) -> its number in this journal
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self.write({"t": "job", "id": job_id, "kind": kind, "params": dict(params), "time": time.time()})
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        """Append ``record`` and make it durable before returning. :raises OSError: it cannot be."""
+        os.write(self._fd, (json.dumps(record, default=str) + "\n").encode())
+        os.fsync(self._fd)
+
+    async def add_qemu(self, drv: QemuDriver, where: Mapping[str, Any]) -> None:
+        status = "unknown"
+        with contextlib.suppress(DriverError):
+            status = (await drv.query_status()).status
+        self._qemus[id(drv)] = n = len(self._qemus)
+        self.write({"t": "qemu", "qemu": n, "where": dict(where), "status": status})
+
+    async def before_change(self, drv: QemuDriver, command: str,
+                            arguments: Mapping[str, Any] | None) -> None:
+        record: dict[str, Any] = {"t": "qmp", "qemu": self._qemus.get(id(drv), -1), "cmd": command,
+                                  "args": dict(arguments or {})}
+        query = PRIOR_QUERIES.get(command)
+        if query is not None:
+            with contextlib.suppress(DriverError):
+                record["prior"] = await drv.execute(query)
+        self.write(record)
+
+    def end(self, outcome: str) -> None:
+        """The job ended: the journal is removed (nothing is left to reconcile)."""
+        with contextlib.suppress(OSError):
+            self.write({"t": "end", "outcome": outcome})
+        os.close(self._fd)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+async def watch(drv: QemuDriver, where: Mapping[str, Any]) -> None:
+    """Journal every change the running job makes to the QEMU behind ``drv`` (``where``: how to
+    reach it again: ``{"qmp": PATH}`` or ``{"libvirt": {"uri": ..., "domain": ...}}``). Nothing
+    without a journal."""
+    journal = CURRENT.get()
+    if journal is None:
+        return
+    await journal.add_qemu(drv, where)
+    drv.before_change = journal.before_change
+
+
+def before_commit(status: str) -> None:
+    """The running job's source is about to hand the guest over (``status``)."""
+    journal = CURRENT.get()
+    if journal is not None:
+        journal.write({"t": "commit", "status": status})
+
+
+# --------------------------------------------------------------------------- reconciliation
+
+
+@dataclass
+class Reconciled:
+    """What reconciliation found and did for one journal: the job's ``id``, ``kind`` and ``params``,
+    its ``outcome`` (``rolled-back``, ``in-doubt`` or ``failed``: a step did not work), one
+    line per action, the problems."""
+
+    id: str
+    kind: str
+    params: dict[str, Any]
+    outcome: str = "rolled-back"
+    actions: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def error(self) -> str:
+        head = "the daemon stopped without ending this job (killed or crashed); after its restart"
+        if self.outcome == "in-doubt":
+            return f"{head}: {'; '.join(self.problems)}"
+        if self.problems:
+            return f"{head} reconciliation could not: {'; '.join(self.problems)}"
+        return f"{head} it was rolled back: the VM runs where it was, nothing of the job is left"
+
+
+class StateDirBusy(OSError):
+    """Another daemon uses the state directory."""
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """Create ``state_dir`` (mode 0700) if needed and hold its lock for this process's life (one
+    daemon per state directory: two would reconcile each other's running jobs).
+
+    :returns: the lock's file descriptor (closing it releases the lock).
+    :raises StateDirBusy: another process holds it.
+    :raises OSError: it cannot be created or opened.
+    """
+    import fcntl
+
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StateDirBusy(f"another daemon uses the state directory {state_dir}") from None
+    return fd
+
+
+def pending(state_dir: Path) -> list[Path]:
+    """The journals in ``state_dir`` left by a daemon that died, oldest first."""
+    return sorted(state_dir.glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime)
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:  # the last line of a daemon killed while writing it
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+async def reconcile(path: Path) -> Reconciled | None:
+    """Undo what the journal at ``path`` recorded (see the module), remove it, and say what was
+    done; None for a journal of a job that ended (removed as well). Never raises for a QEMU that
+    is gone or refuses a step (a problem of the result)."""
+    records = _records(path)
+    head = records[0] if records and records[0].get("t") == "job" else None
+    if head is None or any(r.get("t") == "end" for r in records):
+        path.unlink(missing_ok=True)
+        return None
+    res = Reconciled(str(head.get("id")), str(head.get("kind")), dict(head.get("params") or {}))
+    committed = any(r.get("t") == "commit" for r in records)
+    for q in (r for r in records if r.get("t") == "qemu"):
+        cmds = [r for r in records if r.get("t") == "qmp" and r.get("qemu") == q.get("qemu")]
+        await _reconcile_qemu(res, q, cmds, committed)
+    if res.problems and res.outcome != "in-doubt":
+        res.outcome = "failed"
+    path.unlink(missing_ok=True)
+    log.warning("job %s (%s) reconciled: %s; %s", res.id, res.kind, res.outcome,
+                "; ".join(res.actions + res.problems) or "nothing to do")
+    return res
+
+
+async def _connect(where: Mapping[str, Any]) -> QemuDriver:
+    if "libvirt" in where:
+        return await QemuDriver.connect_libvirt(where["libvirt"]["uri"], where["libvirt"]["domain"])
+    return await QemuDriver.connect_socket(str(where["qmp"]))
+
+
+async def _reconcile_qemu(res: Reconciled, q: Mapping[str, Any], cmds: list[dict[str, Any]],
+                          committed: bool) -> None:
+    where = q.get("where") or {}
+    label = where.get("qmp") or f"domain {where.get('libvirt', {}).get('domain')!r}"
+    names = {c["cmd"] for c in cmds}
+    try:
+        drv = await _connect(where)
+    except (DriverError, OSError) as exc:
+        res.actions.append(f"{label}: not reachable ({exc}): the QEMU is gone, nothing left in it")
+        return
+    try:
+        if res.kind == "migration" and committed:
+            res.outcome = "in-doubt"
+            res.problems.append(f"the guest was being handed over to the destination ({label} left as it "
+                                f"is): settle it with `dataplane resolve`")
+            return
+        if res.kind == "receiver" and "cont" in names:
+            res.outcome = "in-doubt"
+            res.problems.append(f"the guest was being resumed here ({label} left as it is): settle it "
+                                f"with `dataplane resolve`")
+            return
+        await _undo(drv, res, label, cmds, resume=res.kind != "receiver" and q.get("status") == "running")
+    finally:
+        await drv.close()
+
+
+async def _step(res: Reconciled, what: str, coro: Any) -> bool:
+    try:
+        await coro
+    except DriverError as exc:
+        res.problems.append(f"{what}: {exc}")
+        return False
+    res.actions.append(what)
+    return True
+
+
+async def _undo(drv: QemuDriver, res: Reconciled, label: str, cmds: list[dict[str, Any]], *,
+                resume: bool) -> None:
+    names = [c["cmd"] for c in cmds]
+    if "migrate" in names:
+        info = await drv.execute("query-migrate")
+        status = str(info.get("status", "none"))
+        if status.startswith("postcopy"):
+            res.outcome = "in-doubt"
+            res.problems.append(f"{label}: a postcopy was under way ({status}): settle it with "
+                                f"`dataplane resolve`")
+            return
+        if status in CANCELLABLE:
+            if await _step(res, f"{label}: migration ({status}) cancelled", drv.execute("migrate_cancel")):
+                await _settle(drv, lambda i: str(i.get("status")) not in CANCELLABLE | {"cancelling"},
+                              "query-migrate")
+    jobs = [c["args"].get("job-id") for c in cmds if c["cmd"] in ("blockdev-mirror", "drive-mirror")]
+    present = {j.get("device") for j in await drv.execute("query-block-jobs")}
+    for job in (j for j in jobs if j in present):
+        if await _step(res, f"{label}: block job {job} cancelled",
+                       drv.execute("block-job-cancel", {"device": job, "force": True})):
+            await _settle(drv, lambda js, job=job: all(j.get("device") != job for j in js),
+                          "query-block-jobs")
+    for c in reversed(cmds):
+        if c["cmd"] == "block-export-add" and c["args"].get("id"):
+            await _quiet_step(res, f"{label}: export {c['args']['id']} removed",
+                              drv.execute("block-export-del", {"id": c["args"]["id"]}))
+        elif c["cmd"] == "nbd-server-add" and c["args"].get("device"):
+            await _quiet_step(res, f"{label}: export of {c['args']['device']} removed",
+                              drv.execute("nbd-server-remove", {"name": c["args"].get("name") or
+                                                                c["args"]["device"], "mode": "hard"}))
+    if "nbd-server-start" in names:
+        await _quiet_step(res, f"{label}: NBD server stopped", drv.execute("nbd-server-stop"))
+    nodes = {n.get("node-name") for n in await drv.execute("query-named-block-nodes")}
+    for c in reversed(cmds):
+        node = c["args"].get("node-name") if c["cmd"] == "blockdev-add" else None
+        if node and node in nodes:
+            try:
+                await drv.execute("blockdev-del", {"node-name": node})
+            except DriverError as exc:
+                if "in use" not in str(exc) and "busy" not in str(exc):
+                    res.problems.append(f"{label}: block node {node} not deleted: {exc}")
+                    continue
+                res.actions.append(f"{label}: block node {node} kept: the guest uses it (its copy pivoted)")
+                continue
+            res.actions.append(f"{label}: block node {node} deleted")
+    for cmd, key in (("migrate-set-capabilities", "capabilities"), ("migrate-set-parameters", None)):
+        first = next((c for c in cmds if c["cmd"] == cmd and "prior" in c), None)
+        if first is None:
+            continue
+        if key == "capabilities":
+            prior = {p["capability"]: p["state"] for p in first["prior"]}
+            touched = {x["capability"] for c in cmds if c["cmd"] == cmd for x in c["args"].get(key, [])}
+            caps = [{"capability": k, "state": prior[k]} for k in sorted(touched) if k in prior]
+            await _step(res, f"{label}: migration capabilities restored",
+                        drv.execute(cmd, {"capabilities": caps}))
+        else:
+            touched = {k for c in cmds if c["cmd"] == cmd for k in c["args"]}
+            params = {k: v for k, v in first["prior"].items() if k in touched}
+            await _step(res, f"{label}: migration parameters restored", drv.execute(cmd, params))
+    if resume:
+        status = (await drv.query_status()).status
+        if status != "running":
+            await _step(res, f"{label}: the guest resumed (it was {status})", drv.cont())
+
+
+async def _quiet_step(res: Reconciled, what: str, coro: Any) -> None:
+    """A step whose failure only means it was already undone (an export that went with its server)."""
+    try:
+        await coro
+    except DriverError as exc:
+        log.debug("%s: %s", what, exc)
+        return
+    res.actions.append(what)
+
+
+async def _settle(drv: QemuDriver, done: Any, query: str) -> None:
+    deadline = time.monotonic() + SETTLE_S
+    while time.monotonic() < deadline:
+        if done(await drv.execute(query)):
+            return
+        await asyncio.sleep(0.1)
