@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cclm_support import Clusters, Role, continues_on, make_vms
+from cclm_support import Clusters, Role, continues_on, make_vms, source_intact
 from prometheus_client.parser import text_string_to_metric_families
 
 from dataplane.daemon.client import DaemonClient
@@ -140,3 +140,38 @@ def test_three_concurrent_migrations_through_one_daemon_per_side(vm_factory, lin
         assert [j["state"] for j in ended] == ["completed"] * 3
         # the three ran at once in the source daemon: each started before any ended
         assert max(j["started"] for j in ended) < min(j["ended"] for j in ended), ended
+
+
+def test_sigterm_of_the_source_daemon_during_precopy_rolls_back(vm_factory, link_factory, tmp_path):
+    """SIGTERM to the source's daemon while RAM is being copied: it rolls the migration back (the
+    source keeps running, nothing of the migration left on it), the destination never runs the
+    guest, and the daemon exits 0."""
+    link = link_factory("100mbit")
+    short = Path(tempfile.mkdtemp(prefix="dpd-"))
+    socks = {side: short / f"api-{side}.sock" for side in "ab"}
+    roles = {side: Role(link, side, ["serve", "--api", f"unix:{socks[side]}", "--state-dir",
+                                     str(short / f"state-{side}")], tmp_path / f"serve-{side}.log")
+             for side in "ab"}
+    try:
+        for role in roles.values():
+            role.wait_stderr(r"serve listening on", 30)
+        cl = Clusters(link, tmp_path, daemons=socks)
+        src, dst, _paths = make_vms(vm_factory, tmp_path, data_fill=4 << 20,
+                                    cmdline={"dirty_mib": 16, "dirty_rate": 8, "pattern": "random"})
+        rcv, port = cl.receive(dst, "--grace", "5")
+        mig = cl.migrate(src, port, "--downtime-ms", "1", "--postcopy", "never", "--auto-converge", "off",
+                         "--grace", "5")
+        mig.wait_event(lambda e: e.get("event") == "progress" and e.get("phase") == "precopy", 120)
+        assert roles["a"].stop(signal.SIGTERM, 60) == 0, roles["a"].stderr()[-3000:]
+        assert not socks["a"].exists()
+        assert not list((short / "state-a").glob("*.journal")), "a rolled-back job left its journal"
+        assert mig.wait(60) != 0
+        source_intact(src)
+        assert rcv.wait(120) != 0
+        [received] = api(socks["b"], "GET", "/v1/receivers")["items"]
+        assert received["state"] == "rolled-back", received
+        assert not dst.is_running() or dst.qmp("query-status")["status"] != "running"
+    finally:
+        for role in roles.values():
+            role.stop(signal.SIGKILL)
+        shutil.rmtree(short, ignore_errors=True)
