@@ -447,3 +447,53 @@ def test_cli_through_the_daemon_says_what_the_command_says(vm_factory, tmp_path)
         serve.wait(30)
     vm.stop()
     assert disk_sha256(new, "raw") == want
+
+
+def test_the_api_over_tcp_takes_only_clients_with_a_trusted_certificate(tmp_path):
+    """`serve --api-tcp` with `--api-certs`: a client with the certificate set's client identity gets
+    answers; one without a certificate, or with one another CA issued, fails the TLS handshake."""
+    import ssl
+
+    from dataplane.channel.tls import TLSConfig, client_context
+
+    pki, other = tmp_path / "pki", tmp_path / "other"
+    for d in (pki, other):
+        subprocess.run([sys.executable, "-m", "dataplane", "certs", "init", str(d)], check=True,
+                       capture_output=True)
+    sock = tmp_path / "api.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "dataplane", "serve", "--api", f"unix:{sock}",
+                             "--state-dir", str(tmp_path / "state"), "--api-tcp", "127.0.0.1:0",
+                             "--api-certs", str(pki)], stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        assert "serve listening on" in proc.stderr.readline()
+        line = proc.stderr.readline()
+        assert "(mutual TLS)" in line, line
+        port = int(line.split("https://127.0.0.1:", 1)[1].split()[0])
+
+        def get(ctx: ssl.SSLContext | None) -> int:
+            async def go() -> int:
+                async with aiohttp.ClientSession() as s, s.get(f"https://127.0.0.1:{port}/healthz",
+                                                                ssl=ctx) as resp:
+                    return resp.status
+            return asyncio.run(go())
+
+        from dataplane import certs
+
+        def ctx_of(d: Path) -> ssl.SSLContext:
+            """The client identity of set ``d``, trusting the daemon's server certificate."""
+            mine, theirs = certs.load_cert_set(d), certs.load_cert_set(pki)
+            return client_context(TLSConfig.from_paths(mine.client.cert, mine.client.key,
+                                                       theirs.client.trust, theirs.server.names[0]))
+
+        assert get(ctx_of(pki)) == 200
+        bare = ssl.create_default_context(cafile=str(certs.load_cert_set(pki).client.trust))
+        bare.check_hostname = False
+        for ctx in (bare, ctx_of(other)):
+            with pytest.raises((aiohttp.ClientError, ssl.SSLError, OSError)):
+                get(ctx)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+        proc.wait(10)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import ssl
 
 from dataplane.cli.common import (
     EXIT_OK,
     CommandFailed,
     Commands,
+    UsageError,
     add_command,
     arg_type,
+    parse_bind,
     parse_rate_arg,
     positive_int,
     ready,
@@ -54,7 +57,22 @@ def register_serve(commands: Commands) -> None:
         ],
     )
     cmd.add_argument("--api", metavar="unix:PATH", default=DEFAULT_API,
-                     help=f"where the API listens (default: {DEFAULT_API}); TCP is not served yet")
+                     help=f"where the API listens (default: {DEFAULT_API})")
+    tcp = cmd.add_argument_group(
+        "TCP with mutual TLS (optional; the unix socket is always served)",
+        "--api-tcp HOST:PORT serves the same API over HTTPS to clients holding a certificate the CA\n"
+        "bundle trusts (and carrying --api-peer-name, if given). Give --api-certs DIR (a `dataplane\n"
+        "certs init` directory: this daemon is its server, its client is the API's client) or\n"
+        "--api-cert, --api-key and --api-ca.")
+    tcp.add_argument("--api-tcp", metavar="HOST:PORT", type=arg_type(parse_bind),
+                     help="also listen here (port 0 picks one; the ready line names it)")
+    tcp.add_argument("--api-certs", metavar="DIR", help="a `dataplane certs init` directory")
+    tcp.add_argument("--api-cert", metavar="PATH", help="the daemon's certificate (PEM)")
+    tcp.add_argument("--api-key", metavar="PATH", help="its private key (PEM)")
+    tcp.add_argument("--api-ca", metavar="PATH", help="the CA bundle that issued the clients' certificates")
+    tcp.add_argument("--api-peer-name", metavar="NAME",
+                     help="the name a client's certificate must carry (default with --api-certs: its "
+                          "client's name; otherwise any certificate the CA issued)")
     cmd.add_argument("--state-dir", metavar="DIR", default=DEFAULT_STATE,
                      help="the crash journal: every change a job makes to a QEMU is written here first; "
                           "after a crash or kill -9 the next start undoes what it finds and reports it as "
@@ -72,8 +90,38 @@ def register_serve(commands: Commands) -> None:
     cmd.set_defaults(handler=_cmd_serve)
 
 
+def _api_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The server context of --api-tcp (mutual TLS), None without it. Raises UsageError /
+    CommandFailed."""
+    from dataplane import certs
+    from dataplane.channel.tls import TLSConfig, TLSConfigError, server_context
+
+    given = [o for o, v in (("--api-certs", args.api_certs), ("--api-cert", args.api_cert),
+                            ("--api-key", args.api_key), ("--api-ca", args.api_ca)) if v]
+    if args.api_tcp is None:
+        if given:
+            raise UsageError(f"{', '.join(given)} without --api-tcp")
+        return None
+    cert, key, ca, peer = args.api_cert, args.api_key, args.api_ca, args.api_peer_name
+    if args.api_certs:
+        try:
+            cs = certs.load_cert_set(args.api_certs)
+        except certs.CertsError as exc:
+            raise CommandFailed(f"--api-certs: {exc}") from exc
+        cert, key, ca = cert or cs.server.cert, key or cs.server.key, ca or cs.server.trust
+        peer = peer or cs.client.names[0]
+    missing = [o for o, v in (("--api-cert", cert), ("--api-key", key), ("--api-ca", ca)) if not v]
+    if missing:
+        raise UsageError(f"--api-tcp needs mutual TLS: give --api-certs DIR, or {', '.join(missing)}")
+    try:
+        return server_context(TLSConfig.from_paths(cert, key, ca, peer))
+    except TLSConfigError as exc:
+        raise CommandFailed(f"--api-tcp: {exc}") from exc
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
-    path = unix_api_path("--api", args.api, " (TCP with mutual TLS is not served yet)")
+    path = unix_api_path("--api", args.api)
+    tls = _api_tls(args)
 
     async def run() -> int:
         import asyncio
@@ -100,6 +148,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             except OSError as exc:
                 raise CommandFailed(f"cannot serve {path}: {exc.strerror or exc}") from exc
             ready(f"serve listening on {path}")
+            if tls is not None:
+                from dataplane.channel.addr import format_hostport
+
+                try:
+                    bound = await daemon.serve_tcp(runner, args.api_tcp[0], args.api_tcp[1], tls)
+                except OSError as exc:
+                    await runner.cleanup()
+                    raise CommandFailed(f"cannot serve --api-tcp {format_hostport(*args.api_tcp)}: "
+                                        f"{exc.strerror or exc}") from exc
+                ready(f"serve listening on https://{format_hostport(*bound)} (mutual TLS)")
             reconciling = asyncio.create_task(daemon.reconcile())
             try:
                 await stop.wait()

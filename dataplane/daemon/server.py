@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import socket
+import ssl
 import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -467,6 +468,21 @@ class Daemon:
             raise
         os.chmod(path, 0o660)
         return runner
+
+    @staticmethod
+    async def serve_tcp(runner: web.AppRunner, host: str, port: int, tls: ssl.SSLContext) -> tuple[str, int]:
+        """Also serve the API on TCP ``host:port`` (0: any free port) with ``tls``, a server context
+        that requires the client's certificate (mutual TLS; see
+        :func:`dataplane.channel.tls.server_context`).
+
+        :returns: the address it listens on.
+        :raises OSError: it cannot listen there.
+        """
+        before = {str(a) for a in runner.addresses}
+        site = web.TCPSite(runner, host or None, port, ssl_context=tls)
+        await site.start()
+        new = [a for a in runner.addresses if isinstance(a, tuple) and str(a) not in before]
+        return (str(new[0][0]), int(new[0][1])) if new else (host, port)
 
 
 def _check_addresses(params: dict[str, Any]) -> None:
