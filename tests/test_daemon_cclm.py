@@ -13,7 +13,9 @@ import asyncio
 import contextlib
 import shutil
 import signal
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from cclm_support import Clusters, Role, continues_on, make_vms, source_intact
 from prometheus_client.parser import text_string_to_metric_families
 
 from dataplane.daemon.client import DaemonClient
+from dataplane.testing.cclm import RoleProcess
 from dataplane.testing.netns import Link
 from dataplane.testing.vm import images_identical
 
@@ -175,3 +178,45 @@ def test_sigterm_of_the_source_daemon_during_precopy_rolls_back(vm_factory, link
         for role in roles.values():
             role.stop(signal.SIGKILL)
         shutil.rmtree(short, ignore_errors=True)
+
+
+def test_a_misbehaving_peer_does_not_slow_a_migration(vm_factory, link_factory, tmp_path):
+    """A migration through the daemons takes no longer than 1.3 times a quiet run while a bad peer
+    (:mod:`dataplane.testing.bad_peer`: 48 stalled handshakes, a slow talker and 100 connections of
+    garbage a second) hammers the very listener that receives it. Quiet and noisy runs alternate, the
+    best of each is compared."""
+    link = link_factory("100mbit")
+    times: dict[bool, list[float]] = {False: [], True: []}
+    attacks: list[dict[str, Any]] = []
+    with daemons(link, tmp_path) as socks:
+        cl = Clusters(link, tmp_path, daemons=socks)
+        for n, noisy in enumerate((False, True, False, True)):
+            where = tmp_path / f"run{n}"
+            where.mkdir()
+            src, dst, paths = make_vms(vm_factory, where, names=(f"src{n}", f"dst{n}"),
+                                       cmdline={"dirty_mib": 16, "dirty_rate": 8})
+            rcv, port = cl.receive(dst, log=f"receive{n}.log")
+            bad = None
+            if noisy:
+                bad = RoleProcess(link, "a", "bad-peer", [sys.executable, "-m", "dataplane.testing.bad_peer",
+                                                          link.addr_b, str(port)], tmp_path / f"bad{n}.log")
+                until = time.monotonic() + 30
+                while not [e for e in bad.json_lines if e.get("garbage", 0) >= 100]:
+                    assert time.monotonic() < until and bad.popen.poll() is None, bad.stderr_tail()
+                    time.sleep(0.1)
+            t0 = time.monotonic()
+            mig = cl.migrate(src, port, log=f"migrate{n}.log")
+            assert mig.wait(240) == 0, mig.stderr()[-3000:]
+            times[noisy].append(time.monotonic() - t0)
+            assert rcv.wait(60) == 0, rcv.stderr()[-3000:]
+            if bad is not None:
+                attacks.append(bad.json_lines[-1])
+                bad.stop(signal.SIGKILL)
+            continues_on(dst, src)
+            src.kill()
+            dst.kill()
+            assert images_identical(paths["s1"], paths["d1"], "qcow2", "qcow2")
+    quiet, noisy_best = min(times[False]), min(times[True])
+    print(f"migration time: quiet {times[False]}, with the bad peer {times[True]}; the bad peer: {attacks}")
+    assert all(a["garbage"] >= 100 and a["stalled"] > 0 for a in attacks), attacks
+    assert noisy_best <= 1.3 * quiet, f"quiet {times[False]}, with the bad peer {times[True]}; {attacks}"
