@@ -220,3 +220,69 @@ def test_a_misbehaving_peer_does_not_slow_a_migration(vm_factory, link_factory, 
     print(f"migration time: quiet {times[False]}, with the bad peer {times[True]}; the bad peer: {attacks}")
     assert all(a["garbage"] >= 100 and a["stalled"] > 0 for a in attacks), attacks
     assert noisy_best <= 1.3 * quiet, f"quiet {times[False]}, with the bad peer {times[True]}; {attacks}"
+
+
+def test_one_channel_listener_routes_each_session_to_its_receiver(vm_factory, link_factory, tmp_path):
+    """`serve --listen`: receivers without a listener of their own share the daemon's. A session
+    goes to the receiver it names and only if its certificate carries that receiver's peer name; a
+    session no waiting receiver expects is refused, and its source keeps running."""
+    link = link_factory("1gbit")
+    short = Path(tempfile.mkdtemp(prefix="dpd-"))
+    socks = {side: short / f"api-{side}.sock" for side in "ab"}
+    cl = Clusters(link, tmp_path)
+    extra = {"a": [], "b": ["--listen", f"{link.addr_b}:0", "--certs", str(cl.pki)]}
+    roles = {side: Role(link, side, ["serve", "--api", f"unix:{socks[side]}", "--state-dir",
+                                     str(short / f"state-{side}"), *extra[side]],
+                        tmp_path / f"serve-{side}.log")
+             for side in "ab"}
+    try:
+        for role in roles.values():
+            role.wait_stderr(r"serve listening on", 30)
+        shared = roles["b"].wait_stderr(r"serve channel listening on", 30)
+        cl.daemons = socks
+        pairs = []
+        for i in range(2):
+            where = tmp_path / f"pair{i}"
+            where.mkdir()
+            pairs.append(make_vms(vm_factory, where, names=(f"src{i}", f"dst{i}")))
+
+        def receive(dst: Any, peer: str, n: int) -> tuple[Role, int, str]:
+            argv = ["--daemon", f"unix:{socks['b']}", "receive", "--qmp", str(dst.qmp_path),
+                    "--peer-name", peer, "--output", "json", "--workdir", str(cl.workdirs["b"])]
+            role = Role(link, "b", argv, tmp_path / f"receive{n}.log")
+            line = role.wait_stderr(r"receive listening on \S+:\d+ as receiver \S+", 30)
+            where, receiver = line.split("receive listening on", 1)[1].split(" as receiver ")
+            return role, int(where.strip().rsplit(":", 1)[1]), receiver.strip()
+
+        (src1, dst1, paths1), (src2, dst2, _paths2) = pairs
+        rcv1, port1, id1 = receive(dst1, "dataplane-client", 1)
+        rcv2, port2, id2 = receive(dst2, "someone-else", 2)
+        assert port1 == port2 == int(shared.rsplit(":", 1)[1]), (port1, port2, shared)
+        # a source that names a receiver whose peer its certificate is not
+        mig = cl.migrate(src1, port1, "--receiver", id2, log="migrate-wrong.log")
+        assert mig.wait(60) != 0
+        assert "may not migrate" in mig.stderr(), mig.stderr()[-2000:]
+        assert src1.qmp("query-status")["status"] == "running"
+        # named, and authorised: it goes to that receiver, and only there
+        mig1 = cl.migrate(src1, port1, "--receiver", id1, log="migrate1.log")
+        assert mig1.wait(180) == 0, mig1.stderr()[-3000:]
+        assert rcv1.wait(60) == 0, rcv1.stderr()[-3000:]
+        continues_on(dst1, src1)
+        assert dst2.qmp("query-status")["status"] != "running"
+        # a receiver that already took its session takes no other
+        again = cl.migrate(src2, port1, "--receiver", id1, log="migrate-again.log")
+        assert again.wait(60) != 0
+        assert "is waiting" in again.stderr(), again.stderr()[-2000:]
+        assert src2.qmp("query-status")["status"] == "running"
+        rcv2.stop(signal.SIGTERM, 30)
+        [job2] = [j for j in api(socks["b"], "GET", "/v1/receivers")["items"] if j["id"] == id2]
+        assert job2["state"] in ("aborted", "cancelled", "refused"), job2
+        src1.kill()
+        dst1.kill()
+        assert images_identical(paths1["s1"], paths1["d1"], "qcow2", "qcow2")
+        for role in roles.values():
+            assert role.stop(signal.SIGTERM, 30) == 0, role.stderr()[-3000:]
+    finally:
+        for role in roles.values():
+            role.stop(signal.SIGKILL)
+        shutil.rmtree(short, ignore_errors=True)

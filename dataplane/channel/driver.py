@@ -88,6 +88,7 @@ class _SessionDriver:
         self.session = session
         self.role = role
         self.peer = peer
+        self.peer_names: tuple[str, ...] = ()  # the peer certificate's names (a server's sessions)
         self.on_stream = on_stream
         self.on_ready = on_ready
         self.on_terminated = on_terminated

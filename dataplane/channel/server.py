@@ -291,12 +291,15 @@ class ChannelServer:
         drv = self.sessions.get(key)
         if drv is None:
             who = conn.peer
+            names: tuple[str, ...] = ()
             if self.tls is not None and conn.transport is not None:
                 with contextlib.suppress(Exception):
                     ident = peer_identity(conn.transport)
+                    names = tuple(ident.names)
                     who = f"{ident.names[0] if ident.names else '?'} at {conn.peer}"
             drv = _SessionDriver(session, role="server", peer=who, bandwidth=self.bandwidth,
                                  on_stream=self.on_stream, on_terminated=self._session_ended)
+            drv.peer_names = names
             self.sessions[key] = drv
             log.info("%s opened by %s", drv.label, who)
             if self.plaintext:
@@ -330,6 +333,17 @@ class ChannelServer:
             "tls_handshakes": self._tls_handshakes,
             "sessions": [d.stats() for d in self.sessions.values()] + list(self.ended),
         }
+
+    async def close_session(self, session_id: str, reason: str, timeout: float = 2.0, *,
+                            drain_timeout: float = DRAIN_TIMEOUT) -> None:
+        """End one session (hex id ``session_id``) as :meth:`close` ends each, gracefully; the
+        listener and the other sessions go on. Nothing if there is no such session. Never raises."""
+        drv = next((d for d in self.sessions.values() if d.session_hex == session_id), None)
+        if drv is None:
+            return
+        await drv.drain(reason, drain_timeout)
+        drv.close(reason)
+        await drv.wait_closed(timeout)
 
     async def close(self, reason: str = "the listener is shutting down", timeout: float = 2.0, *,
                     graceful: bool = True, drain_timeout: float = DRAIN_TIMEOUT) -> bool:

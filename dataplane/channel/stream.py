@@ -81,6 +81,11 @@ class ChannelStream:
         """Hex id of the session (empty before it is established)."""
         return self._drv.session_hex
 
+    @property
+    def peer_names(self) -> tuple[str, ...]:
+        """The names of the peer's certificate (CN and subjectAltNames; empty without TLS)."""
+        return self._drv.peer_names
+
     def accept(self, handler: StreamHandler) -> None:
         """Accept a stream the peer opened; its events go to *handler* from now on."""
         self.handler = handler

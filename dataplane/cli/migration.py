@@ -141,6 +141,10 @@ def register_migration(commands: Commands) -> None:
     mig.add_argument("--timeout-per-gib", metavar="SECONDS", type=arg_type(positive_float),
                      default=120.0, help="completion timeout: per GiB of RAM and disks, counting at least "
                                          "one GiB (default: 120)")
+    mig.add_argument("--receiver", metavar="ID",
+                     help="the receiver that must take this migration when --to is a daemon's shared channel "
+                          "listener (`serve --listen`): its job id, as `receive` printed it (default: the "
+                          "oldest receiver there waiting for this side's certificate)")
     mig.add_argument("--connections", metavar="N", type=positive_int, default=1,
                      help="TCP connections of the channel session, 1..16 (default: 1)")
     _output_options(mig)
@@ -178,9 +182,11 @@ def register_migration(commands: Commands) -> None:
         ],
     )
     qemu_options(rcv, "destination")
-    rcv.add_argument("--listen", metavar="HOST:PORT", required=True, type=arg_type(parse_bind),
+    rcv.add_argument("--listen", metavar="HOST:PORT", type=arg_type(parse_bind),
                      help="where the channel listens ([IPv6]:PORT; :PORT for every interface; port 0 picks "
-                          "one and prints it)")
+                          "one and prints it); required, except through a daemon with a channel listener "
+                          "(`serve --listen`): then the source whose certificate carries --peer-name "
+                          "migrates through that one")
     rcv.add_argument("--paused", action="store_true",
                      help="leave the guest paused on the destination after the migration")
     rcv.add_argument("--disk", metavar="NODE", action="append", dest="disks",
@@ -351,14 +357,17 @@ def _options(args: argparse.Namespace) -> Any:
         timeout_per_gib=args.timeout_per_gib)
 
 
-def _vm_request(args: argparse.Namespace) -> dict[str, Any]:
-    """The VM and channel members of a daemon request (paths made absolute: the daemon reads them)."""
+def _vm_request(args: argparse.Namespace, *, tls: bool = True) -> dict[str, Any]:
+    """The VM and channel members of a daemon request (paths made absolute: the daemon reads them);
+    ``tls``: with the TLS options (not for a receiver on the daemon's shared listener)."""
     import os
 
     from dataplane.cli.through_daemon import tls_request
 
-    body: dict[str, Any] = {"tls": tls_request(args), "compress": args.compress, "grace": args.grace,
+    body: dict[str, Any] = {"compress": args.compress, "grace": args.grace,
                             "bandwidth": int(args.bandwidth or 0)}
+    if tls:
+        body["tls"] = tls_request(args)
     if args.libvirt:
         body["libvirt"] = {"uri": args.libvirt, "domain": args.domain}
     else:
@@ -405,6 +414,8 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
                 "connections": args.connections}
         if args.disk_map:
             body["disk_map"] = dict(args.disk_map)
+        if args.receiver:
+            body["receiver"] = args.receiver
         return through_daemon(args, "migrations", body, printer,
                               lambda report, job: _migrate_finish(args, printer, report, job),
                               "asking the daemon to roll back unless the switchover already happened")
@@ -433,7 +444,7 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
                 try:
                     rep = await run_source(client, src, disks=args.disks, options=options,
                                            workdir=args.workdir, on_event=printer, interrupt=stop,
-                                           disk_map=dict(args.disk_map or []))
+                                           disk_map=dict(args.disk_map or []), receiver=args.receiver)
                 except RolledBack as exc:
                     from dataplane.migration.cclm import CclmReport, ChannelFigures
 
@@ -485,11 +496,44 @@ def _receive_finish(args: argparse.Namespace, printer: _Printer, rep: dict[str, 
     return EXIT_OK
 
 
+def _shared_receive(args: argparse.Namespace, printer: _Printer) -> int:
+    """``--daemon ... receive`` without --listen: on the daemon's shared channel listener, for the
+    source whose certificate carries --peer-name (or the client name of --certs)."""
+    from dataplane.cli.through_daemon import through_daemon
+
+    peer = args.peer_name
+    if peer is None and args.certs is not None:
+        from dataplane import certs
+
+        try:
+            peer = certs.load_cert_set(args.certs).client.names[0]
+        except certs.CertsError as exc:
+            raise CommandFailed(f"--certs: {exc}") from exc
+    if not peer:
+        raise UsageError("without --listen, give --peer-name NAME: the name the source's certificate "
+                         "must carry (the daemon's shared listener holds the TLS identity)")
+    body = {**_vm_request(args, tls=False), "peer": peer, "paused": args.paused,
+            "preallocated": args.preallocated}
+
+    def finish(report: dict[str, Any], job: dict[str, Any]) -> int:
+        if "total_time" not in report:
+            raise CommandFailed(str(job.get("error") or report.get("error")))
+        return _receive_finish(args, printer, report)
+
+    return through_daemon(args, "receivers", body, printer, finish,
+                          "asking the daemon to abort unless the destination already took over")
+
+
 def _cmd_receive(args: argparse.Namespace) -> int:
     what, connect = qemu_target(args)
+    printer = _Printer(args.output)
+    if args.listen is None:
+        if args.daemon is None:
+            raise UsageError("the following arguments are required: --listen")
+        check_stats_path(args.stats_json)
+        return _shared_receive(args, printer)
     tls = tls_config(args, "server")
     check_stats_path(args.stats_json)
-    printer = _Printer(args.output)
     if args.daemon is not None:
         from dataplane.channel.addr import format_hostport
         from dataplane.cli.through_daemon import through_daemon

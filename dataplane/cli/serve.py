@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ssl
+from typing import TYPE_CHECKING
 
 from dataplane.cli.common import (
     EXIT_OK,
@@ -20,6 +21,9 @@ from dataplane.cli.common import (
     stop_event,
     unix_api_path,
 )
+
+if TYPE_CHECKING:
+    from dataplane.channel.tls import TLSConfig
 
 DEFAULT_API = "unix:/run/dataplane/api.sock"
 DEFAULT_STATE = "/var/lib/dataplane"
@@ -58,6 +62,19 @@ def register_serve(commands: Commands) -> None:
     )
     cmd.add_argument("--api", metavar="unix:PATH", default=DEFAULT_API,
                      help=f"where the API listens (default: {DEFAULT_API})")
+    ch = cmd.add_argument_group(
+        "one channel listener for every receiver (optional)",
+        "--listen HOST:PORT takes the migrations of every receiver created without a listener of its\n"
+        "own (POST /v1/receivers with `peer`; `dataplane --daemon ... receive --peer-name NAME`).\n"
+        "Each session goes to the receiver it names (`migrate --receiver ID`) or to the oldest one\n"
+        "waiting, and only if its certificate carries that receiver's peer name. Give --certs DIR\n"
+        "(its server identity; the clients its CA issued may connect) or --cert, --key and --ca.")
+    ch.add_argument("--listen", metavar="HOST:PORT", type=arg_type(parse_bind),
+                    help="the shared channel listener (port 0 picks one; a ready line names it)")
+    ch.add_argument("--certs", metavar="DIR", help="a `dataplane certs init` directory")
+    ch.add_argument("--cert", metavar="PATH", help="the listener's certificate (PEM)")
+    ch.add_argument("--key", metavar="PATH", help="its private key (PEM)")
+    ch.add_argument("--ca", metavar="PATH", help="the CA bundle that issued the sources' certificates")
     tcp = cmd.add_argument_group(
         "TCP with mutual TLS (optional; the unix socket is always served)",
         "--api-tcp HOST:PORT serves the same API over HTTPS to clients holding a certificate the CA\n"
@@ -119,9 +136,40 @@ def _api_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
         raise CommandFailed(f"--api-tcp: {exc}") from exc
 
 
+def _channel_tls(args: argparse.Namespace) -> TLSConfig | None:
+    """The shared listener's TLS (no peer pinned: each receiver authorises its own), None without
+    --listen. Raises UsageError / CommandFailed."""
+    from dataplane import certs
+    from dataplane.channel.tls import TLSConfig, TLSConfigError, server_context
+
+    given = [o for o, v in (("--certs", args.certs), ("--cert", args.cert), ("--key", args.key),
+                            ("--ca", args.ca)) if v]
+    if args.listen is None:
+        if given:
+            raise UsageError(f"{', '.join(given)} without --listen")
+        return None
+    cert, key, ca = args.cert, args.key, args.ca
+    if args.certs:
+        try:
+            cs = certs.load_cert_set(args.certs)
+        except certs.CertsError as exc:
+            raise CommandFailed(f"--certs: {exc}") from exc
+        cert, key, ca = cert or cs.server.cert, key or cs.server.key, ca or cs.server.trust
+    missing = [o for o, v in (("--cert", cert), ("--key", key), ("--ca", ca)) if not v]
+    if missing:
+        raise UsageError(f"--listen needs mutual TLS: give --certs DIR, or {', '.join(missing)}")
+    try:
+        cfg = TLSConfig.from_paths(cert, key, ca, None)
+        server_context(cfg)  # reads and checks the files now
+    except TLSConfigError as exc:
+        raise CommandFailed(f"--listen: {exc}") from exc
+    return cfg
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     path = unix_api_path("--api", args.api)
     tls = _api_tls(args)
+    channel_tls = _channel_tls(args)
 
     async def run() -> int:
         import asyncio
@@ -139,9 +187,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise CommandFailed(f"--state-dir {state}: {exc.strerror or exc}") from None
         stop = stop_event("stopping: rolling back the migrations before their pivot")
+        listener = None
+        if channel_tls is not None:
+            from dataplane.channel.addr import format_hostport
+            from dataplane.daemon.listener import SharedListener
+
+            listener = SharedListener(args.listen[0], args.listen[1], channel_tls)
+            try:
+                await listener.start()
+            except OSError as exc:
+                os.close(lock)
+                raise CommandFailed(f"cannot listen on {format_hostport(*args.listen)}: "
+                                    f"{exc.strerror or exc}") from exc
+            ready(f"serve channel listening on {format_hostport(*listener.address)}")
         daemon = Daemon(max_storage=args.max_storage, max_migrations=args.max_migrations,
                         max_receivers=args.max_receivers, bandwidth_budget=int(args.bandwidth_budget or 0),
-                        state_dir=state)
+                        state_dir=state, listener=listener)
         try:
             try:
                 runner = await daemon.serve(path)
@@ -166,6 +227,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             finally:
                 await runner.cleanup()
         finally:
+            if listener is not None:
+                await listener.close()
             os.close(lock)
         return EXIT_OK
 

@@ -27,7 +27,8 @@ Finish = Callable[[dict[str, Any], dict[str, Any]], int]
 #: The stderr line of each event the daemon adds to a command's own.
 _READY_LINES: dict[str, Callable[[dict[str, Any]], str]] = {
     "connected": lambda e: f"migrate connected to {e.get('address')} ({e.get('connections')} connections)",
-    "listening": lambda e: f"receive listening on {e.get('address')}",
+    "listening": lambda e: f"receive listening on {e.get('address')}"
+                           + (f" as receiver {e['receiver']}" if e.get("receiver") else ""),
 }
 
 

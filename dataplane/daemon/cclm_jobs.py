@@ -31,6 +31,7 @@ from qmp_driver import DriverError, QemuDriver
 
 from . import journal
 from .jobs import JobEnd
+from .listener import Slot
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ async def run_migration(params: Mapping[str, Any], on_event: Callable[[dict[str,
                                       options=migration_options(params), workdir=params.get("workdir"),
                                       on_event=on_event, interrupt=interrupt,
                                       disk_map=dict(params.get("disk_map", {})), control=control,
-                                      before_commit=journal.before_commit)
+                                      before_commit=journal.before_commit, receiver=params.get("receiver"))
         except RolledBack as exc:
             d = CclmReport(exc.report, ChannelFigures.from_stats(client.stats())).as_dict()
             why = exc.report.error or "no reason given"
@@ -191,10 +192,11 @@ async def run_migration(params: Mapping[str, Any], on_event: Callable[[dict[str,
 
 
 async def run_receiver(params: Mapping[str, Any], on_event: Callable[[dict[str, Any]], None],
-                       interrupt: asyncio.Event, control: object = None) -> JobEnd:
-    """Receive the one migration ``params`` asks for (a validated ``ReceiverRequest``): listen on
-    its own channel listener (a ``listening`` event with the address, a port 0 resolved), and run
-    the destination side into its QEMU.
+                       interrupt: asyncio.Event, control: Slot | None = None) -> JobEnd:
+    """Receive the one migration ``params`` asks for (a validated ``ReceiverRequest``) and run the
+    destination side into its QEMU: on a listener of its own (``listen``, ``tls``), or, with
+    ``peer``, on the daemon's shared listener (``control``: its place there; see
+    :mod:`.listener`). A ``listening`` event gives the address (a port 0 resolved).
 
     ``interrupt`` set: abort unless the guest already resumed here. Never raises for a migration
     that fails or is refused (the outcome: ``completed``, ``in-doubt``, ``rolled-back``,
@@ -202,24 +204,37 @@ async def run_receiver(params: Mapping[str, Any], on_event: Callable[[dict[str, 
 
     :raises asyncio.CancelledError: cancelled (the source is told to abort unless the guest runs here).
     """
-    host, port = parse_hostport(params["listen"], allow_zero=True, allow_empty_host=True)
+    make_server: Callable[[Callable[[ChannelStream], None]], Any]
+    shared = {} if "listen" in params or control is None else {"receiver": control.receiver}
+    if "listen" in params:  # a listener of its own, as `dataplane receive`
+        host, port = parse_hostport(params["listen"], allow_zero=True, allow_empty_host=True)
+        try:
+            tls = tls_for(params, "server")
+            check_plaintext(params, host, tls)
+        except JobRefused as exc:
+            return _refused(str(exc))
+        ch = _channel(params)
+
+        def make_server(on_stream: Callable[[ChannelStream], None]) -> ChannelServer:
+            return ChannelServer(host, port, tls, plaintext=tls is None, limits=ch["limits"],
+                                 config=ch["config"], bandwidth=ch["bandwidth"], on_stream=on_stream,
+                                 max_sessions=RECEIVER_SESSIONS)
+    elif control is None:
+        return _refused("this daemon has no channel listener (dataplane serve --listen): "
+                        "give the receiver its own listen and tls")
+    else:  # the daemon's shared listener
+        host, port = control.listener.address
+        make_server = control.factory(params["peer"])
     try:
-        tls = tls_for(params, "server")
-        check_plaintext(params, host, tls)
         _what, dst = await _connect_qemu(params)
     except JobRefused as exc:
         return _refused(str(exc))
-    ch = _channel(params)
-
-    def make_server(on_stream: Callable[[ChannelStream], None]) -> ChannelServer:
-        return ChannelServer(host, port, tls, plaintext=tls is None, limits=ch["limits"], config=ch["config"],
-                             bandwidth=ch["bandwidth"], on_stream=on_stream, max_sessions=RECEIVER_SESSIONS)
-
     try:
         try:
             rep = await run_target(
                 make_server, dst, paused=bool(params.get("paused", False)), workdir=params.get("workdir"),
-                on_listening=lambda a: on_event({"event": "listening", "address": format_hostport(*a)}),
+                on_listening=lambda a: on_event({"event": "listening", "address": format_hostport(*a),
+                                                 **shared}),
                 on_event=on_event, interrupt=interrupt, allowed=params.get("disks"),
                 sparse=not params.get("preallocated", False))
         except OSError as exc:

@@ -123,14 +123,25 @@ _SCHEMAS: dict[str, Any] = {
             "timeout_base": {"type": "number", "exclusiveMinimum": 0, "maximum": 7 * 86400, "default": 120},
             "timeout_per_gib": {"type": "number", "exclusiveMinimum": 0, "maximum": 86400, "default": 120},
             "connections": {"type": "integer", "minimum": 1, "maximum": 16, "default": 1},
+            "receiver": {"type": "string", "minLength": 1, "maxLength": 64, "pattern": "^[A-Za-z0-9._-]+$",
+                         "description": "the receiver (its job id) that must take the migration on the "
+                                        "destination daemon's shared listener"},
             **_CHANNEL,
         },
     },
     "ReceiverRequest": {
-        "type": "object", "additionalProperties": False, "required": ["listen", "tls"],
-        "oneOf": [{"required": ["qmp"]}, {"required": ["libvirt"]}],
-        "description": "the parameters of `dataplane receive` (the destination side)",
+        "type": "object", "additionalProperties": False,
+        "allOf": [{"oneOf": [{"required": ["qmp"]}, {"required": ["libvirt"]}]},
+                  {"oneOf": [{"required": ["listen", "tls"]},
+                             {"required": ["peer"], "not": {"anyOf": [{"required": ["listen"]},
+                                                                      {"required": ["tls"]}]}}]}],
+        "description": "the parameters of `dataplane receive` (the destination side): on a listener of "
+                       "its own (`listen`, `tls`), or on the daemon's shared one (`serve --listen`) for "
+                       "the source whose certificate carries `peer`",
         "properties": {
+            "peer": {"type": "string", "minLength": 1, "maxLength": 253,
+                     "description": "on the daemon's shared listener: the name the source's "
+                                    "certificate must carry"},
             "listen": _LISTEN,
             "qmp": _QMP,
             "libvirt": {"$ref": "#/components/schemas/LibvirtDomain"},

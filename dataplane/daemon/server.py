@@ -41,6 +41,7 @@ from dataplane.migration.slm import WRITE_BLOCKING, SlmControl
 from . import journal
 from .cclm_jobs import JobRefused, check_plaintext, run_migration, run_receiver
 from .jobs import Job, JobEnd, JobTable, UnknownJob
+from .listener import SharedListener
 from .metrics import CONTENT_TYPE, Metrics
 from .openapi import DOCUMENT, BadRequest, validate_body
 from .storage_jobs import run_storage_migration
@@ -121,13 +122,16 @@ class Daemon:
 
     def __init__(self, *, max_storage: int = 2, max_migrations: int = 2, max_receivers: int = 8,
                  bandwidth_budget: int = 0, runners: dict[str, Runner] | None = None,
-                 state_dir: str | os.PathLike[str] | None = None) -> None:
+                 state_dir: str | os.PathLike[str] | None = None,
+                 listener: SharedListener | None = None) -> None:
         self.table = JobTable({STORAGE: max_storage, MIGRATION: max_migrations, RECEIVER: max_receivers})
         self.metrics = Metrics()
         self.metrics.declare(STORAGE, SLM_ACTIONS)
         self.metrics.declare(MIGRATION, CCLM_ACTIONS)
         self.metrics.declare(RECEIVER)
         self.metrics.declare_channel()
+        #: the channel listener receivers share (``serve --listen``), None without
+        self.listener = listener
         #: bytes/s all running migrations share on this node (0: no budget)
         self.bandwidth_budget = bandwidth_budget
         self.runners: dict[str, Runner] = {STORAGE: run_storage_migration, MIGRATION: run_migration,
@@ -153,7 +157,7 @@ class Daemon:
             self.controls.pop(gone, None)
         self.news[job.id] = asyncio.Event()
         self.controls[job.id] = (SlmControl() if kind == STORAGE else MigrationControl() if kind == MIGRATION
-                                 else None)
+                                 else self.listener.slot(job.id) if self.listener is not None else None)
         log.info("job %s: %s queued", job.id, kind)
         self._schedule()
         return job

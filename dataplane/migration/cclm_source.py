@@ -35,7 +35,6 @@ from .cclm_common import (
     qemu_state,
 )
 from .control import (
-    CONTROL_STREAM,
     CONTROL_VERSION,
     MIGRATION_STREAM,
     NBD_STREAM,
@@ -46,6 +45,7 @@ from .control import (
     Message,
     Ready,
     Refused,
+    control_stream_name,
 )
 from .control_stream import ControlStream
 from .errors import ControlLost, Interrupted, MigrationError, PeerAborted, PlanRefused, RolledBack
@@ -73,7 +73,8 @@ async def run_source(client: ChannelClient, src: QemuDriver, *, disks: Iterable[
                      interrupt: asyncio.Event | None = None,
                      disk_map: Mapping[str, str] | None = None,
                      control: MigrationControl | None = None,
-                     before_commit: Callable[[str], None] | None = None) -> CclmReport:
+                     before_commit: Callable[[str], None] | None = None,
+                     receiver: str | None = None) -> CclmReport:
     """Migrate the VM behind ``src`` to the destination at the other end of ``client``'s session.
 
     ``client`` must be started (the session established: a wrong
@@ -94,7 +95,8 @@ async def run_source(client: ChannelClient, src: QemuDriver, *, disks: Iterable[
     (dicts, see docs/cli.md). ``control`` changes the downtime limit live
     (:class:`~dataplane.migration.source.MigrationControl`). ``before_commit(status)`` is
     called right before ``commit`` is sent (a crash journal writes it down: from then on the
-    source must never resume by itself); if it raises, the commit is not sent.
+    source must never resume by itself); if it raises, the commit is not sent. ``receiver``
+    names the receiver of a daemon's shared listener that must take the session (its job id).
 
     :returns: the report: outcome ``completed`` (the destination confirmed
         with ``done``) or ``in-doubt`` (``commit`` was sent and no answer
@@ -108,7 +110,7 @@ async def run_source(client: ChannelClient, src: QemuDriver, *, disks: Iterable[
     :raises asyncio.CancelledError: after the rollback and the abort message.
     """
     role = _SourceRole(client, src, disks, options or MigrationOptions(), workdir, on_event, interrupt,
-                       disk_map, control, before_commit)
+                       disk_map, control, before_commit, receiver)
     return await role.run()
 
 
@@ -121,9 +123,10 @@ class _SourceRole:
                  options: MigrationOptions, workdir: str | Path | None, on_event: EventCallback | None,
                  interrupt: asyncio.Event | None, disk_map: Mapping[str, str] | None = None,
                  control: MigrationControl | None = None,
-                 before_commit: Callable[[str], None] | None = None) -> None:
+                 before_commit: Callable[[str], None] | None = None, receiver: str | None = None) -> None:
         self.client = client
         self.before_commit = before_commit
+        self.receiver = receiver
         self.src = src
         self.disks = disks
         self.disk_map = dict(disk_map or {})
@@ -141,7 +144,7 @@ class _SourceRole:
 
     async def run(self) -> CclmReport:
         try:
-            self.client.open_stream(CONTROL_STREAM, self.control)
+            self.client.open_stream(control_stream_name(self.receiver), self.control)
             plan = await self.plan_phase()
             await self.relay.start()
             emit(self.on_event, {"event": "phase", "phase": "destination-ready"})

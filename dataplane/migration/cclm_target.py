@@ -14,12 +14,12 @@ import shutil
 import time
 from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from dataplane.aio import cancel_and_collect, first_done, task_exception
 from dataplane.channel.addr import Endpoint
 from dataplane.channel.relay import DestinationRelay
-from dataplane.channel.server import ChannelServer
+from dataplane.channel.session import Limits
 from dataplane.channel.stream import ChannelStream
 from dataplane.storage.writeback import EarlyWriteback
 from qmp_driver import CommandError, DriverError, QemuDriver
@@ -56,6 +56,26 @@ COMMIT_TIMEOUT = 60.0
 ACK_TIMEOUT = 15.0
 
 
+class Listener(Protocol):
+    """What the destination uses of its channel listener: a :class:`ChannelServer` of its own, or
+    its place on a listener it shares (the node daemon's)."""
+
+    limits: Limits
+
+    async def start(self) -> tuple[str, int]: ...
+
+    @property
+    def address(self) -> tuple[str, int]: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+    async def close(self) -> bool: ...
+
+
+#: ``server_factory(on_stream)``: the (not yet started) listener whose streams go to ``on_stream``.
+ListenerFactory = Callable[[Callable[[ChannelStream], None]], Listener]
+
+
 class _TargetSession:
     """Routes the streams of the one migrating session: control first, then NBD and migration."""
 
@@ -67,7 +87,7 @@ class _TargetSession:
         self.arrived: asyncio.Future[ControlStream] = asyncio.get_running_loop().create_future()
 
     def on_stream(self, stream: ChannelStream) -> None:
-        if stream.name == CONTROL_STREAM:
+        if stream.name == CONTROL_STREAM or stream.name.startswith(f"{CONTROL_STREAM}@"):
             if self.control is not None:
                 stream.refuse("this destination is already receiving a migration")
                 return
@@ -95,7 +115,7 @@ class _TargetRole:
     :meth:`control` (a session and its plan), :meth:`prepare` (validate, export, ``ready``),
     :meth:`switchover` (until the destination QEMU takes over) and :meth:`finish` (``done``)."""
 
-    def __init__(self, server_factory: Callable[[Callable[[ChannelStream], None]], ChannelServer],
+    def __init__(self, server_factory: ListenerFactory,
                  dst: QemuDriver, *, paused: bool, workdir: str | Path | None,
                  on_listening: Callable[[tuple[str, int]], object] | None, on_event: EventCallback | None,
                  interrupt: asyncio.Event | None, allowed: Collection[str] | None = None,
@@ -389,7 +409,7 @@ class _TargetRole:
         return self.report("completed", status)
 
 
-async def run_target(server_factory: Callable[[Callable[[ChannelStream], None]], ChannelServer],
+async def run_target(server_factory: ListenerFactory,
                      dst: QemuDriver, *, paused: bool = False, workdir: str | Path | None = None,
                      on_listening: Callable[[tuple[str, int]], object] | None = None,
                      on_event: EventCallback | None = None,

@@ -51,6 +51,23 @@ CONTROL_VERSION = 2  # 2: the committed switchover (commit before done)
 MAX_LINE = 1 << 20
 #: Stream names used on the channel.
 CONTROL_STREAM = "cclm-control"
+
+
+def control_stream_name(receiver: str | None = None) -> str:
+    """The name of a migration's control stream: ``cclm-control``, or ``cclm-control@RECEIVER``
+    to name the receiver of a daemon's shared listener that must take the session."""
+    return CONTROL_STREAM if not receiver else f"{CONTROL_STREAM}@{receiver}"
+
+
+def named_receiver(stream_name: str) -> str | None:
+    """The receiver a control stream's name names (None: none named); raises ValueError if the
+    name is not a control stream's."""
+    if stream_name == CONTROL_STREAM:
+        return None
+    head, sep, receiver = stream_name.partition("@")
+    if head != CONTROL_STREAM or not sep or not receiver:
+        raise ValueError(f"not a control stream: {stream_name!r}")
+    return receiver
 NBD_STREAM = "cclm-nbd"
 MIGRATION_STREAM = "cclm-migration"
 RESOLVE_STREAM = "cclm-resolve"
