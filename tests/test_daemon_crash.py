@@ -151,3 +151,37 @@ def test_kill_9_of_the_source_daemon_at_the_switchover(vm_factory, link_factory,
         for role in (a, b):
             role.stop(signal.SIGKILL)
         shutil.rmtree(short, ignore_errors=True)
+
+
+def test_reconciliation_never_resumes_a_source_that_committed(vm_factory, tmp_path):
+    """A journal that recorded a migration's commit (the source daemon died after writing it): the
+    destination may run the guest, so reconciliation leaves the paused source alone, in doubt. The
+    same journal without the commit resumes it. (Journals written here as a killed daemon leaves them;
+    the QEMU is real.)"""
+    import json
+
+    from dataplane.daemon.journal import reconcile
+
+    vm = vm_factory(memory_mib=128, cmdline={"hb_ms": 100}, name="paused")
+    vm.wait_heartbeat(3, 60)
+    vm.qmp("stop")
+
+    def journal(name: str, commit: bool) -> Path:
+        path = tmp_path / f"{name}.journal"
+        records = [{"t": "job", "id": name, "kind": "migration", "params": {}},
+                   {"t": "qemu", "qemu": 0, "where": {"qmp": str(vm.qmp_path)}, "status": "running"},
+                   {"t": "qmp", "qemu": 0, "cmd": "migrate", "args": {"uri": "unix:/nowhere"}}]
+        if commit:
+            records.append({"t": "commit", "status": "completed"})
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        return path
+
+    res = asyncio.run(reconcile(journal("mig-committed", commit=True)))
+    assert res is not None and res.outcome == "in-doubt", res
+    assert "dataplane resolve" in res.error
+    assert vm.qmp("query-status")["status"] == "paused"
+    res = asyncio.run(reconcile(journal("mig-not-committed", commit=False)))
+    assert res is not None and res.outcome == "rolled-back", res
+    assert any("resumed" in a for a in res.actions), res.actions
+    assert vm.qmp("query-status")["status"] == "running"
+    assert not list(tmp_path.glob("*.journal"))

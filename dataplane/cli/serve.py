@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ssl
 from typing import TYPE_CHECKING
 
 from dataplane.cli.common import (
@@ -71,10 +70,7 @@ def register_serve(commands: Commands) -> None:
         "(its server identity; the clients its CA issued may connect) or --cert, --key and --ca.")
     ch.add_argument("--listen", metavar="HOST:PORT", type=arg_type(parse_bind),
                     help="the shared channel listener (port 0 picks one; a ready line names it)")
-    ch.add_argument("--certs", metavar="DIR", help="a `dataplane certs init` directory")
-    ch.add_argument("--cert", metavar="PATH", help="the listener's certificate (PEM)")
-    ch.add_argument("--key", metavar="PATH", help="its private key (PEM)")
-    ch.add_argument("--ca", metavar="PATH", help="the CA bundle that issued the sources' certificates")
+    _tls_options(ch, "", "the listener's", "the sources' certificates")
     tcp = cmd.add_argument_group(
         "TCP with mutual TLS (optional; the unix socket is always served)",
         "--api-tcp HOST:PORT serves the same API over HTTPS to clients holding a certificate the CA\n"
@@ -83,10 +79,7 @@ def register_serve(commands: Commands) -> None:
         "--api-cert, --api-key and --api-ca.")
     tcp.add_argument("--api-tcp", metavar="HOST:PORT", type=arg_type(parse_bind),
                      help="also listen here (port 0 picks one; the ready line names it)")
-    tcp.add_argument("--api-certs", metavar="DIR", help="a `dataplane certs init` directory")
-    tcp.add_argument("--api-cert", metavar="PATH", help="the daemon's certificate (PEM)")
-    tcp.add_argument("--api-key", metavar="PATH", help="its private key (PEM)")
-    tcp.add_argument("--api-ca", metavar="PATH", help="the CA bundle that issued the clients' certificates")
+    _tls_options(tcp, "api-", "the daemon's", "the clients' certificates")
     tcp.add_argument("--api-peer-name", metavar="NAME",
                      help="the name a client's certificate must carry (default with --api-certs: its "
                           "client's name; otherwise any certificate the CA issued)")
@@ -107,69 +100,63 @@ def register_serve(commands: Commands) -> None:
     cmd.set_defaults(handler=_cmd_serve)
 
 
-def _api_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
-    """The server context of --api-tcp (mutual TLS), None without it. Raises UsageError /
-    CommandFailed."""
+def _server_tls(args: argparse.Namespace, prefix: str, where: str, *, pin_client: bool) -> TLSConfig | None:
+    """The mutual-TLS identity of a listener of the daemon: ``--<prefix>certs DIR`` (its server
+    identity; with ``pin_client`` the set's client name is pinned unless ``--<prefix>peer-name``
+    says another) or ``--<prefix>cert/key/ca``; None without the listener's option ``where``
+    (``--listen``, ``--api-tcp``). The files are read and checked now.
+
+    :raises UsageError: TLS options without the listener, or missing ones.
+    :raises CommandFailed: files that do not load or fit.
+    """
     from dataplane import certs
     from dataplane.channel.tls import TLSConfig, TLSConfigError, server_context
 
-    given = [o for o, v in (("--api-certs", args.api_certs), ("--api-cert", args.api_cert),
-                            ("--api-key", args.api_key), ("--api-ca", args.api_ca)) if v]
-    if args.api_tcp is None:
+    attr = prefix.replace("-", "_")
+    opts = {n: getattr(args, f"{attr}{n}") for n in ("certs", "cert", "key", "ca")}
+    if getattr(args, where.lstrip("-").replace("-", "_")) is None:
+        given = [f"--{prefix}{n}" for n, v in opts.items() if v]
         if given:
-            raise UsageError(f"{', '.join(given)} without --api-tcp")
+            raise UsageError(f"{', '.join(given)} without {where}")
         return None
-    cert, key, ca, peer = args.api_cert, args.api_key, args.api_ca, args.api_peer_name
-    if args.api_certs:
+    cert, key, ca = opts["cert"], opts["key"], opts["ca"]
+    peer = getattr(args, f"{attr}peer_name", None)
+    if opts["certs"]:
         try:
-            cs = certs.load_cert_set(args.api_certs)
+            cs = certs.load_cert_set(opts["certs"])
         except certs.CertsError as exc:
-            raise CommandFailed(f"--api-certs: {exc}") from exc
+            raise CommandFailed(f"--{prefix}certs: {exc}") from exc
         cert, key, ca = cert or cs.server.cert, key or cs.server.key, ca or cs.server.trust
-        peer = peer or cs.client.names[0]
-    missing = [o for o, v in (("--api-cert", cert), ("--api-key", key), ("--api-ca", ca)) if not v]
+        if pin_client:
+            peer = peer or cs.client.names[0]
+    missing = [f"--{prefix}{n}" for n, v in (("cert", cert), ("key", key), ("ca", ca)) if not v]
     if missing:
-        raise UsageError(f"--api-tcp needs mutual TLS: give --api-certs DIR, or {', '.join(missing)}")
+        raise UsageError(f"{where} needs mutual TLS: give --{prefix}certs DIR, or {', '.join(missing)}")
     try:
-        return server_context(TLSConfig.from_paths(cert, key, ca, peer))
-    except TLSConfigError as exc:
-        raise CommandFailed(f"--api-tcp: {exc}") from exc
-
-
-def _channel_tls(args: argparse.Namespace) -> TLSConfig | None:
-    """The shared listener's TLS (no peer pinned: each receiver authorises its own), None without
-    --listen. Raises UsageError / CommandFailed."""
-    from dataplane import certs
-    from dataplane.channel.tls import TLSConfig, TLSConfigError, server_context
-
-    given = [o for o, v in (("--certs", args.certs), ("--cert", args.cert), ("--key", args.key),
-                            ("--ca", args.ca)) if v]
-    if args.listen is None:
-        if given:
-            raise UsageError(f"{', '.join(given)} without --listen")
-        return None
-    cert, key, ca = args.cert, args.key, args.ca
-    if args.certs:
-        try:
-            cs = certs.load_cert_set(args.certs)
-        except certs.CertsError as exc:
-            raise CommandFailed(f"--certs: {exc}") from exc
-        cert, key, ca = cert or cs.server.cert, key or cs.server.key, ca or cs.server.trust
-    missing = [o for o, v in (("--cert", cert), ("--key", key), ("--ca", ca)) if not v]
-    if missing:
-        raise UsageError(f"--listen needs mutual TLS: give --certs DIR, or {', '.join(missing)}")
-    try:
-        cfg = TLSConfig.from_paths(cert, key, ca, None)
+        cfg = TLSConfig.from_paths(cert, key, ca, peer)
         server_context(cfg)  # reads and checks the files now
     except TLSConfigError as exc:
-        raise CommandFailed(f"--listen: {exc}") from exc
+        raise CommandFailed(f"{where}: {exc}") from exc
     return cfg
+
+
+def _tls_options(group: argparse._ArgumentGroup, prefix: str, whose: str, issued: str) -> None:
+    """``--<prefix>certs``, ``--<prefix>cert``, ``--<prefix>key``, ``--<prefix>ca`` of a listener."""
+    group.add_argument(f"--{prefix}certs", metavar="DIR", help="a `dataplane certs init` directory")
+    group.add_argument(f"--{prefix}cert", metavar="PATH", help=f"{whose} certificate (PEM)")
+    group.add_argument(f"--{prefix}key", metavar="PATH", help="its private key (PEM)")
+    group.add_argument(f"--{prefix}ca", metavar="PATH", help=f"the CA bundle that issued {issued}")
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     path = unix_api_path("--api", args.api)
-    tls = _api_tls(args)
-    channel_tls = _channel_tls(args)
+    api_tls = _server_tls(args, "api-", "--api-tcp", pin_client=True)
+    tls = None
+    if api_tls is not None:
+        from dataplane.channel.tls import server_context
+
+        tls = server_context(api_tls)
+    channel_tls = _server_tls(args, "", "--listen", pin_client=False)
 
     async def run() -> int:
         import asyncio

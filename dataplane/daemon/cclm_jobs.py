@@ -180,8 +180,9 @@ async def run_migration(params: Mapping[str, Any], on_event: Callable[[dict[str,
             return JobEnd("rolled-back", d, f"rolled back in phase {exc.report.phase}: {why}; {after}")
         except PlanRefused as exc:
             return _refused(str(exc))
-        except MigrationError as exc:
-            return JobEnd("failed", {"event": "report", "outcome": "failed", "error": str(exc)}, str(exc))
+        except (MigrationError, DriverError, OSError) as exc:  # the source QEMU or the journal failed
+            why = str(exc) or type(exc).__name__
+            return JobEnd("failed", {"event": "report", "outcome": "failed", "error": why}, why)
         finally:
             await src.close()
         doubt = (report.migration.error or "no reason given") if report.outcome == "in-doubt" else None
@@ -229,16 +230,26 @@ async def run_receiver(params: Mapping[str, Any], on_event: Callable[[dict[str, 
         _what, dst = await _connect_qemu(params)
     except JobRefused as exc:
         return _refused(str(exc))
+    listening: list[tuple[str, int]] = []
+
+    def on_listening(address: tuple[str, int]) -> None:
+        listening.append(address)
+        on_event({"event": "listening", "address": format_hostport(*address), **shared})
+
     try:
         try:
             rep = await run_target(
                 make_server, dst, paused=bool(params.get("paused", False)), workdir=params.get("workdir"),
-                on_listening=lambda a: on_event({"event": "listening", "address": format_hostport(*a),
-                                                 **shared}),
-                on_event=on_event, interrupt=interrupt, allowed=params.get("disks"),
-                sparse=not params.get("preallocated", False))
+                on_listening=on_listening, on_event=on_event, interrupt=interrupt,
+                allowed=params.get("disks"), sparse=not params.get("preallocated", False))
         except OSError as exc:
+            if listening:  # not the listener: the destination failed after it listened
+                why = f"{exc.strerror or exc}"
+                return JobEnd("failed", {"event": "report", "outcome": "failed", "error": why}, why)
             return _refused(f"cannot listen on {format_hostport(host, port)}: {exc.strerror or exc}")
+        except DriverError as exc:
+            why = f"the destination QEMU or the journal failed: {exc}"
+            return JobEnd("failed", {"event": "report", "outcome": "failed", "error": why}, why)
     finally:
         await dst.close()
     error = rep.error if rep.outcome != "completed" else None

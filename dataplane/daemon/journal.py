@@ -38,14 +38,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qmp_driver import DriverError, QemuDriver
+from qmp_driver import ConnectFailed, DriverError, QemuDriver
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CURRENT", "JobJournal", "Reconciled", "StateDirBusy", "before_commit", "lock_state_dir",
-           "pending", "reconcile", "watch"]
+__all__ = ["CURRENT", "JobJournal", "JournalError", "Reconciled", "StateDirBusy", "before_commit",
+           "lock_state_dir", "pending", "reconcile", "watch"]
 
 SUFFIX = ".journal"
+#: Commands that take something back: sent even when the journal cannot be written (a full disk
+#: must not stop a rollback).
+UNDOING = frozenset({"cont", "migrate_cancel", "block-job-cancel", "blockdev-del", "block-export-del",
+                     "nbd-server-remove", "nbd-server-stop", "migrate-set-capabilities",
+                     "migrate-set-parameters", "block_set_io_throttle"})
 #: Commands whose prior values a journal keeps, and the query that reads them.
 PRIOR_QUERIES = {"migrate-set-capabilities": "query-migrate-capabilities",
                  "migrate-set-parameters": "query-migrate-parameters"}
@@ -56,6 +61,10 @@ SETTLE_S = 30.0
 
 #: The journal of the job whose task is running (None outside jobs, or without a state directory).
 CURRENT: contextvars.ContextVar[JobJournal | None] = contextvars.ContextVar("dataplane_journal", default=None)
+
+
+class JournalError(DriverError):
+    """A change to a QEMU was not made because the journal could not record it first."""
 
 
 class JobJournal:
@@ -87,15 +96,27 @@ class JobJournal:
         if query is not None:
             with contextlib.suppress(DriverError):
                 record["prior"] = await drv.execute(query)
-        self.write(record)
+        try:
+            self.write(record)
+        except OSError as exc:
+            if command in UNDOING:  # taking something back is never held up by the journal
+                log.error("the journal %s cannot record %s (%s): sending it anyway", self.path, command, exc)
+                return
+            raise JournalError(f"{command} not sent: the crash journal {self.path} cannot record it "
+                               f"({exc.strerror or exc})") from None
 
     def end(self, outcome: str) -> None:
         """The job ended: the journal is removed (nothing is left to reconcile)."""
         with contextlib.suppress(OSError):
             self.write({"t": "end", "outcome": outcome})
-        os.close(self._fd)
+        self.close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+
+    def close(self) -> None:
+        """Stop writing; the file stays (for :func:`reconcile`)."""
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
 
 
 async def watch(drv: QemuDriver, where: Mapping[str, Any]) -> None:
@@ -110,10 +131,17 @@ async def watch(drv: QemuDriver, where: Mapping[str, Any]) -> None:
 
 
 def before_commit(status: str) -> None:
-    """The running job's source is about to hand the guest over (``status``)."""
+    """The running job's source is about to hand the guest over (``status``).
+
+    :raises JournalError: it cannot be recorded (then the commit must not be sent).
+    """
     journal = CURRENT.get()
     if journal is not None:
-        journal.write({"t": "commit", "status": status})
+        try:
+            journal.write({"t": "commit", "status": status})
+        except OSError as exc:
+            raise JournalError(f"commit not sent: the crash journal {journal.path} cannot record it "
+                               f"({exc.strerror or exc})") from None
 
 
 # --------------------------------------------------------------------------- reconciliation
@@ -131,6 +159,10 @@ class Reconciled:
     outcome: str = "rolled-back"
     actions: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    #: the journal stays for the next start (a QEMU that did not answer)
+    keep: bool = False
+    #: a disk's copy had pivoted (the guest uses the new disk)
+    pivoted: bool = False
 
     @property
     def error(self) -> str:
@@ -167,8 +199,14 @@ def lock_state_dir(state_dir: Path) -> int:
 
 
 def pending(state_dir: Path) -> list[Path]:
-    """The journals in ``state_dir`` left by a daemon that died, oldest first."""
-    return sorted(state_dir.glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime)
+    """The journals in ``state_dir`` left by a daemon that died, oldest first (by name among those
+    that went meanwhile)."""
+    def when(p: Path) -> float:
+        try:
+            return p.stat().st_mtime
+        except OSError:
+            return 0.0
+    return sorted(state_dir.glob(f"*{SUFFIX}"), key=when)
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
@@ -199,7 +237,10 @@ async def reconcile(path: Path) -> Reconciled | None:
         await _reconcile_qemu(res, q, cmds, committed)
     if res.problems and res.outcome != "in-doubt":
         res.outcome = "failed"
-    path.unlink(missing_ok=True)
+    elif res.pivoted and res.outcome == "rolled-back":
+        res.outcome = "partial"
+    if not res.keep:
+        path.unlink(missing_ok=True)
     log.warning("job %s (%s) reconciled: %s; %s", res.id, res.kind, res.outcome,
                 "; ".join(res.actions + res.problems) or "nothing to do")
     return res
@@ -218,8 +259,12 @@ async def _reconcile_qemu(res: Reconciled, q: Mapping[str, Any], cmds: list[dict
     names = {c["cmd"] for c in cmds}
     try:
         drv = await _connect(where)
-    except (DriverError, OSError) as exc:
+    except (ConnectFailed, OSError) as exc:  # nothing listens there: the QEMU is gone
         res.actions.append(f"{label}: not reachable ({exc}): the QEMU is gone, nothing left in it")
+        return
+    except DriverError as exc:  # it is there but does not answer (busy, another client): try again later
+        res.problems.append(f"{label} did not answer ({exc}); the journal is kept for the next start")
+        res.keep = True
         return
     try:
         if res.kind == "migration" and committed:
@@ -227,12 +272,15 @@ async def _reconcile_qemu(res: Reconciled, q: Mapping[str, Any], cmds: list[dict
             res.problems.append(f"the guest was being handed over to the destination ({label} left as it "
                                 f"is): settle it with `dataplane resolve`")
             return
-        if res.kind == "receiver" and "cont" in names:
-            res.outcome = "in-doubt"
-            res.problems.append(f"the guest was being resumed here ({label} left as it is): settle it "
-                                f"with `dataplane resolve`")
-            return
-        await _undo(drv, res, label, cmds, resume=res.kind != "receiver" and q.get("status") == "running")
+        if res.kind == "receiver":
+            status = str((await drv.execute("query-migrate")).get("status", "none"))
+            if "cont" in names or status == "completed" or status.startswith("postcopy"):
+                res.outcome = "in-doubt"
+                res.problems.append(f"the guest had arrived here (incoming migration {status}; {label} left "
+                                    f"as it is): settle it with `dataplane resolve`")
+                return
+        resume = res.kind == "migration" and "migrate" in names and q.get("status") == "running"
+        await _undo(drv, res, label, cmds, resume=resume)
     finally:
         await drv.close()
 
@@ -290,11 +338,20 @@ async def _undo(drv: QemuDriver, res: Reconciled, label: str, cmds: list[dict[st
                     res.problems.append(f"{label}: block node {node} not deleted: {exc}")
                     continue
                 res.actions.append(f"{label}: block node {node} kept: the guest uses it (its copy pivoted)")
+                res.pivoted = True
                 continue
             res.actions.append(f"{label}: block node {node} deleted")
+    for dev in dict.fromkeys(c["args"].get("id") for c in cmds if c["cmd"] == "block_set_io_throttle"):
+        if dev:  # the storage policy's cap on the guest's writes: lifted, as the job lifts it
+            unlimited = {"id": dev, "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0}
+            await _step(res, f"{label}: the write limit of {dev} lifted",
+                        drv.execute("block_set_io_throttle", unlimited))
     for cmd, key in (("migrate-set-capabilities", "capabilities"), ("migrate-set-parameters", None)):
-        first = next((c for c in cmds if c["cmd"] == cmd and "prior" in c), None)
+        first = next((c for c in cmds if c["cmd"] == cmd), None)
         if first is None:
+            continue
+        if "prior" not in first:
+            res.problems.append(f"{label}: {cmd} was not restored: its prior values were not recorded")
             continue
         if key == "capabilities":
             prior = {p["capability"]: p["state"] for p in first["prior"]}
@@ -308,8 +365,10 @@ async def _undo(drv: QemuDriver, res: Reconciled, label: str, cmds: list[dict[st
             await _step(res, f"{label}: migration parameters restored", drv.execute(cmd, params))
     if resume:
         status = (await drv.query_status()).status
-        if status != "running":
+        if status in ("paused", "postmigrate", "finish-migrate"):
             await _step(res, f"{label}: the guest resumed (it was {status})", drv.cont())
+        elif status != "running":
+            res.problems.append(f"{label}: the guest is {status}: left as it is")
 
 
 async def _quiet_step(res: Reconciled, what: str, coro: Any) -> None:

@@ -15,6 +15,7 @@ receiver, closing it ends the receiver's session (only that one) and unregisters
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ class SharedListener:
                                     on_stream=self._route, max_sessions=MAX_SESSIONS)
         self.waiting: list[Port] = []  # registered, oldest first
         self.bound: dict[str, Port] = {}  # session id -> the receiver that took it
+        self._closing: set[asyncio.Task[None]] = set()
 
     async def start(self) -> tuple[str, int]:
         """Listen. :raises OSError: it cannot."""
@@ -62,21 +64,21 @@ class SharedListener:
             try:
                 named = named_receiver(stream.name)
             except ValueError:
-                stream.refuse("this listener takes migrations only: the first stream must be a "
-                              "migration's control stream")
+                self._refuse(stream, "this listener takes migrations only: the first stream must be a "
+                                     "migration's control stream")
                 return
             names = stream.peer_names
             waiting = [p for p in self.waiting
                        if p.session is None and (named is None or p.receiver == named)]
             if not waiting:
                 what = f"receiver {named!r}" if named else "receiver"
-                stream.refuse(f"no {what} is waiting for a migration here")
+                self._refuse(stream, f"no {what} is waiting for a migration here")
                 log.warning("refused a session of %s: no %s waiting", names[0] if names else "?", what)
                 return
             allowed = [p for p in waiting if p.peer in names]
             if not allowed:
-                stream.refuse(f"{names[0] if names else 'this peer'} may not migrate into "
-                              f"{'receiver ' + repr(named) if named else 'any waiting receiver'} here")
+                self._refuse(stream, f"{names[0] if names else 'this peer'} may not migrate into "
+                                     f"{'receiver ' + repr(named) if named else 'any waiting receiver'} here")
                 log.warning("refused a session of %s (certificate names %s): not the expected peer",
                             names[0] if names else "?", ", ".join(names) or "none")
                 return
@@ -85,6 +87,13 @@ class SharedListener:
             self.bound[port.session] = port
             log.info("receiver %s took the session %s of %s", port.receiver, port.session[:8], port.peer)
         port.on_stream(stream)
+
+    def _refuse(self, stream: ChannelStream, reason: str) -> None:
+        """Refuse ``stream`` with ``reason``, then end its session (a refused peer holds no place)."""
+        stream.refuse(reason)
+        task = asyncio.get_running_loop().create_task(self.server.close_session(stream.session_id, reason))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
         await self.server.close()

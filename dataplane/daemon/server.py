@@ -143,8 +143,10 @@ class Daemon:
         self.stopping = False
         #: where the jobs' crash journals go (None: not journaled; see :mod:`.journal`)
         self.state_dir = Path(state_dir) if state_dir is not None else None
-        self.reconciling = self.state_dir is not None and self.state_dir.is_dir() and bool(
-            journal.pending(self.state_dir))
+        #: the journals a previous run left, listed before any job of this run can write one
+        self.leftovers = (journal.pending(self.state_dir)
+                          if self.state_dir is not None and self.state_dir.is_dir() else [])
+        self.reconciling = bool(self.leftovers)
         self.app = self._make_app()
 
     # ------------------------------------------------------------------ jobs
@@ -212,6 +214,7 @@ class Daemon:
         log.info("job %s: %s started", job.id, job.kind)
         end = JobEnd("failed", None, "the job stopped unexpectedly (see the daemon's log)")
         jour: journal.JobJournal | None = None
+        returned = failed = False
         try:
             if self.state_dir is not None:
                 jour = journal.JobJournal(self.state_dir / f"{job.id}{journal.SUFFIX}", job.id, job.kind,
@@ -220,16 +223,28 @@ class Daemon:
             runner = self.runners[job.kind]
             end = await runner(job.params, lambda e: self._emit(job, e), self.interrupts[job.id],
                                self.controls[job.id])
+            returned = True
         except asyncio.CancelledError:
             end = JobEnd("failed", None, "the daemon stopped the job")
             raise
         except Exception as exc:  # a bug of ours: the job fails, the daemon goes on
             log.exception("job %s failed", job.id)
             end = JobEnd("failed", None, f"{type(exc).__name__}: {exc}")
+            failed = True
         finally:
-            if jour is not None:
+            res = None
+            if jour is not None and returned:
                 jour.end(end.outcome)
-            self._end(job, end)
+            elif jour is not None:  # the runner did not finish its rollback: its journal says what is left
+                jour.close()
+                if failed:
+                    with contextlib.suppress(Exception):
+                        res = await journal.reconcile(jour.path)
+            if res is not None:
+                job.add_event({"event": "reconcile", "action": f"the job failed ({end.error}): reconciled"})
+                self._reconciled(res, job)
+            else:
+                self._end(job, end)
             self.tasks.pop(job.id, None)
             self.interrupts.pop(job.id, None)
             self.controls.pop(job.id, None)
@@ -292,27 +307,34 @@ class Daemon:
         """
         out: list[Job] = []
         try:
-            for path in journal.pending(self.state_dir) if self.state_dir is not None else []:
+            for path in self.leftovers:
                 try:
                     res = await journal.reconcile(path)
                 except Exception:  # a bug of ours: keep the journal for the next start, go on
                     log.exception("reconciling %s failed", path)
                     continue
-                if res is None:
-                    continue
-                job = self.table.adopt(res.id, res.kind, res.params)
-                for action in res.actions:
-                    job.add_event({"event": "reconcile", "action": action})
-                for problem in res.problems:
-                    job.add_event({"event": "reconcile", "problem": problem})
-                self._end(job, JobEnd(res.outcome, {"event": "report", "outcome": res.outcome,
-                                                     "reconciled": True, "actions": res.actions,
-                                                     "problems": res.problems, "error": res.error},
-                                      res.error))
-                out.append(job)
+                if res is not None:
+                    out.append(self._reconciled(res))
         finally:
+            self.leftovers = []
             self.reconciling = False
         return out
+
+    def _reconciled(self, res: journal.Reconciled, job: Job | None = None) -> Job:
+        """The job of a reconciled journal (a new entry of its id, or ``job`` itself), ended."""
+        if job is None:
+            try:
+                job = self.table.adopt(res.id, res.kind, res.params)
+            except ValueError:  # its id is taken (by a job of this run): under a new one
+                job = self.table.adopt(f"{res.id}-reconciled", res.kind, res.params)
+        for action in res.actions:
+            job.add_event({"event": "reconcile", "action": action})
+        for problem in res.problems:
+            job.add_event({"event": "reconcile", "problem": problem})
+        self._end(job, JobEnd(res.outcome, {"event": "report", "outcome": res.outcome, "reconciled": True,
+                                            "actions": res.actions, "problems": res.problems,
+                                            "error": res.error}, res.error))
+        return job
 
     # ------------------------------------------------------------------ HTTP
 
@@ -376,6 +398,8 @@ class Daemon:
         res = self._resource(request)
         if self.stopping:
             return _error(503, "shutting down: no new jobs")
+        if self.reconciling:  # a new job could meet a QEMU the reconciliation is still taking back
+            return _error(503, "reconciling what a previous run of the daemon left behind: try again shortly")
         params = await self._body(request, res.request)
         _check_addresses(params)
         job = self.submit(res.kind, params)

@@ -68,7 +68,11 @@ async def run_storage_migration(params: Mapping[str, Any], on_event: Callable[[d
                                            control=control)
         else:
             drv = await QemuDriver.connect_socket(params["qmp"])
-            await journal.watch(drv, {"qmp": params["qmp"]})
+            try:
+                await journal.watch(drv, {"qmp": params["qmp"]})
+            except BaseException:
+                await drv.close()
+                raise
             work = storage_migrate(drv, moves, options, on_event=on_event, interrupt=interrupt,
                                    control=control)
     except (DriverError, OSError) as exc:
