@@ -228,7 +228,8 @@ def _job_paths(resource: str, what: str, request: str, change: str | None, chang
                                    "403": _error("a disallowed peer (plaintext on an address other "
                                                  "hosts may reach)"),
                                    "413": _error("the body is over 1 MiB"),
-                                   "415": _error("not JSON"), "503": _error("shutting down")}},
+                                   "415": _error("not JSON"),
+                                   "503": _error("shutting down, or reconciling what a previous run left")}},
         },
         f"/v1/{resource}/{{id}}": item,
         f"/v1/{resource}/{{id}}/events": {
