@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cclm_support import Clusters, Role, make_vms, source_intact
+from cclm_support import Clusters, MiB, Role, make_vms, source_intact
 from test_daemon import _guest, _old_disks_intact
 
 from dataplane.daemon.client import DaemonClient
@@ -101,11 +101,13 @@ def test_kill_9_during_the_mirror_of_a_storage_migration(vm_factory, tmp_path):
     assert disk_sha256(data, "qcow2") == want
 
 
-def test_kill_9_of_the_source_daemon_at_the_switchover(vm_factory, link_factory, tmp_path):
-    """The source daemon killed with the source QEMU paused in pre-switchover (mirrors ended, NBD
-    nodes gone, migrate-continue next): after a restart the source runs again, nothing of the
-    migration left on it, and the destination never ran the guest."""
-    link = link_factory("1gbit")
+@pytest.mark.parametrize("point", ["mirror", "pre-switchover"])
+def test_kill_9_of_the_source_daemon(point, vm_factory, link_factory, tmp_path):
+    """The source daemon killed while its disks are mirrored (NBD nodes and mirror jobs in the
+    source QEMU), or with the source QEMU paused in pre-switchover (mirrors ended, NBD nodes gone,
+    migrate-continue next): after a restart the source runs again, nothing of the migration left
+    on it, and the destination never ran the guest."""
+    link = link_factory("100mbit" if point == "mirror" else "1gbit")
     short = Path(tempfile.mkdtemp(prefix="dpk-"))
     hooks = short / "hooks"
     hooks.mkdir()
@@ -121,14 +123,21 @@ def test_kill_9_of_the_source_daemon_at_the_switchover(vm_factory, link_factory,
     a, b = start("a", "serve-a.log"), start("b", "serve-b.log")
     try:
         cl = Clusters(link, tmp_path, daemons=socks)
-        src, dst, paths = make_vms(vm_factory, tmp_path)
+        src, dst, paths = make_vms(vm_factory, tmp_path, src_sizes=(16 * MiB, 96 * MiB),
+                                   data_fill=(48 if point == "mirror" else 8) * MiB)
         rcv, port = cl.receive(dst, "--grace", "5")  # how long it waits for a source that went away
         mig = cl.migrate(src, port, "--grace", "5")
-        until("the source at the switchover", lambda: (hooks / "before-continue.reached").exists(), 120)
-        assert src.qmp("query-migrate")["status"] == "pre-switchover"
+        if point == "mirror":
+            until("the mirrors running", lambda: src.qmp("query-block-jobs"), 120)
+        else:
+            until("the source at the switchover", lambda: (hooks / "before-continue.reached").exists(), 120)
+            assert src.qmp("query-migrate")["status"] == "pre-switchover"
         a.stop(signal.SIGKILL)
         assert mig.wait(60) != 0  # its daemon went away: the command says so
-        assert src.qmp("query-status")["status"] != "running"  # left paused by the kill
+        if point == "mirror":  # what the kill left: the NBD nodes (the mirrors fail with their sockets)
+            assert any(n["node-name"].startswith("dpmig") for n in src.qmp("query-named-block-nodes"))
+        else:
+            assert src.qmp("query-status")["status"] != "running"  # left paused by the kill
         assert list((short / "state-a").glob("*.journal")), "no journal was left"
 
         a = start("a", "serve-a2.log")
@@ -136,8 +145,11 @@ def test_kill_9_of_the_source_daemon_at_the_switchover(vm_factory, link_factory,
         [job] = call(socks["a"], "GET", "/v1/migrations")["items"]
         assert job["state"] == "rolled-back" and job["report"]["reconciled"], job
         actions = " | ".join(job["report"]["actions"])
-        assert "migration (pre-switchover) cancelled" in actions, actions
-        assert "capabilities restored" in actions, actions
+        if point == "mirror":
+            assert "block node dpmig" in actions and "deleted" in actions, actions
+        else:
+            assert "migration (pre-switchover) cancelled" in actions, actions
+            assert "capabilities restored" in actions, actions
         source_intact(src)
         # the destination lost its source before any commit: rolled back, the guest never ran there
         assert rcv.wait(120) != 0
