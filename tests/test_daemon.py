@@ -497,3 +497,41 @@ def test_the_api_over_tcp_takes_only_clients_with_a_trusted_certificate(tmp_path
     finally:
         proc.kill()
         proc.wait(10)
+
+
+async def test_the_node_bandwidth_budget_is_shared_equally_within_each_cap():
+    """--bandwidth-budget: each running migration gets an equal share, or its own cap if lower,
+    recomputed as migrations start, change and end. (The runner here is a stand-in that waits for
+    its interrupt: what is tested is the daemon's sharing, on the real MigrationControl objects
+    the runner would apply to its channel.)"""
+    from dataplane.daemon.jobs import JobEnd
+    from dataplane.daemon.server import MIGRATION
+
+    applied: dict[str, list[int]] = {}
+
+    async def waiting(params: dict, on_event: Any, interrupt: asyncio.Event, control: Any) -> JobEnd:
+        control.on_bandwidth = lambda rate: applied.setdefault(params["to"], []).append(rate)
+        await interrupt.wait()
+        return JobEnd("rolled-back", None, "cancelled")
+
+    daemon = Daemon(max_migrations=3, bandwidth_budget=300, runners={MIGRATION: waiting})
+    body = {"qmp": "/x", "tls": {"plaintext": True}}
+    a = daemon.submit(MIGRATION, {**body, "to": "a:1"})
+    b = daemon.submit(MIGRATION, {**body, "to": "b:1", "bandwidth": 50})
+    c = daemon.submit(MIGRATION, {**body, "to": "c:1"})
+    await asyncio.sleep(0.05)
+
+    def rates() -> list[int | None]:
+        return [daemon.controls[j.id].bandwidth if j.id in daemon.controls else None for j in (a, b, c)]
+
+    assert rates() == [100, 50, 100]
+    daemon.change(a, {"bandwidth": 20})  # its own cap, lower than its share
+    assert rates() == [20, 50, 100]
+    daemon.cancel(c)
+    await asyncio.sleep(0.05)
+    assert rates() == [20, 50, None]  # two left: 150 each, within their own caps
+    daemon.change(b, {"bandwidth": 0})  # no cap of its own: the share
+    assert rates() == [20, 150, None]
+    assert applied["b:1"][-1] == 150
+    await daemon.shutdown()
+    assert [j.state for j in (a, b, c)] == ["rolled-back"] * 3

@@ -109,6 +109,8 @@ def test_migrate_and_receive_through_daemons_with_a_live_downtime_change(vm_fact
         assert m[("dataplane_migrations_total", (("kind", "migration"), ("outcome", "completed")))] == 1
         assert m[("dataplane_stream_bytes_total", (("form", "wire"), ("stream", "ram")))] == rep["ram_wire"]
         assert m[("dataplane_stream_bytes_total", (("form", "raw"), ("stream", "disk")))] == rep["disk_raw"]
+        control = m[("dataplane_stream_bytes_total", (("form", "wire"), ("stream", "control")))]
+        assert control == rep["control_wire"] > 0
         assert m[("dataplane_downtime_seconds_count", ())] == 1
         assert m[("dataplane_downtime_seconds_sum", ())] == pytest.approx(rep["downtime_ms"] / 1000)
         assert m[("dataplane_migrations_active", (("kind", "migration"), ("state", "running")))] == 0

@@ -14,6 +14,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 __all__ = ["CONTENT_TYPE", "Metrics"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: The stream classes of a cross-cluster migration's channel (the reports' ``<class>_raw`` / ``_wire``).
+STREAM_CLASSES = ("ram", "disk", "control")
 
 
 class Metrics:
@@ -44,8 +46,9 @@ class Metrics:
                                   buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10), registry=r)
         self.stream_bytes = Counter("dataplane_stream_bytes",
                                     "Bytes a cross-cluster migration's channel carried, by stream class "
-                                    "(ram, disk) and form (raw: what QEMU wrote; wire: after compression "
-                                    "and zero elision)", ["stream", "form"], registry=r)
+                                    "(ram, disk, control) and form (raw: what was written into the stream; "
+                                    "wire: after compression and zero elision)", ["stream", "form"],
+                                    registry=r)
         self.zero_pages = Counter("dataplane_zero_pages", "Zero pages elided on the channel", registry=r)
         self.reconnects = Counter("dataplane_reconnects", "Channel connections re-established", registry=r)
         self.replayed = Counter("dataplane_replayed_bytes", "Bytes sent again after a reconnect", registry=r)
@@ -88,13 +91,13 @@ class Metrics:
 
     def declare_channel(self) -> None:
         """Make the channel's series exist at zero (a daemon that runs cross-cluster migrations)."""
-        for stream in ("ram", "disk"):
+        for stream in STREAM_CLASSES:
             for form in ("raw", "wire"):
                 self.stream_bytes.labels(stream, form)
 
     def _channel(self, report: Mapping[str, Any]) -> None:
         """The figures of a cross-cluster migration's report (the source's, which has them)."""
-        for stream in ("ram", "disk"):
+        for stream in STREAM_CLASSES:
             for form in ("raw", "wire"):
                 n = report.get(f"{stream}_{form}")
                 if isinstance(n, int) and n > 0:

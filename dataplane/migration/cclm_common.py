@@ -14,7 +14,7 @@ from typing import Any
 
 from qmp_driver import DriverError, QemuDriver
 
-from .control import MIGRATION_STREAM, NBD_STREAM
+from .control import CONTROL_STREAM, MIGRATION_STREAM, NBD_STREAM
 from .report import MigrationProgress, MigrationReport
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,8 @@ class ChannelFigures:
     ram_wire: int = 0
     disk_raw: int = 0
     disk_wire: int = 0
+    control_raw: int = 0  # the control stream's messages (not counted in raw / wire)
+    control_wire: int = 0
     zero_pages: int = 0
     reconnects: int = 0
     replayed_bytes: int = 0
@@ -57,9 +59,13 @@ class ChannelFigures:
         session = sessions[0] if sessions else None
         if not session:
             return cls()
-        sums = {"ram_raw": 0, "ram_wire": 0, "disk_raw": 0, "disk_wire": 0, "zero_pages": 0}
+        sums = {"ram_raw": 0, "ram_wire": 0, "disk_raw": 0, "disk_wire": 0, "control_raw": 0,
+                "control_wire": 0, "zero_pages": 0}
         for st in session.get("streams", []):
-            kind = {MIGRATION_STREAM: "ram", NBD_STREAM: "disk"}.get(str(st.get("name")))
+            name = str(st.get("name"))
+            kind = {MIGRATION_STREAM: "ram", NBD_STREAM: "disk"}.get(name)
+            if name == CONTROL_STREAM or name.startswith(f"{CONTROL_STREAM}@"):
+                kind = "control"
             if kind is None:
                 continue
             sums[f"{kind}_raw"] += int(st.get("bytes_sent", 0)) + int(st.get("bytes_received", 0))
