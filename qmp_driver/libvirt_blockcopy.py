@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -43,6 +43,13 @@ class LibvirtDomainDisks:
         self.uri = uri
         self._conn = conn
         self._dom = dom
+        #: awaited with (call, disk target) before each call that changes the domain (blockCopy,
+        #: the pivot, cancel, write limits): a crash journal writes it down first
+        self.before_change: Callable[[str, str], Awaitable[None]] | None = None
+
+    async def _changing(self, call: str, target: str) -> None:
+        if self.before_change is not None:
+            await self.before_change(call, target)
 
     @classmethod
     async def open(cls, uri: str, domain: str) -> LibvirtDomainDisks:
@@ -128,6 +135,7 @@ class LibvirtDomainDisks:
         if await self.persistent():
             flags |= libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB
         params: dict[str, Any] = {libvirt.VIR_DOMAIN_BLOCK_COPY_BANDWIDTH: bandwidth} if bandwidth else {}
+        await self._changing("blockCopy", target)
         await self._call(lambda: self._dom.blockCopy(target, dest_xml, params, flags), "blockCopy")
 
     async def set_speed(self, target: str, bytes_per_second: int) -> None:
@@ -149,6 +157,7 @@ class LibvirtDomainDisks:
 
         :raises CommandError: libvirt refused for another reason.
         """
+        await self._changing("pivot", target)
         try:
             flag = libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT
             await self._call(lambda: self._dom.blockJobAbort(target, flag), "blockJobAbort")
@@ -171,6 +180,7 @@ class LibvirtDomainDisks:
         :raises CommandError: libvirt refused.
         """
         params = {libvirt.VIR_DOMAIN_BLOCK_IOTUNE_WRITE_BYTES_SEC: bytes_per_second}
+        await self._changing("setBlockIoTune", target)
         live = libvirt.VIR_DOMAIN_AFFECT_LIVE
         await self._call(lambda: self._dom.setBlockIoTune(target, params, live), "setBlockIoTune")
 

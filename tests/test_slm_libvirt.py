@@ -140,3 +140,41 @@ async def test_bandwidth_changed_live_through_libvirt(domain, tmp_path):
     assert report.outcome == "completed"
     assert [e["bandwidth"] for e in events if e["event"] == "bandwidth"] == [0]
     assert _source(domain["dom"]) == str(new)
+
+
+def test_kill_9_of_the_daemon_during_a_block_copy_through_libvirt(domain, tmp_path):
+    """The daemon killed while libvirt's block copy runs (libvirt goes on copying: its job, not the
+    daemon's); restarted on the same state directory, it cancels the copy: the domain's disk stays on
+    its source (libvirt's XML says so), no block job left, the guest goes on writing."""
+    import signal
+    import time
+
+    from test_daemon_crash import call, ready, serve, until
+
+    state, log = tmp_path / "state", tmp_path / "serve.log"
+    sock = Path(f"/tmp/dpl-{uuid.uuid4().hex[:8]}.sock")
+    daemon = serve(sock, state, log)
+    try:
+        job = call(sock, "POST", "/v1/storage-migrations", {
+            "libvirt": {"uri": URI, "domain": domain["name"]}, "bandwidth": 64 * 1024,
+            "disks": [{"disk": "vda", "target": str(tmp_path / "new.raw")}]})
+        until("libvirt's block copy running", lambda: domain["dom"].blockJobInfo("vda", 0))
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait(10)
+        time.sleep(0.5)
+        assert domain["dom"].blockJobInfo("vda", 0), "the copy should go on without the daemon"
+        daemon = serve(sock, state, log)
+        until("the daemon ready", lambda: ready(sock))
+        got = call(sock, "GET", f"/v1/storage-migrations/{job['id']}")
+        assert got["state"] == "rolled-back", got
+        assert any("block copy of disk vda cancelled" in a for a in got["report"]["actions"]), got
+        until("no block job", lambda: not domain["dom"].blockJobInfo("vda", 0), 30)
+        assert _source(domain["dom"]) == str(domain["jrnl"])
+        n = parse_serial(domain["serial"].read_text(errors="replace")).max_ack
+        wait_serial(domain["serial"], lambda p: p.max_ack >= n + 3)
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0, log.read_text()
+    finally:
+        daemon.kill()
+        daemon.wait(10)
+        sock.unlink(missing_ok=True)

@@ -36,9 +36,12 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qmp_driver import ConnectFailed, DriverError, QemuDriver
+
+if TYPE_CHECKING:
+    from qmp_driver.libvirt_blockcopy import LibvirtDomainDisks
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +131,31 @@ async def watch(drv: QemuDriver, where: Mapping[str, Any]) -> None:
         return
     await journal.add_qemu(drv, where)
     drv.before_change = journal.before_change
+
+
+async def watch_libvirt(disks: LibvirtDomainDisks, where: Mapping[str, Any]) -> None:
+    """Journal every change the running job makes through libvirt's block copy API to the domain
+    behind ``disks`` (``where``: ``{"libvirt": {"uri": ..., "domain": ...}}``). Nothing without a
+    journal."""
+    journal = CURRENT.get()
+    if journal is None:
+        return
+    n = len(journal._qemus)
+    journal._qemus[id(disks)] = n
+    journal.write({"t": "qemu", "qemu": n, "where": dict(where), "status": "unknown", "via": "blockcopy"})
+
+    async def before(call: str, target: str) -> None:
+        record = {"t": "libvirt", "qemu": n, "call": call, "disk": target}
+        try:
+            journal.write(record)
+        except OSError as exc:
+            if call == "setBlockIoTune":  # lifting a limit is never held up by the journal
+                log.error("the journal %s cannot record %s (%s): doing it anyway", journal.path, call, exc)
+                return
+            raise JournalError(f"{call} not done: the crash journal {journal.path} cannot record it "
+                               f"({exc.strerror or exc})") from None
+
+    disks.before_change = before
 
 
 def before_commit(status: str) -> None:
@@ -233,6 +261,10 @@ async def reconcile(path: Path) -> Reconciled | None:
     res = Reconciled(str(head.get("id")), str(head.get("kind")), dict(head.get("params") or {}))
     committed = any(r.get("t") == "commit" for r in records)
     for q in (r for r in records if r.get("t") == "qemu"):
+        if q.get("via") == "blockcopy":
+            calls = [r for r in records if r.get("t") == "libvirt" and r.get("qemu") == q.get("qemu")]
+            await _reconcile_blockcopy(res, q, calls)
+            continue
         cmds = [r for r in records if r.get("t") == "qmp" and r.get("qemu") == q.get("qemu")]
         await _reconcile_qemu(res, q, cmds, committed)
     if res.problems and res.outcome != "in-doubt":
@@ -283,6 +315,36 @@ async def _reconcile_qemu(res: Reconciled, q: Mapping[str, Any], cmds: list[dict
         await _undo(drv, res, label, cmds, resume=resume)
     finally:
         await drv.close()
+
+
+async def _reconcile_blockcopy(res: Reconciled, q: Mapping[str, Any], calls: list[dict[str, Any]]) -> None:
+    """A storage migration through libvirt's block copy API: a copy not yet pivoted is cancelled
+    (the disk stays on its source, libvirt's domain XML with it), a write limit is lifted."""
+    from qmp_driver.libvirt_blockcopy import LibvirtDomainDisks
+
+    lv = (q.get("where") or {}).get("libvirt") or {}
+    label = f"domain {lv.get('domain')!r}"
+    try:
+        disks = await LibvirtDomainDisks.open(str(lv.get("uri")), str(lv.get("domain")))
+    except DriverError as exc:
+        res.actions.append(f"{label}: not reachable ({exc}): the domain is gone, nothing left in it")
+        return
+    try:
+        pivoted = {c["disk"] for c in calls if c.get("call") == "pivot"}
+        for target in dict.fromkeys(c["disk"] for c in calls if c.get("call") == "blockCopy"):
+            if target in pivoted:
+                res.pivoted = True
+                res.actions.append(f"{label}: disk {target}: its pivot was asked: libvirt's domain XML says "
+                                   f"which file it uses now")
+                continue
+            if await disks.job(target) is not None:
+                await _step(res, f"{label}: the block copy of disk {target} cancelled (it stays on its "
+                                 f"source)", disks.cancel(target))
+        for target in dict.fromkeys(c["disk"] for c in calls if c.get("call") == "setBlockIoTune"):
+            await _step(res, f"{label}: the write limit of disk {target} lifted",
+                        disks.throttle_writes(target, 0))
+    finally:
+        await disks.close()
 
 
 async def _step(res: Reconciled, what: str, coro: Any) -> bool:

@@ -64,6 +64,11 @@ async def run_storage_migration(params: Mapping[str, Any], on_event: Callable[[d
 
             lv = params["libvirt"]
             drv = await LibvirtDomainDisks.open(lv["uri"], lv["domain"])
+            try:
+                await journal.watch_libvirt(drv, {"libvirt": dict(lv)})
+            except BaseException:
+                await drv.close()
+                raise
             work = storage_migrate_libvirt(drv, moves, options, on_event=on_event, interrupt=interrupt,
                                            control=control)
         else:
