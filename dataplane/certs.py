@@ -152,16 +152,27 @@ class CertSet:
         out.append((self.readme, "human-readable description of this directory"))
         return out
 
+    def config(self, side: str, *, cert: str | os.PathLike[str] | None = None,
+               key: str | os.PathLike[str] | None = None, ca: str | os.PathLike[str] | None = None,
+               peer_name: str | None = None, pin_peer: bool = True) -> TLSConfig:
+        """The :class:`~dataplane.channel.tls.TLSConfig` of ``side`` (``server``: the listener,
+        ``client``: the dialer): this set's identity of that side, each file replaced by the one
+        given; the peer's name ``peer_name``, or the other side's first name (none without
+        ``pin_peer``: any certificate the CA bundle trusts). Raises TLSConfigError like
+        :meth:`TLSConfig.from_paths`."""
+        from dataplane.channel.tls import TLSConfig
+
+        own, other = (self.server, self.client) if side == "server" else (self.client, self.server)
+        name = peer_name or (other.names[0] if pin_peer else None)
+        return TLSConfig.from_paths(cert or own.cert, key or own.key, ca or own.trust, name)
+
     def server_config(self, peer_name: str | None = None) -> TLSConfig:
         """The listener's :class:`~dataplane.channel.tls.TLSConfig`.
 
         ``peer_name`` is the client name to require (default: the client's
         first name). Raises TLSConfigError if a file is missing or unreadable.
         """
-        from dataplane.channel.tls import TLSConfig
-
-        name = peer_name if peer_name is not None else self.client.names[0]
-        return TLSConfig.from_paths(self.server.cert, self.server.key, self.server.trust, name)
+        return self.config("server", peer_name=peer_name)
 
     def client_config(self, peer_name: str | None = None) -> TLSConfig:
         """The dialer's :class:`~dataplane.channel.tls.TLSConfig`.
@@ -169,10 +180,7 @@ class CertSet:
         ``peer_name`` is the server name to require (default: the server's
         first name). Raises TLSConfigError if a file is missing or unreadable.
         """
-        from dataplane.channel.tls import TLSConfig
-
-        name = peer_name if peer_name is not None else self.server.names[0]
-        return TLSConfig.from_paths(self.client.cert, self.client.key, self.client.trust, name)
+        return self.config("client", peer_name=peer_name)
 
 
 # --------------------------------------------------------------------------- names

@@ -262,29 +262,28 @@ def tls_config(args: argparse.Namespace, side: str) -> TLSConfig | None:
         if explicit:
             raise UsageError(f"--plaintext disables TLS; do not combine it with {', '.join(explicit)}")
         return None
-    cert, key, ca, peer_name = args.cert, args.key, args.ca, args.peer_name
-    if args.certs is not None:
-        from dataplane import certs
-
-        try:
-            cs = certs.load_cert_set(args.certs)
-        except certs.CertsError as exc:
-            raise CommandFailed(f"--certs: {exc}") from exc
-        own, other = (cs.server, cs.client) if side == "server" else (cs.client, cs.server)
-        cert, key, ca = cert or own.cert, key or own.key, ca or own.trust
-        peer_name = peer_name or other.names[0]
-    missing = [opt for opt, value in (("--cert", cert), ("--key", key), ("--ca", ca)) if value is None]
-    if missing:
-        raise UsageError(
-            f"TLS needs {', '.join(missing)} (or --certs DIR made by 'dataplane certs init'); "
-            "--plaintext turns TLS off on an isolated test network")
-    if not peer_name:
-        peer = "dialer's (client's)" if side == "server" else "listener's (server's)"
-        raise UsageError(
-            f"TLS needs --peer-name NAME: the name the {peer} certificate must carry "
-            "(its CN or a subjectAltName, e.g. --peer-name dataplane-client)")
     try:
-        cfg = TLSConfig.from_paths(cert, key, ca, peer_name)
+        if args.certs is not None:
+            from dataplane import certs
+
+            try:
+                cs = certs.load_cert_set(args.certs)
+            except certs.CertsError as exc:
+                raise CommandFailed(f"--certs: {exc}") from exc
+            cfg = cs.config(side, cert=args.cert, key=args.key, ca=args.ca, peer_name=args.peer_name)
+        else:
+            missing = [opt for opt, value in (("--cert", args.cert), ("--key", args.key), ("--ca", args.ca))
+                       if value is None]
+            if missing:
+                raise UsageError(
+                    f"TLS needs {', '.join(missing)} (or --certs DIR made by 'dataplane certs init'); "
+                    "--plaintext turns TLS off on an isolated test network")
+            if not args.peer_name:
+                peer = "dialer's (client's)" if side == "server" else "listener's (server's)"
+                raise UsageError(
+                    f"TLS needs --peer-name NAME: the name the {peer} certificate must carry "
+                    "(its CN or a subjectAltName, e.g. --peer-name dataplane-client)")
+            cfg = TLSConfig.from_paths(args.cert, args.key, args.ca, args.peer_name)
         (server_context if side == "server" else client_context)(cfg)  # loads and checks the files now
     except TLSConfigError as exc:
         raise CommandFailed(str(exc)) from exc

@@ -119,21 +119,21 @@ def _server_tls(args: argparse.Namespace, prefix: str, where: str, *, pin_client
         if given:
             raise UsageError(f"{', '.join(given)} without {where}")
         return None
-    cert, key, ca = opts["cert"], opts["key"], opts["ca"]
     peer = getattr(args, f"{attr}peer_name", None)
-    if opts["certs"]:
-        try:
-            cs = certs.load_cert_set(opts["certs"])
-        except certs.CertsError as exc:
-            raise CommandFailed(f"--{prefix}certs: {exc}") from exc
-        cert, key, ca = cert or cs.server.cert, key or cs.server.key, ca or cs.server.trust
-        if pin_client:
-            peer = peer or cs.client.names[0]
-    missing = [f"--{prefix}{n}" for n, v in (("cert", cert), ("key", key), ("ca", ca)) if not v]
-    if missing:
-        raise UsageError(f"{where} needs mutual TLS: give --{prefix}certs DIR, or {', '.join(missing)}")
     try:
-        cfg = TLSConfig.from_paths(cert, key, ca, peer)
+        if opts["certs"]:
+            try:
+                cs = certs.load_cert_set(opts["certs"])
+            except certs.CertsError as exc:
+                raise CommandFailed(f"--{prefix}certs: {exc}") from exc
+            cfg = cs.config("server", cert=opts["cert"], key=opts["key"], ca=opts["ca"], peer_name=peer,
+                            pin_peer=pin_client)
+        else:
+            missing = [f"--{prefix}{n}" for n in ("cert", "key", "ca") if not opts[n]]
+            if missing:
+                raise UsageError(f"{where} needs mutual TLS: give --{prefix}certs DIR, "
+                                 f"or {', '.join(missing)}")
+            cfg = TLSConfig.from_paths(opts["cert"], opts["key"], opts["ca"], peer)
         server_context(cfg)  # reads and checks the files now
     except TLSConfigError as exc:
         raise CommandFailed(f"{where}: {exc}") from exc

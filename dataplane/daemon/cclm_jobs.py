@@ -60,17 +60,16 @@ def tls_for(params: Mapping[str, Any], side: str) -> TLSConfig | None:
     tls = params["tls"]
     if tls.get("plaintext"):
         return None
-    cert, key, ca, peer = tls.get("cert"), tls.get("key"), tls.get("ca"), tls.get("peer_name")
-    if "certs" in tls:
-        try:
-            cs = certs.load_cert_set(tls["certs"])
-        except certs.CertsError as exc:
-            raise JobRefused(f"tls.certs: {exc}") from None
-        own, other = (cs.server, cs.client) if side == "server" else (cs.client, cs.server)
-        cert, key, ca = cert or own.cert, key or own.key, ca or own.trust
-        peer = peer or other.names[0]
     try:
-        cfg = TLSConfig.from_paths(cert, key, ca, peer)
+        if "certs" in tls:
+            try:
+                cs = certs.load_cert_set(tls["certs"])
+            except certs.CertsError as exc:
+                raise JobRefused(f"tls.certs: {exc}") from None
+            cfg = cs.config(side, cert=tls.get("cert"), key=tls.get("key"), ca=tls.get("ca"),
+                            peer_name=tls.get("peer_name"))
+        else:
+            cfg = TLSConfig.from_paths(tls["cert"], tls["key"], tls["ca"], tls["peer_name"])
         (server_context if side == "server" else client_context)(cfg)  # reads and checks the files now
     except TLSConfigError as exc:
         raise JobRefused(f"tls: {exc}") from None
